@@ -1,0 +1,77 @@
+"""Neighbor lists with vesin, turned into DeePMD's padded per-type layout with integer image shifts."""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+import vesin
+
+
+@dataclass
+class NeighborList:
+    """``nlist`` (nloc, nnei) int64, -1 padded; ``shift`` (nloc, nnei, 3) int image vectors S.
+
+    Slot k of atom i holds neighbor ``nlist[i, k]`` at ``r_j + S h``; slots are grouped by neighbor
+    type (``sel[t]`` each), nearest first. ``n_dropped`` counts neighbors beyond ``sel``.
+    """
+
+    nlist: np.ndarray
+    shift: np.ndarray
+    n_dropped: int = 0
+    max_per_type: np.ndarray | None = None
+
+
+def _pairs(coord: np.ndarray, box: np.ndarray | None, rcut: float):
+    """All ordered pairs (i, j, S, distance) within rcut, any image, excluding i == j at S = 0."""
+    nl = vesin.NeighborList(cutoff=float(rcut), full_list=True)
+    if box is None:
+        i, j, d = nl.compute(points=coord, box=np.zeros((3, 3)), periodic=False, quantities="ijd")
+        s = np.zeros((len(i), 3), dtype=np.int64)
+    else:
+        i, j, s, d = nl.compute(points=coord, box=box, periodic=True, quantities="ijSd")
+    keep = d < rcut
+    return i[keep].astype(np.int64), j[keep].astype(np.int64), np.asarray(s)[keep].astype(np.int64), d[keep]
+
+
+def build_neighbor_list(
+    coord: np.ndarray,
+    atype: np.ndarray,
+    box: np.ndarray | None,
+    rcut: float,
+    sel: list[int],
+    warn: bool = True,
+) -> NeighborList:
+    """DeePMD neighbor list of one frame. coord (nloc, 3) Å, box (3, 3) rows or None (non-periodic)."""
+    coord = np.ascontiguousarray(coord, dtype=np.float64)
+    box = None if box is None else np.ascontiguousarray(box, dtype=np.float64).reshape(3, 3)
+    nloc = coord.shape[0]
+    ntypes = len(sel)
+    nnei = int(sum(sel))
+    offsets = np.concatenate([[0], np.cumsum(sel)]).astype(np.int64)
+    i, j, s, d = _pairs(coord, box, rcut)
+    tj = atype[j]
+    # sort by center, neighbor type, distance (then index for a deterministic order)
+    order = np.lexsort((j, d, tj, i))
+    i, j, s, tj = i[order], j[order], s[order], tj[order]
+    group = i * ntypes + tj
+    counts = np.bincount(group, minlength=nloc * ntypes)
+    starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+    rank = np.arange(len(group)) - starts[group]
+    sel_arr = np.asarray(sel, dtype=np.int64)
+    ok = rank < sel_arr[tj]
+    n_dropped = int((~ok).sum())
+    slot = offsets[tj[ok]] + rank[ok]
+    nlist = np.full((nloc, nnei), -1, dtype=np.int64)
+    shift = np.zeros((nloc, nnei, 3), dtype=np.int64)
+    nlist[i[ok], slot] = j[ok]
+    shift[i[ok], slot] = s[ok]
+    max_per_type = counts.reshape(nloc, ntypes).max(axis=0) if nloc else np.zeros(ntypes, dtype=np.int64)
+    if n_dropped and warn:
+        warnings.warn(
+            f"{n_dropped} neighbors beyond sel={list(sel)} were dropped (max neighbors per type "
+            f"{max_per_type.tolist()}); increase sel to keep them",
+            stacklevel=2,
+        )
+    return NeighborList(nlist, shift, n_dropped, max_per_type)

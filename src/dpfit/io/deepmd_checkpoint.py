@@ -1,0 +1,91 @@
+"""Load a DeePMD-kit PyTorch-backend checkpoint (``model.ckpt.pt``) into an :class:`EnergyModel`."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import torch
+
+from dpfit.model import EnergyModel
+
+_PREFIX = "model.Default.atomic_model."
+_DESC_KEYS = ("sel", "rcut", "rcut_smth", "neuron", "axis_neuron", "resnet_dt", "type_one_side", "exclude_types",
+              "set_davg_zero", "seed")
+_FIT_KEYS = ("neuron", "resnet_dt", "numb_fparam", "numb_aparam", "seed")
+
+
+def is_deepmd_checkpoint(obj: object) -> bool:
+    """True for the dict DeePMD-kit's ``torch.save`` writes (``{"model": state_dict with _extra_state}``)."""
+    return isinstance(obj, dict) and isinstance(obj.get("model"), dict) and "_extra_state" in obj["model"]
+
+
+def deepmd_model_config(model_params: dict) -> dict:
+    """Translate DeePMD-kit ``model`` JSON (se_e2_a / se_a + ener fitting) into dpfit's model config."""
+    desc = dict(model_params["descriptor"])
+    if desc.get("type", "se_e2_a") not in ("se_e2_a", "se_a"):
+        raise ValueError(f"descriptor type {desc.get('type')!r} is not supported (only se_e2_a / se_a)")
+    fit = dict(model_params.get("fitting_net", {}))
+    if fit.get("type", "ener") != "ener":
+        raise ValueError(f"fitting type {fit.get('type')!r} is not supported (only ener)")
+    sel = desc["sel"]
+    if isinstance(sel, int) or isinstance(sel, str):
+        raise ValueError(f"sel must be a list per type to import, got {sel!r}")
+    return {
+        "type_map": list(model_params["type_map"]),
+        "descriptor": {k: desc[k] for k in _DESC_KEYS if k in desc},
+        "fitting_net": {k: fit[k] for k in _FIT_KEYS if k in fit},
+        "precision": "float64" if desc.get("precision", "float64") in ("float64", "default") else "float32",
+    }
+
+
+def _load_mlp(mlp, state: dict, prefix: str) -> None:
+    layers = sorted({int(m.group(1)) for k in state if (m := re.match(re.escape(prefix) + r"(\d+)\.", k))})
+    if len(layers) != len(mlp.matrices):
+        raise ValueError(f"{prefix}: checkpoint has {len(layers)} layers, model expects {len(mlp.matrices)}")
+    with torch.no_grad():
+        for k in layers:
+            mlp.matrices[k].copy_(state[f"{prefix}{k}.matrix"])
+            mlp.biases[k].copy_(state[f"{prefix}{k}.bias"].reshape(-1))
+            if k < len(mlp.idt_index) and mlp.idt_index[k] >= 0:
+                mlp.idts[mlp.idt_index[k]].copy_(state[f"{prefix}{k}.idt"].reshape(-1))
+
+
+def load_deepmd_checkpoint(path: str | Path, precision: str | None = None) -> EnergyModel:
+    """Build a dpfit model from a DeePMD-kit checkpoint file, weights and statistics included."""
+    path = Path(path)
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as exc:  # noqa: BLE001
+        raise ValueError(f"{path}: cannot be read as a torch checkpoint ({exc})") from exc
+    if not is_deepmd_checkpoint(ckpt):
+        raise ValueError(f"{path}: not a DeePMD-kit checkpoint (no model._extra_state)")
+    return model_from_deepmd_state(ckpt["model"], precision=precision, source=str(path))
+
+
+def model_from_deepmd_state(state: dict, precision: str | None = None, source: str = "checkpoint") -> EnergyModel:
+    params = state["_extra_state"]["model_params"]
+    config = deepmd_model_config(params)
+    if precision:
+        config["precision"] = precision
+    model = EnergyModel.from_config(config)
+    st = {k[len(_PREFIX):]: v for k, v in state.items() if k.startswith(_PREFIX)}
+    desc = model.descriptor
+    with torch.no_grad():
+        desc.davg.copy_(st["descriptor.sea.mean"])
+        desc.dstd.copy_(st["descriptor.sea.stddev"])
+    for k, mlp in enumerate(desc.embeddings):
+        _load_mlp(mlp, st, f"descriptor.sea.filter_layers.networks.{k}.layers.")
+    fit = model.fitting
+    for t, mlp in enumerate(fit.nets):
+        _load_mlp(mlp, st, f"fitting_net.filter_layers.networks.{t}.layers.")
+    with torch.no_grad():
+        bias = st["fitting_net.bias_atom_e"].reshape(-1).clone()
+        if "out_bias" in st:
+            bias = bias + st["out_bias"][0, :, 0]
+        fit.bias_atom_e.copy_(bias)
+        for name in ("fparam_avg", "fparam_inv_std", "aparam_avg", "aparam_inv_std"):
+            key = f"fitting_net.{name}"
+            if key in st and getattr(fit, name).numel():
+                getattr(fit, name).copy_(st[key].reshape(-1))
+    return model

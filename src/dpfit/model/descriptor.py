@@ -1,0 +1,133 @@
+"""The se_e2_a descriptor: smooth switching, environment matrix, per-type embedding nets, D = G G<^T."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from dpfit.model.network import ResidualMLP
+
+
+def switching_function(r: torch.Tensor, rcut_smth: float, rcut: float) -> torch.Tensor:
+    """DeePMD's C2 switch: 1 below ``rcut_smth``, 0 at and beyond ``rcut``, ``u^3(-6u^2+15u-10)+1`` between."""
+    u = ((r - rcut_smth) / (rcut - rcut_smth)).clamp(0.0, 1.0)
+    return u * u * u * (-6.0 * u * u + 15.0 * u - 10.0) + 1.0
+
+
+def environment_matrix(
+    diff: torch.Tensor, mask: torch.Tensor, rcut_smth: float, rcut: float, protection: float = 0.0
+) -> torch.Tensor:
+    """Rows ``w(r) [1/r, x/r^2, y/r^2, z/r^2]`` per neighbor slot; zero on padded slots.
+
+    diff: (..., nnei, 3) Å, neighbor minus center; mask: (..., nnei) bool, False on padding.
+    Returns (..., nnei, 4). Padded slots must carry a nonzero ``diff`` (any) to keep gradients finite.
+    """
+    r = torch.linalg.vector_norm(diff, dim=-1, keepdim=True)
+    w = switching_function(r, rcut_smth, rcut) * mask.unsqueeze(-1)
+    inv_r = 1.0 / (r + protection)
+    return torch.cat([inv_r, diff * inv_r * inv_r], dim=-1) * w
+
+
+class SeE2A(nn.Module):
+    """DeePMD's ``se_e2_a`` (smooth edition, two-body embedding, all-angle) descriptor.
+
+    ``sel[t]`` neighbor slots of type t per atom (nearest first, -1 padded); one embedding net per
+    neighbor type (``type_one_side``) or per (center, neighbor) type pair. ``davg``/``dstd`` are
+    buffers (ntypes, nnei, 4) set from data by :func:`dpfit.model.stats.descriptor_statistics`.
+    """
+
+    def __init__(
+        self,
+        ntypes: int,
+        sel: list[int],
+        rcut: float = 6.0,
+        rcut_smth: float = 0.5,
+        neuron: list[int] = (25, 50, 100),
+        axis_neuron: int = 16,
+        resnet_dt: bool = False,
+        type_one_side: bool = True,
+        exclude_types: list[list[int]] = (),
+        set_davg_zero: bool = False,
+        seed: int | None = None,
+        dtype: torch.dtype = torch.float64,
+    ) -> None:
+        super().__init__()
+        if len(sel) != ntypes:
+            raise ValueError(f"sel has {len(sel)} entries but the type map has {ntypes} types")
+        if rcut_smth >= rcut:
+            raise ValueError(f"rcut_smth ({rcut_smth}) must be smaller than rcut ({rcut})")
+        self.ntypes = ntypes
+        self.sel = [int(s) for s in sel]
+        self.nnei = sum(self.sel)
+        self.rcut = float(rcut)
+        self.rcut_smth = float(rcut_smth)
+        self.neuron = list(neuron)
+        self.axis_neuron = int(axis_neuron)
+        if self.axis_neuron > self.neuron[-1]:
+            raise ValueError(f"axis_neuron ({axis_neuron}) exceeds the embedding width ({self.neuron[-1]})")
+        self.type_one_side = type_one_side
+        self.set_davg_zero = set_davg_zero
+        self.exclude_types = [tuple(int(t) for t in p) for p in exclude_types]
+        self.sections = [sum(self.sel[:t]) for t in range(ntypes + 1)]
+        gen = torch.Generator().manual_seed(seed) if seed is not None else None
+        nnets = ntypes if type_one_side else ntypes * ntypes
+        self.embeddings = nn.ModuleList(
+            ResidualMLP(1, self.neuron, resnet_dt, dtype=dtype, generator=gen) for _ in range(nnets)
+        )
+        keep = torch.ones(ntypes, ntypes, dtype=dtype)
+        for ti, tj in self.exclude_types:
+            keep[ti, tj] = 0.0
+            keep[tj, ti] = 0.0
+        self.register_buffer("pair_keep", keep)
+        self.register_buffer("davg", torch.zeros(ntypes, self.nnei, 4, dtype=dtype))
+        self.register_buffer("dstd", torch.ones(ntypes, self.nnei, 4, dtype=dtype))
+        slot_type = torch.repeat_interleave(torch.arange(ntypes), torch.tensor(self.sel))
+        self.register_buffer("slot_type", slot_type, persistent=False)
+
+    @property
+    def dim_out(self) -> int:
+        return self.neuron[-1] * self.axis_neuron
+
+    def env_matrix(self, diff: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Raw environment matrix (nf, nloc, nnei, 4) before normalisation (used for statistics)."""
+        return environment_matrix(diff, mask, self.rcut_smth, self.rcut)
+
+    def forward(self, diff: torch.Tensor, mask: torch.Tensor, atype: torch.Tensor) -> torch.Tensor:
+        """Descriptor (nf, nloc, M * axis_neuron) from pair vectors diff (nf, nloc, nnei, 3) Å."""
+        nf, nloc, nnei, _ = diff.shape
+        rr = (self.env_matrix(diff, mask) - self.davg[atype]) / self.dstd[atype]
+        if self.exclude_types:
+            keep = self.pair_keep[atype.unsqueeze(-1), self.slot_type]
+            rr = rr * torch.where(mask, keep, torch.ones_like(keep)).unsqueeze(-1)
+        m = self.neuron[-1]
+        if self.type_one_side:
+            g_mat = rr.new_zeros(nf, nloc, m, 4)
+            for tj in range(self.ntypes):
+                lo, hi = self.sections[tj], self.sections[tj + 1]
+                if hi == lo:
+                    continue
+                r_t = rr[:, :, lo:hi]
+                g = self.embeddings[tj](r_t[..., :1])
+                g_mat = g_mat + torch.matmul(g.transpose(-1, -2), r_t)
+        else:
+            flat_rr = rr.reshape(nf * nloc, nnei, 4)
+            flat_type = atype.reshape(-1)
+            g_mat = rr.new_zeros(nf * nloc, m, 4)
+            for ti in range(self.ntypes):
+                idx = torch.nonzero(flat_type == ti).squeeze(-1)
+                if idx.numel() == 0:
+                    continue
+                rr_i = flat_rr.index_select(0, idx)
+                acc = rr.new_zeros(idx.numel(), m, 4)
+                for tj in range(self.ntypes):
+                    lo, hi = self.sections[tj], self.sections[tj + 1]
+                    if hi == lo:
+                        continue
+                    r_t = rr_i[:, lo:hi]
+                    g = self.embeddings[ti + self.ntypes * tj](r_t[..., :1])
+                    acc = acc + torch.matmul(g.transpose(-1, -2), r_t)
+                g_mat = g_mat.index_add(0, idx, acc)
+            g_mat = g_mat.reshape(nf, nloc, m, 4)
+        g_mat = g_mat / self.nnei
+        d = torch.matmul(g_mat, g_mat[:, :, : self.axis_neuron].transpose(-1, -2))
+        return d.reshape(nf, nloc, m * self.axis_neuron)

@@ -1,0 +1,73 @@
+"""Energy fitting net: per-type networks mapping [descriptor, fparam, aparam] to atomic energies."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from dpfit.model.network import ResidualMLP
+
+
+class EnergyFitting(nn.Module):
+    """``E_i = F_{t_i}([D_i, (fparam - avg) * inv_std, (aparam_i - avg) * inv_std]) + bias_atom_e[t_i]``.
+
+    One ResidualMLP (hidden ``neuron``, tanh, linear output of width 1) per atom type. The input
+    statistics and ``bias_atom_e`` (ntypes,) eV are buffers filled from training data.
+    """
+
+    def __init__(
+        self,
+        ntypes: int,
+        dim_descrpt: int,
+        neuron: list[int] = (240, 240, 240),
+        resnet_dt: bool = True,
+        numb_fparam: int = 0,
+        numb_aparam: int = 0,
+        seed: int | None = None,
+        dtype: torch.dtype = torch.float64,
+    ) -> None:
+        super().__init__()
+        self.ntypes = ntypes
+        self.dim_descrpt = dim_descrpt
+        self.numb_fparam = int(numb_fparam)
+        self.numb_aparam = int(numb_aparam)
+        gen = torch.Generator().manual_seed(seed) if seed is not None else None
+        in_dim = dim_descrpt + self.numb_fparam + self.numb_aparam
+        self.nets = nn.ModuleList(
+            ResidualMLP(in_dim, list(neuron), resnet_dt, out_dim=1, dtype=dtype, generator=gen)
+            for _ in range(ntypes)
+        )
+        self.register_buffer("bias_atom_e", torch.zeros(ntypes, dtype=dtype))
+        self.register_buffer("fparam_avg", torch.zeros(self.numb_fparam, dtype=dtype))
+        self.register_buffer("fparam_inv_std", torch.ones(self.numb_fparam, dtype=dtype))
+        self.register_buffer("aparam_avg", torch.zeros(self.numb_aparam, dtype=dtype))
+        self.register_buffer("aparam_inv_std", torch.ones(self.numb_aparam, dtype=dtype))
+
+    def forward(
+        self,
+        descriptor: torch.Tensor,
+        atype: torch.Tensor,
+        fparam: torch.Tensor | None = None,
+        aparam: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Atomic energies (nf, nloc) eV from descriptor (nf, nloc, dim), fparam (nf, nq), aparam (nf, nloc, np)."""
+        nf, nloc, _ = descriptor.shape
+        parts = [descriptor]
+        if self.numb_fparam:
+            if fparam is None:
+                raise ValueError(f"this model needs fparam ({self.numb_fparam} values per frame)")
+            fp = (fparam.reshape(nf, self.numb_fparam) - self.fparam_avg) * self.fparam_inv_std
+            parts.append(fp.unsqueeze(1).expand(nf, nloc, self.numb_fparam))
+        if self.numb_aparam:
+            if aparam is None:
+                raise ValueError(f"this model needs aparam ({self.numb_aparam} values per atom)")
+            parts.append((aparam.reshape(nf, nloc, self.numb_aparam) - self.aparam_avg) * self.aparam_inv_std)
+        x = torch.cat(parts, dim=-1) if len(parts) > 1 else descriptor
+        flat_x = x.reshape(nf * nloc, -1)
+        flat_type = atype.reshape(-1)
+        out = x.new_zeros(nf * nloc)
+        for t, net in enumerate(self.nets):
+            idx = torch.nonzero(flat_type == t).squeeze(-1)
+            if idx.numel():
+                out = out.index_add(0, idx, net(flat_x.index_select(0, idx)).squeeze(-1))
+        return out.reshape(nf, nloc) + self.bias_atom_e[atype]
