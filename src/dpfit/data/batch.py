@@ -1,0 +1,61 @@
+"""Frames -> samples with neighbor lists -> batches of tensors (one system per batch)."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from dpfit.data.neighbor import build_neighbor_list
+from dpfit.data.system import INPUTS, LABELS, FrameSource
+
+#: Keys of a batch given to the model (besides labels): coord, atype, box, nlist, shift, fparam, aparam.
+
+
+def make_sample(system: FrameSource, index: int, rcut: float, sel: list[int]) -> dict:
+    """One frame with its DeePMD neighbor list (numpy); the unit of work of DataLoader workers."""
+    frame = system.frame(index)
+    nl = build_neighbor_list(frame["coord"], frame["atype"], frame["box"], rcut, sel, warn=False)
+    frame["nlist"] = nl.nlist
+    frame["shift"] = nl.shift
+    frame["n_dropped"] = nl.n_dropped
+    frame["frame_index"] = index
+    return frame
+
+
+def collate(samples: list[dict], system_index: int = 0, system: FrameSource | None = None) -> dict:
+    """Stack samples of one system into a batch of tensors.
+
+    coord (nf, nloc, 3) float64, atype (nf, nloc) int64, box (nf, 3, 3) or absent (non-periodic),
+    nlist (nf, nloc, nnei), shift (nf, nloc, nnei, 3), labels (energy (nf,), force (nf, nloc, 3),
+    virial (nf, 9), atom_ener / atom_pref (nf, nloc)), fparam (nf, nq), aparam (nf, nloc, np), and a
+    ``find_<label>`` float flag per label (1 when every frame has it, else 0: the loss term is dropped).
+    """
+    batch: dict = {
+        "coord": torch.from_numpy(np.stack([s["coord"] for s in samples])),
+        "atype": torch.from_numpy(np.stack([s["atype"] for s in samples])),
+        "nlist": torch.from_numpy(np.stack([s["nlist"] for s in samples])),
+        "natoms": len(samples[0]["atype"]),
+        "system": system_index,
+        "frame_index": torch.tensor([s["frame_index"] for s in samples]),
+        "n_dropped": int(sum(s["n_dropped"] for s in samples)),
+    }
+    if samples[0]["box"] is not None:
+        batch["box"] = torch.from_numpy(np.stack([s["box"] for s in samples]))
+        batch["shift"] = torch.from_numpy(np.stack([s["shift"] for s in samples]))
+    for key in LABELS + INPUTS:
+        present = all(key in s for s in samples)
+        if key in LABELS:
+            batch[f"find_{key}"] = 1.0 if present else 0.0
+        if present:
+            batch[key] = torch.from_numpy(np.stack([s[key] for s in samples]))
+    return batch
+
+
+def batch_to_device(batch: dict, device: torch.device | str) -> dict:
+    return {k: (v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
+
+
+def model_inputs(batch: dict) -> dict:
+    """The keyword arguments of :meth:`dpfit.model.EnergyModel.forward` found in a batch."""
+    keys = ("coord", "atype", "nlist", "box", "shift", "fparam", "aparam")
+    return {k: batch[k] for k in keys if k in batch}
