@@ -6,7 +6,7 @@ import numpy as np
 import torch
 
 from dpfit.data.neighbor import build_neighbor_list
-from dpfit.data.system import INPUTS, LABELS, FrameSource
+from dpfit.data.system import INPUTS, LABELS, FrameSource  # noqa: F401
 
 #: Keys of a batch given to the model (besides labels): coord, atype, box, nlist, shift, fparam, aparam.
 
@@ -22,7 +22,7 @@ def make_sample(system: FrameSource, index: int, rcut: float, sel: list[int]) ->
     return frame
 
 
-def collate(samples: list[dict], system_index: int = 0, system: FrameSource | None = None) -> dict:
+def collate(samples: list[dict]) -> dict:
     """Stack samples of one system into a batch of tensors.
 
     coord (nf, nloc, 3) float64, atype (nf, nloc) int64, box (nf, 3, 3) or absent (non-periodic),
@@ -35,7 +35,7 @@ def collate(samples: list[dict], system_index: int = 0, system: FrameSource | No
         "atype": torch.from_numpy(np.stack([s["atype"] for s in samples])),
         "nlist": torch.from_numpy(np.stack([s["nlist"] for s in samples])),
         "natoms": len(samples[0]["atype"]),
-        "system": system_index,
+        "system": samples[0].get("system", 0),
         "frame_index": torch.tensor([s["frame_index"] for s in samples]),
         "n_dropped": int(sum(s["n_dropped"] for s in samples)),
     }

@@ -84,6 +84,7 @@ class DeepmdSystem(FrameSource):
     """
 
     def __init__(self, path: str | Path, type_map: list[str] | None = None) -> None:
+        self._init_args = (str(path), type_map)
         self.path = Path(path)
         self.name = str(path)
         if not self.path.is_dir():
@@ -121,6 +122,13 @@ class DeepmdSystem(FrameSource):
                 raise DataError(f"{self.path}: {key}.npy has different widths across sets: {sorted(widths)}")
         self.numb_fparam = self._arrays[0]["fparam"].shape[1] if "fparam" in self.available else 0
         self.numb_aparam = self._arrays[0]["aparam"].shape[1] // self.natoms if "aparam" in self.available else 0
+
+    def __getstate__(self) -> dict:
+        # reopen instead of pickling memory maps (DataLoader workers started with spawn)
+        return {"init_args": self._init_args}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(*state["init_args"])
 
     def _open_set(self, folder: Path) -> dict[str, np.ndarray]:
         coord_file = folder / "coord.npy"

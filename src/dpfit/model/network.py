@@ -47,6 +47,8 @@ class ResidualMLP(nn.Module):
         self.out_dim = out_dim
         if out_dim is not None:
             self._add_linear(widths[-1], out_dim, dtype, generator)
+            with torch.no_grad():  # start from the energy bias alone
+                self.biases[-1].zero_()
 
     def _add_linear(self, n_in: int, n_out: int, dtype: torch.dtype, generator) -> None:
         std = 1.0 / math.sqrt(n_in + n_out)

@@ -1,0 +1,188 @@
+"""Throughput of dpfit on the water example: neighbor lists, energy + force inference in float64 and float32.
+
+    python scripts/benchmark.py                      # water fixture checkpoint on ../shared/data/water
+    python scripts/benchmark.py --frames 40 --batch-size 4 --device cuda --json bench.json
+
+Each measurement is one function returning a dict (added to ``results``); neighbor lists are built once
+and timed on their own, so inference timings exclude them. To add a measurement (e.g. a training step),
+write ``bench_<name>(...) -> dict`` on the model of :func:`bench_inference` and call it from :func:`run`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from dpfit.data.batch import batch_to_device, collate, make_sample, model_inputs
+from dpfit.data.system import load_systems
+from dpfit.io.checkpoint import load_model
+from dpfit.model import EnergyModel
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+WATER_DATA = SHARED / "data" / "water"
+WATER_CKPT = SHARED / "fixtures" / "deepmd_water_se_e2_a" / "model.ckpt.pt"
+
+#: the water se_e2_a hyperparameters (SPEC section 9), for a fresh model when no checkpoint is available
+WATER_CONFIG = {
+    "type_map": ["O", "H"],
+    "descriptor": {"sel": [46, 92], "rcut": 6.0, "rcut_smth": 0.5, "neuron": [25, 50, 100], "axis_neuron": 16,
+                   "resnet_dt": False, "type_one_side": True, "seed": 1},
+    "fitting_net": {"neuron": [240, 240, 240], "resnet_dt": True, "seed": 1},
+}
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(
+    fn: Callable[[], object], n_frames: int, device: torch.device, warmup: Callable[[], object] | None = None,
+    repeat: int = 1,
+) -> dict:
+    """Run ``warmup`` once untimed, then ``fn`` (which processes ``n_frames`` frames) ``repeat`` times timed."""
+    if warmup is not None:
+        warmup()
+    _sync(device)
+    start = time.perf_counter()
+    for _ in range(repeat):
+        fn()
+    _sync(device)
+    seconds = (time.perf_counter() - start) / repeat
+    return {"frames": n_frames, "seconds": seconds, "frames_per_s": n_frames / seconds,
+            "ms_per_frame": 1e3 * seconds / n_frames}
+
+
+def build_model(ckpt: Path | None, precision: str, device: torch.device) -> EnergyModel:
+    """The checkpoint's model (or a fresh water model) in ``precision`` on ``device``, eval mode."""
+    if ckpt is not None:
+        model = load_model(ckpt, precision=precision)
+    else:
+        model = EnergyModel.from_config({**WATER_CONFIG, "precision": precision})
+    return model.to(device).eval()
+
+
+def pick_frames(data: Path, type_map: list[str], n_frames: int) -> list[tuple]:
+    """The first ``n_frames`` (system, index) pairs over the systems found under ``data``."""
+    picked = []
+    for system in load_systems([data], type_map=type_map):
+        picked.extend((system, i) for i in range(min(system.nframes, n_frames - len(picked))))
+        if len(picked) == n_frames:
+            break
+    if not picked:
+        raise SystemExit(f"{data}: no frames")
+    return picked
+
+
+def bench_neighbor_list(frames: list[tuple], rcut: float, sel: list[int]) -> tuple[dict, list[dict]]:
+    """Frame reading + DeePMD neighbor list (vesin, CPU) per frame; returns the timing and the samples."""
+    samples: list[dict] = []
+
+    def build():
+        samples.clear()
+        samples.extend(make_sample(system, i, rcut, sel) for system, i in frames)
+
+    result = timed(build, len(frames), torch.device("cpu"))
+    result["n_dropped"] = int(sum(s["n_dropped"] for s in samples))
+    return result, samples
+
+
+def make_batches(samples: list[dict], batch_size: int, device: torch.device) -> list[dict]:
+    """Consecutive samples of the same system stacked into batches on ``device``."""
+    batches, group = [], []
+    for s in samples:
+        if group and (len(group) == batch_size or len(s["atype"]) != len(group[0]["atype"])):
+            batches.append(group)
+            group = []
+        group.append(s)
+    if group:
+        batches.append(group)
+    return [batch_to_device(collate(g), device) for g in batches]
+
+
+def bench_inference(model: EnergyModel, batches: list[dict], device: torch.device, warmup: int, repeat: int) -> dict:
+    """Energy + forces (autograd through the pair vectors, parameters frozen) over prebuilt batches."""
+    n_frames = sum(len(b["coord"]) for b in batches)
+    for p in model.parameters():
+        p.requires_grad_(False)
+
+    def infer(subset: list[dict]) -> None:
+        for batch in subset:
+            model(**model_inputs(batch), do_force=True, do_virial=False)
+
+    result = timed(lambda: infer(batches), n_frames, device, warmup=lambda: infer(batches[:warmup]), repeat=repeat)
+    result["dtype"] = str(model.dtype).replace("torch.", "")
+    if device.type == "cuda":
+        result["max_memory_mib"] = torch.cuda.max_memory_allocated(device) / 2**20
+    return result
+
+
+def run(args: argparse.Namespace) -> dict:
+    """All measurements -> ``results`` (plain dict, JSON-serialisable)."""
+    device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    ckpt = Path(args.ckpt) if args.ckpt else (WATER_CKPT if WATER_CKPT.is_file() else None)
+    probe = build_model(ckpt, "float64", torch.device("cpu"))
+    frames = pick_frames(Path(args.data), probe.type_map, args.frames)
+    natoms = sorted({s.natoms for s, _ in frames})
+    results: dict = {
+        "setup": {"data": str(args.data), "ckpt": str(ckpt) if ckpt else "fresh water model (random weights)",
+                  "frames": len(frames), "natoms": natoms, "batch_size": args.batch_size, "device": str(device),
+                  "torch": torch.__version__, "threads": torch.get_num_threads(), "python": platform.python_version(),
+                  "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None},
+    }
+    nl_result, samples = bench_neighbor_list(frames, probe.rcut, probe.sel)
+    results["neighbor_list"] = nl_result
+    for precision in args.precisions:
+        model = build_model(ckpt, precision, device)
+        batches = make_batches(samples, args.batch_size, device)
+        results[f"inference_{precision}"] = bench_inference(model, batches, device, args.warmup, args.repeat)
+    return results
+
+
+def print_table(results: dict) -> None:
+    setup = results["setup"]
+    print(f"# data {setup['data']}  ckpt {setup['ckpt']}")
+    print(f"# {setup['frames']} frames of {setup['natoms']} atoms, batch {setup['batch_size']}, device "
+          f"{setup['gpu'] or setup['device']}, torch {setup['torch']}, {setup['threads']} threads")
+    print(f"{'measurement':<22}{'frames/s':>12}{'ms/frame':>12}{'seconds':>10}")
+    for name, res in results.items():
+        if name == "setup":
+            continue
+        print(f"{name:<22}{res['frames_per_s']:>12.2f}{res['ms_per_frame']:>12.2f}{res['seconds']:>10.2f}")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", default=str(WATER_DATA), help="system folder(s) root (default: ../shared/data/water)")
+    parser.add_argument("--ckpt", default=None, help="checkpoint (default: the water fixture, else a fresh model)")
+    parser.add_argument("--frames", type=int, default=16, help="frames to time (default 16)")
+    parser.add_argument("--batch-size", type=int, default=1, help="frames per model call (default 1)")
+    parser.add_argument("--precisions", nargs="+", default=["float64", "float32"], choices=["float64", "float32"])
+    parser.add_argument("--device", default="cpu", help="cpu | cuda | auto (default cpu)")
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed batches before timing (default 2)")
+    parser.add_argument("--repeat", type=int, default=1, help="timed passes over the frames (averaged)")
+    parser.add_argument("--json", default=None, help="also write the results to this JSON file")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    results = run(args)
+    print_table(results)
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
+    return results
+
+
+if __name__ == "__main__":
+    main()

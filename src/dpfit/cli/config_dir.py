@@ -1,0 +1,6 @@
+"""Where the Hydra configs live: ``configs/`` of the repository (or $DPFIT_CONFIG_DIR)."""
+
+import os
+from pathlib import Path
+
+CONFIG_DIR = os.environ.get("DPFIT_CONFIG_DIR") or str(Path(__file__).resolve().parents[3] / "configs")

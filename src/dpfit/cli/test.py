@@ -1,0 +1,149 @@
+"""``dp test`` equivalent: per-system and weighted-average errors of a checkpoint, detail files, parity plots.
+
+    python test.py ckpt_path=model.ckpt.pt systems=[data/sys_a,data/sys_b] detail_file=out/detail
+
+Relative paths are resolved against the directory the command was run in (``hydra.job.chdir`` is false).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import hydra
+import torch
+from hydra.core.hydra_config import HydraConfig
+from hydra.utils import to_absolute_path
+from omegaconf import DictConfig, ListConfig
+
+from dpfit.data.system import DataError, load_systems
+from dpfit.inference.evaluate import (
+    error_metrics,
+    evaluate_system,
+    format_metrics,
+    weighted_average,
+    write_detail_files,
+)
+from dpfit.io.checkpoint import load_model
+
+#: the repository's configs/ (src/dpfit/cli/test.py -> repo root)
+CONFIG_DIR = Path(__file__).resolve().parents[3] / "configs"
+
+RULE = "# ----------------------------------------------- "
+
+
+def _abspath(path) -> Path:
+    """Absolute, normalised path; relative ones are taken from the directory the command was run in."""
+    return Path(os.path.normpath(to_absolute_path(str(path))))
+
+
+def _device(name: str | None) -> torch.device:
+    if name in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def _paths(value) -> list[str]:
+    if isinstance(value, (str, Path)):
+        return [str(value)]
+    if isinstance(value, (list, tuple, ListConfig)):
+        return [str(v) for v in value]
+    raise DataError(f"systems must be a path or a list of paths, got {value!r}")
+
+
+def _parity_plots(results: list[dict], out_dir: Path) -> list[Path]:
+    """Scatter of predictions against labels: energy per atom, force components, virial per atom."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    panels = [("energy", "Energy / atom (eV)", True), ("force", "Force (eV/Å)", False),
+              ("virial", "Virial / atom (eV)", True)]
+    panels = [p for p in panels if any(p[0] in r for r in results)]
+    if not panels:
+        return []
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 4.2), squeeze=False)
+    for ax, (key, label, per_atom) in zip(axes[0], panels):
+        for r in results:
+            if key not in r:
+                continue
+            scale = 1.0 / r["natoms"] if per_atom else 1.0
+            data, pred = np.ravel(r[key]) * scale, np.ravel(r[f"pred_{key}"]) * scale
+            ax.scatter(data, pred, s=4, alpha=0.6, label=Path(r["name"]).name)
+        lo, hi = ax.get_xlim()
+        ax.plot([lo, hi], [lo, hi], "k--", lw=0.8)
+        ax.ticklabel_format(useOffset=False)
+        ax.tick_params(axis="x", labelrotation=30)
+        ax.set_xlabel(f"DFT {label}")
+        ax.set_ylabel(f"predicted {label}")
+        if len(results) > 1:
+            ax.legend(fontsize=7, markerscale=3)
+    fig.tight_layout()
+    path = out_dir / "parity.png"
+    fig.savefig(path, dpi=150)
+    plt.close(fig)
+    return [path]
+
+
+def run(cfg: DictConfig, out_dir: Path | None = None) -> dict:
+    """Evaluate ``cfg.ckpt_path`` on ``cfg.systems``; print the tables, write details; return the metrics."""
+    ckpt = _abspath(cfg.ckpt_path)
+    model = load_model(ckpt, precision=cfg.get("precision"))
+    device = _device(cfg.get("device", "auto"))
+    model.to(device)
+    systems = load_systems([_abspath(p) for p in _paths(cfg.systems)], type_map=model.type_map)
+    detail = cfg.get("detail_file")
+    prefix = _abspath(detail) if detail else None
+    if prefix is not None:
+        prefix.parent.mkdir(parents=True, exist_ok=True)
+
+    print(f"# model: {ckpt} ({str(model.dtype).replace('torch.', '')}, {device})")
+    errors, results, summary = [], [], {"ckpt_path": str(ckpt), "systems": []}
+    for k, system in enumerate(systems):
+        result = evaluate_system(model, system, batch_size=int(cfg.batch_size), device=device)
+        err = error_metrics(result, result["natoms"])
+        print("# ---------------output of dp test--------------- ")
+        print(f"# testing system : {system.name}")
+        print(f"# number of test data : {result['nframes']:d} ")
+        for line in format_metrics(err):
+            print(line)
+        print(RULE)
+        if prefix is not None:
+            write_detail_files(prefix, result, append=k > 0)
+        errors.append(err)
+        results.append(result)
+        summary["systems"].append({"name": system.name, "natoms": result["natoms"], "nframes": result["nframes"],
+                                   **{key: value for key, (value, _) in err.items()}})
+    average = weighted_average(errors)
+    summary["average"] = average
+    if len(systems) > 1:
+        print("# ----------weighted average of errors----------- ")
+        print(f"# number of systems : {len(systems)}")
+        for line in format_metrics(average):
+            print(line)
+        print(RULE)
+    if prefix is not None:
+        print(f"# detail files: {prefix}.{{e,e_peratom,f,v,v_peratom}}.out")
+    if out_dir is not None:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "metrics.json").write_text(json.dumps(summary, indent=2) + "\n")
+        if cfg.get("plots"):
+            for path in _parity_plots(results, out_dir):
+                print(f"# parity plot: {path}")
+    return summary
+
+
+@hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="test")
+def main(cfg: DictConfig) -> None:
+    """Hydra entry point of ``test.py`` / ``dpfit-test``."""
+    try:
+        run(cfg, out_dir=Path(HydraConfig.get().runtime.output_dir))
+    except (DataError, FileNotFoundError) as exc:
+        raise SystemExit(f"error: {exc}") from exc
+
+
+if __name__ == "__main__":
+    main()

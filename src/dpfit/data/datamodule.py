@@ -1,0 +1,216 @@
+"""Lightning DataModule: deepmd/npy folders or ASE files -> neighbor-listed batches of one system each."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from dpfit.data.batch import collate, make_sample
+from dpfit.data.sampler import (
+    EvalBatchSampler,
+    SystemView,
+    TrainBatchSampler,
+    resolve_batch_size,
+    system_probabilities,
+)
+from dpfit.data.system import FrameSource, load_systems
+
+log = logging.getLogger(__name__)
+
+
+class FrameDataset(Dataset):
+    """Map (system, frame) -> sample with its neighbor list; built lazily in DataLoader workers."""
+
+    def __init__(self, views: Sequence[SystemView], rcut: float, sel: Sequence[int]) -> None:
+        self.views = list(views)
+        self.rcut = float(rcut)
+        self.sel = list(sel)
+
+    def __len__(self) -> int:
+        return sum(len(v.indices) for v in self.views)
+
+    def __getitem__(self, key: tuple[int, int]) -> dict:
+        s, f = key
+        sample = make_sample(self.views[s].system, f, self.rcut, self.sel)
+        sample["system"] = s
+        return sample
+
+
+def _as_list(paths) -> list:
+    if paths is None:
+        return []
+    if isinstance(paths, (str, Path)):
+        return [paths]
+    return list(paths)
+
+
+class DeepmdDataModule(L.LightningDataModule):
+    """Training / validation / test systems with DeePMD's batching rules.
+
+    ``batch_size``: int, ``auto`` or ``auto:N`` per system. Training batches are drawn system by
+    system with ``auto_prob`` / ``sys_probs`` weights, seeded by ``seed`` and the global step (so a
+    resumed run sees the same batches). Without ``val_systems``, ``val_fraction`` of each training
+    system's frames (at least one, for systems of 2+ frames) is held out for validation.
+    """
+
+    def __init__(
+        self,
+        train_systems=None,
+        val_systems=None,
+        test_systems=None,
+        type_map: Sequence[str] | None = None,
+        rcut: float = 6.0,
+        sel: Sequence[int] = (46, 92),
+        batch_size: int | str = "auto",
+        val_batch_size: int | str = 1,
+        numb_btch: int | None = None,
+        auto_prob: str = "prob_sys_size",
+        sys_probs: Sequence[float] | None = None,
+        val_fraction: float = 0.1,
+        data_stat_nbatch: int = 10,
+        num_workers: int = 0,
+        pin_memory: bool = False,
+        seed: int = 1,
+        epoch_length: int | None = None,
+    ) -> None:
+        super().__init__()
+        self.train_paths = _as_list(train_systems)
+        self.val_paths = _as_list(val_systems)
+        self.test_paths = _as_list(test_systems)
+        self.type_map = list(type_map) if type_map is not None else None
+        self.rcut = float(rcut)
+        self.sel = list(sel)
+        self.batch_size = batch_size
+        self.val_batch_size = val_batch_size
+        self.numb_btch = numb_btch
+        self.auto_prob = auto_prob
+        self.sys_probs = list(sys_probs) if sys_probs is not None else None
+        self.val_fraction = float(val_fraction)
+        self.data_stat_nbatch = int(data_stat_nbatch)
+        self.num_workers = int(num_workers)
+        self.pin_memory = pin_memory
+        self.seed = int(seed)
+        self.epoch_length = epoch_length
+        self.train_views: list[SystemView] | None = None
+        self.val_views: list[SystemView] = []
+        self.test_views: list[SystemView] = []
+
+    # ----------------------------------------------------------------- systems
+    def _views(self, systems: list[FrameSource], batch_size, indices=None) -> list[SystemView]:
+        views = []
+        for k, s in enumerate(systems):
+            idx = np.arange(s.nframes) if indices is None else indices[k]
+            if len(idx):
+                views.append(SystemView(s, np.asarray(idx, dtype=np.int64), resolve_batch_size(batch_size, s.natoms)))
+        return views
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_views is not None:
+            return
+        if stage in ("fit", None, "validate"):
+            if not self.train_paths:
+                raise ValueError("data.train_systems is empty: give deepmd/npy folders or ASE-readable files")
+            train = load_systems(self.train_paths, self.type_map)
+            if self.val_paths:
+                self.train_views = self._views(train, self.batch_size)
+                self.val_views = self._views(load_systems(self.val_paths, self.type_map), self.val_batch_size)
+            else:
+                rng = np.random.default_rng(self.seed)
+                tr_idx, va_idx = [], []
+                for s in train:
+                    perm = rng.permutation(s.nframes)
+                    nval = 0 if s.nframes < 2 else max(1, int(round(self.val_fraction * s.nframes)))
+                    va_idx.append(np.sort(perm[:nval]))
+                    tr_idx.append(np.sort(perm[nval:]))
+                self.train_views = self._views(train, self.batch_size, tr_idx)
+                self.val_views = self._views(train, self.val_batch_size, va_idx)
+            log.info("training systems: %s", ", ".join(f"{v.system.name} ({len(v.indices)})" for v in self.train_views))
+        if self.test_paths:
+            self.test_views = self._views(load_systems(self.test_paths, self.type_map), self.val_batch_size)
+
+    @property
+    def train_systems(self) -> list[FrameSource]:
+        return [v.system for v in self.train_views or []]
+
+    # ----------------------------------------------------------------- loaders
+    def _rank(self) -> tuple[int, int]:
+        trainer = self.trainer
+        if trainer is None:
+            return 0, 1
+        return trainer.global_rank, trainer.world_size
+
+    def _loader(self, views, batch_sampler) -> DataLoader:
+        return DataLoader(
+            FrameDataset(views, self.rcut, self.sel),
+            batch_sampler=batch_sampler,
+            collate_fn=collate,
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory,
+            persistent_workers=self.num_workers > 0,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        rank, world = self._rank()
+        probs = system_probabilities(self.train_views, self.auto_prob, self.sys_probs)
+        length = self.epoch_length or sum(v.nbatches for v in self.train_views)
+        length = max(length // world, 1)
+        trainer = self.trainer
+        sampler = TrainBatchSampler(
+            self.train_views, probs, self.seed, length,
+            start_fn=(lambda: trainer.global_step) if trainer is not None else (lambda: 0),
+            rank=rank, world_size=world,
+        )
+        return self._loader(self.train_views, sampler)
+
+    def val_dataloader(self) -> DataLoader:
+        rank, world = self._rank()
+        return self._loader(self.val_views, EvalBatchSampler(self.val_views, self.numb_btch, rank, world))
+
+    def test_dataloader(self) -> DataLoader:
+        rank, world = self._rank()
+        return self._loader(self.test_views, EvalBatchSampler(self.test_views, None, rank, world))
+
+    def stat_batches(self) -> list[dict]:
+        """``data_stat_nbatch`` batches per training system (seeded) for the data statistics."""
+        dataset = FrameDataset(self.train_views, self.rcut, self.sel)
+        rng = np.random.default_rng([self.seed, 7])
+        batches = []
+        for s, view in enumerate(self.train_views):
+            n = min(len(view.indices), self.data_stat_nbatch * view.batch_size)
+            frames = np.sort(rng.choice(view.indices, size=n, replace=False))
+            for i in range(0, n, view.batch_size):
+                batches.append(collate([dataset[(s, int(f))] for f in frames[i: i + view.batch_size]]))
+        return batches
+
+    def transfer_batch_to_device(self, batch, device, dataloader_idx: int):
+        return {k: (v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
+
+
+class DemoDataModule(DeepmdDataModule):
+    """The built-in Cu/Ni EMT demo data, generated on first use into ``cache_dir`` (rank 0 only)."""
+
+    def __init__(self, cache_dir: str | None = None, nframes: int = 60, **kwargs) -> None:
+        from dpfit.data.demo import default_cache_dir
+
+        self.cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
+        self.nframes = nframes
+        if not kwargs.get("train_systems"):
+            kwargs["train_systems"] = [str(self.cache_dir / "train")]
+            if not kwargs.get("val_systems"):
+                kwargs["val_systems"] = [str(self.cache_dir / "val")]
+        super().__init__(**kwargs)
+
+    def prepare_data(self) -> None:
+        from dpfit.data.demo import make_demo_dataset
+
+        make_demo_dataset(self.cache_dir, nframes=self.nframes)
+
+    def setup(self, stage: str | None = None) -> None:
+        self.prepare_data()  # no-op once generated; covers use without a Trainer
+        super().setup(stage)

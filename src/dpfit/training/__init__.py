@@ -1,0 +1,1 @@
+"""Training: LightningModule, losses, learning-rate schedule, statistics, metrics, callbacks."""

@@ -1,0 +1,61 @@
+"""Callbacks: DeePMD-compatible ``lcurve.out``, a final summary table of validation errors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning as L
+from lightning.pytorch.utilities import rank_zero_only
+
+
+class LCurveWriter(L.Callback):
+    """Writes ``lcurve.out`` (DeePMD columns) at every validation: step, rmse_val, rmse_trn, rmse_e_*,
+    rmse_f_*, [rmse_v_*], lr. Training columns are those of the latest training step."""
+
+    def __init__(self, filename: str = "lcurve.out") -> None:
+        self.filename = filename
+        self.path: Path | None = None
+
+    def _columns(self, pl_module) -> list[str]:
+        cols = ["e", "f"]
+        if pl_module.loss.needs_virial:
+            cols.append("v")
+        return cols
+
+    @rank_zero_only
+    def on_fit_start(self, trainer, pl_module) -> None:
+        self.path = Path(trainer.default_root_dir) / self.filename
+        if self.path.exists() and trainer.ckpt_path:
+            return  # resuming: append
+        header = ["step", "rmse_val", "rmse_trn"]
+        for c in self._columns(pl_module):
+            header += [f"rmse_{c}_val", f"rmse_{c}_trn"]
+        header.append("lr")
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path, "w") as fh:
+            fh.write("# " + " ".join(f"{h:>11s}" for h in header) + "\n")
+
+    @rank_zero_only
+    def on_validation_end(self, trainer, pl_module) -> None:
+        if self.path is None or trainer.sanity_checking or not pl_module.last_train:
+            return
+        m = trainer.callback_metrics
+        trn = pl_module.last_train
+        val_loss = m.get("val/loss")
+        row = [float(val_loss) ** 0.5 if val_loss is not None else float("nan"), trn.get("rmse", float("nan"))]
+        for c in self._columns(pl_module):
+            v = m.get(f"val/rmse_{c}")
+            row += [float(v) if v is not None else float("nan"), trn.get(f"rmse_{c}", float("nan"))]
+        row.append(trn.get("lr", float("nan")))
+        with open(self.path, "a") as fh:
+            fh.write(f"{trainer.global_step:7d}  " + " ".join(f"{x:11.2e}" for x in row) + "\n")
+
+
+def summary_rows(metrics: dict) -> list[tuple[str, str, str]]:
+    """(quantity, RMSE, MAE) rows of validation errors from ``trainer.callback_metrics``."""
+    rows = []
+    for q, label, unit in (("e", "energy / atom", "eV"), ("f", "force", "eV/Å"), ("v", "virial / atom", "eV")):
+        r, a = metrics.get(f"val/rmse_{q}"), metrics.get(f"val/mae_{q}")
+        if r is not None:
+            rows.append((f"{label} [{unit}]", f"{float(r):.4e}", f"{float(a):.4e}" if a is not None else "-"))
+    return rows

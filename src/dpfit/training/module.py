@@ -1,0 +1,147 @@
+"""LightningModule: a Deep Potential energy model, its losses, the DeePMD learning-rate schedule."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import lightning as L
+import torch
+
+from dpfit.data.batch import model_inputs
+from dpfit.io.checkpoint import MODEL_CONFIG_KEY
+from dpfit.model import EnergyModel
+from dpfit.training.loss import EnergyLoss
+from dpfit.training.metrics import compute_updated, error_metrics, update_error_metrics
+from dpfit.training.schedule import ExponentialDecay, worker_scale
+from dpfit.training.statistics import compute_statistics
+
+log = logging.getLogger(__name__)
+
+
+class DeepPotentialModule(L.LightningModule):
+    """Trains an :class:`EnergyModel` (built from the plain ``model`` config) with an :class:`EnergyLoss`.
+
+    Forces (and the virial when a virial term is on) come from autograd inside the step with
+    ``create_graph=True``. Data statistics are computed once on the first fit and kept in the
+    checkpoint (``stats_ready`` buffer), never recomputed on resume.
+    """
+
+    def __init__(
+        self,
+        model: dict,
+        loss: EnergyLoss,
+        schedule: ExponentialDecay,
+        scale_by_worker: str = "none",
+        data_stat_protect: float = 1e-2,
+        weight_decay: float = 0.0,
+    ) -> None:
+        super().__init__()
+        model = _plain(model)
+        self.save_hyperparameters({MODEL_CONFIG_KEY: model, "scale_by_worker": scale_by_worker,
+                                   "data_stat_protect": data_stat_protect})
+        self.model = EnergyModel.from_config(model)
+        self.loss = loss
+        self.schedule = schedule
+        self.scale_by_worker = scale_by_worker
+        self.data_stat_protect = data_stat_protect
+        self.weight_decay = weight_decay
+        self.register_buffer("stats_ready", torch.zeros((), dtype=torch.bool))
+        self.metrics = torch.nn.ModuleDict({f"{s}_": error_metrics() for s in ("val", "test")})
+        self.last_train: dict[str, float] = {}
+        self._val_loss_sum = 0.0
+        self._val_loss_count = 0
+
+    # ------------------------------------------------------------ statistics
+    def on_fit_start(self) -> None:
+        dm = self.trainer.datamodule
+        if "de" in self.loss.active:
+            small = [v.system.name for v in dm.train_views if v.batch_size < 2]
+            if small:
+                raise ValueError("the relative energy loss needs batches of 2+ frames, but data.batch_size gives 1 "
+                                 f"frame for {small[:3]}: set data.batch_size to 2 or more (or auto:N)")
+        missing = [lab for lab in self.loss.labels if not any(s.has(lab) for s in dm.train_systems)]
+        if missing:
+            log.warning("no training system has %s: the loss terms using it are dropped", missing)
+        if bool(self.stats_ready):
+            log.info("data statistics restored from the checkpoint")
+            return
+        if self.trainer.is_global_zero:
+            compute_statistics(self.model, dm.stat_batches(), self.data_stat_protect)
+        if self.trainer.world_size > 1:
+            names = [n for n, _ in self.model.named_buffers()]
+            state = {n: b.cpu() for n, b in self.model.named_buffers()} if self.trainer.is_global_zero else None
+            state = self.trainer.strategy.broadcast(state, src=0)
+            with torch.no_grad():
+                for n, b in self.model.named_buffers():
+                    if n in names:
+                        b.copy_(state[n])
+        self.stats_ready.fill_(True)
+
+    # ------------------------------------------------------------ steps
+    def forward(self, batch: dict, do_force: bool = True, do_virial: bool = False, create_graph: bool = False):
+        return self.model(**model_inputs(batch), do_force=do_force, do_virial=do_virial, create_graph=create_graph)
+
+    def _lr_ratio(self) -> float:
+        return self.schedule(self.global_step)
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        pred = self(batch, do_force=self.loss.needs_force, do_virial=self.loss.needs_virial, create_graph=True)
+        loss, logs = self.loss(pred, batch, self._lr_ratio())
+        nf = batch["coord"].shape[0]
+        lr = self.optimizers().param_groups[0]["lr"]
+        self.log("train/loss", loss.detach(), batch_size=nf, prog_bar=True)
+        self.log("lr", lr, batch_size=nf)
+        for k, v in logs.items():
+            self.log(f"train/{k}", v, batch_size=nf, prog_bar=k == "rmse_f")
+        self.last_train = {"rmse": float(loss.detach().sqrt()), "lr": lr,
+                           **{k: float(v) for k, v in logs.items() if k.startswith("rmse_")}}
+        if batch.get("n_dropped"):
+            self.log("train/neighbors_dropped", float(batch["n_dropped"]), batch_size=nf, reduce_fx="sum")
+        return loss
+
+    def _eval_step(self, batch: dict, stage: str) -> None:
+        with torch.enable_grad():
+            pred = self(batch, do_force=True, do_virial=bool(batch.get("find_virial")))
+        loss, logs = self.loss(pred, batch, self._lr_ratio(), strict=False)
+        nf = batch["coord"].shape[0]
+        self.log(f"{stage}/loss", loss.detach(), batch_size=nf, sync_dist=True)
+        update_error_metrics(self.metrics[f"{stage}_"], pred, batch)
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        self._eval_step(batch, "val")
+
+    def test_step(self, batch: dict, batch_idx: int) -> None:
+        self._eval_step(batch, "test")
+
+    def _log_metrics(self, stage: str) -> None:
+        values = compute_updated(self.metrics[f"{stage}_"])
+        for k, v in values.items():
+            self.log(f"{stage}/{k}", v)
+        self.metrics[f"{stage}_"].reset()
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_metrics("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._log_metrics("test")
+
+    # ------------------------------------------------------------ optimisation
+    def configure_optimizers(self) -> dict[str, Any]:
+        world = self.trainer.world_size if self._trainer is not None else 1
+        lr0 = self.schedule.start_lr * worker_scale(self.scale_by_worker, world)
+        opt = torch.optim.Adam(self.parameters(), lr=lr0, weight_decay=self.weight_decay)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, self.schedule)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step", "frequency": 1}}
+
+
+def _plain(cfg: Any) -> Any:
+    """Convert an OmegaConf node (or anything mapping-like) to plain dicts/lists for the checkpoint."""
+    if hasattr(cfg, "items") and not isinstance(cfg, dict):
+        try:
+            from omegaconf import OmegaConf
+
+            return OmegaConf.to_container(cfg, resolve=True)
+        except Exception:  # noqa: BLE001
+            return dict(cfg)
+    return cfg
