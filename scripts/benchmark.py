@@ -129,7 +129,10 @@ def run(args: argparse.Namespace) -> dict:
     device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
     if args.threads:
         torch.set_num_threads(args.threads)
-    ckpt = Path(args.ckpt) if args.ckpt else (WATER_CKPT if WATER_CKPT.is_file() else None)
+    if args.ckpt == "fresh":
+        ckpt = None
+    else:
+        ckpt = Path(args.ckpt) if args.ckpt else (WATER_CKPT if WATER_CKPT.is_file() else None)
     probe = build_model(ckpt, "float64", torch.device("cpu"))
     frames = pick_frames(Path(args.data), probe.type_map, args.frames)
     natoms = sorted({s.natoms for s, _ in frames})
@@ -163,7 +166,7 @@ def print_table(results: dict) -> None:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", default=str(WATER_DATA), help="system folder(s) root (default: ../shared/data/water)")
-    parser.add_argument("--ckpt", default=None, help="checkpoint (default: the water fixture, else a fresh model)")
+    parser.add_argument("--ckpt", default=None, help="checkpoint; 'fresh': a new water model (default: the water fixture if present, else fresh)")
     parser.add_argument("--frames", type=int, default=16, help="frames to time (default 16)")
     parser.add_argument("--batch-size", type=int, default=1, help="frames per model call (default 1)")
     parser.add_argument("--precisions", nargs="+", default=["float64", "float32"], choices=["float64", "float32"])

@@ -229,7 +229,7 @@ def evaluate(
     return res
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def run_model():
     """``run_model(model, coord, atype, box=None, fparam=None, aparam=None, virial=True)`` -> numpy outputs."""
     return evaluate

@@ -144,10 +144,14 @@ def test_cho_fparam_aparam_two_systems(cho_fixture: Path, shared_dir: Path, tmp_
         "systems=[data/C4H3O1,data/C3H3O4]",  # relative to the working directory
         "batch_size=3",
         "detail_file=cho",
+        "plots=true",
     )
     out = proc.stdout
     assert "# number of systems : 2" in out
     assert "Virial" not in out  # non-periodic, no virial labels
+    (run_dir,) = (tmp_path / "outputs" / "test").glob("*/*")
+    assert (run_dir / "parity.png").stat().st_size > 0
+    assert len(json.loads((run_dir / "metrics.json").read_text())["systems"]) == 2
 
     # detail files: one block per system, appended, each with its own header line
     headers, e = read_detail(tmp_path / "cho.e.out")

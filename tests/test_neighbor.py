@@ -166,7 +166,7 @@ def test_matches_brute_force(name):
 def test_float32_coordinates_are_accepted():
     rng = np.random.default_rng(5)
     coord, atype, box, rcut, ntypes = skewed_case(rng)
-    pairs, ref, sel = _case(coord, atype, box, rcut, ntypes)
+    _, _, sel = _case(coord, atype, box, rcut, ntypes)
     nl64 = build_neighbor_list(coord, atype, box, rcut, sel)
     c32, b32 = coord.astype(np.float32), box.astype(np.float32)
     nl32 = build_neighbor_list(c32, atype, b32, rcut, sel)
@@ -185,7 +185,7 @@ def test_empty_neighborhood_is_all_padding():
 def test_truncation_keeps_nearest_and_warns(name):
     rng = np.random.default_rng(sum(map(ord, name)) + 1)
     coord, atype, box, rcut, ntypes = CASES[name](rng)
-    pairs, ref, full_sel = _case(coord, atype, box, rcut, ntypes, slack=0)
+    _, ref, full_sel = _case(coord, atype, box, rcut, ntypes, slack=0)
     sel = [max(1, s // 2) for s in full_sel]
     expected_dropped = sum(max(0, len(v) - sel[t]) for (i, t), v in ref.items())
     assert expected_dropped > 0
@@ -208,7 +208,7 @@ def test_zero_sel_for_a_type():
     """sel[t] = 0 gives an empty section: all type-t neighbors are dropped and counted."""
     rng = np.random.default_rng(3)
     coord, atype, box, rcut, ntypes = nopbc_case(rng)
-    pairs, ref, sel = _case(coord, atype, box, rcut, ntypes)
+    _, ref, sel = _case(coord, atype, box, rcut, ntypes)
     sel[1] = 0
     n_type1 = sum(len(v) for (i, t), v in ref.items() if t == 1)
     nl = build_neighbor_list(coord, atype, box, rcut, sel, warn=False)

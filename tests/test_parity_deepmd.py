@@ -15,8 +15,6 @@ from dpfit.io.checkpoint import load_model
 from dpfit.io.deepmd_checkpoint import load_deepmd_checkpoint
 from dpfit.model import pair_vectors
 
-from conftest import evaluate
-
 pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
 KEYS = ("energy", "force", "virial", "atom_energy", "atom_virial")
@@ -40,10 +38,10 @@ def water_ref(water_fixture):
 
 
 @pytest.fixture(scope="session")
-def water_out(water_model, water_ref):
+def water_out(water_model, water_ref, run_model):
     """Model outputs for the 10 reference frames (float32 inputs cast to float64 first)."""
     ref = water_ref
-    return evaluate(water_model, ref["coord"], ref["atype"], ref["box"].reshape(-1, 3, 3))
+    return run_model(water_model, ref["coord"], ref["atype"], ref["box"].reshape(-1, 3, 3))
 
 
 @pytest.fixture(scope="session")
@@ -98,10 +96,10 @@ def test_water_descriptor_parity(water_model, water_ref):
 
 
 @pytest.mark.parametrize("system", CHO_SYSTEMS)
-def test_cho_fixture_parity(cho_model, cho_refs, system):
+def test_cho_fixture_parity(cho_model, cho_refs, system, run_model):
     ref = cho_refs[system]
     assert "box" not in ref
-    out = evaluate(cho_model, ref["coord"], ref["atype"], None, fparam=ref["fparam"], aparam=ref["aparam"])
+    out = run_model(cho_model, ref["coord"], ref["atype"], None, fparam=ref["fparam"], aparam=ref["aparam"])
     assert len(out["energy"]) == 10
     for key in KEYS:
         np.testing.assert_allclose(out[key].reshape(ref[key].shape), ref[key], rtol=RTOL, atol=ATOL, err_msg=key)
@@ -115,7 +113,7 @@ def test_cho_descriptor_parity(cho_model, cho_refs, system):
     np.testing.assert_allclose(desc, ref["descriptor_frame0"], rtol=RTOL, atol=ATOL)
 
 
-def test_load_model_reads_deepmd_checkpoints(cho_fixture, cho_model, cho_refs):
+def test_load_model_reads_deepmd_checkpoints(cho_fixture, cho_model, cho_refs, run_model):
     """The generic loader recognises a DeePMD-kit checkpoint and returns the same model in eval mode."""
     model = load_model(cho_fixture / "model.ckpt.pt")
     assert not model.training
@@ -123,7 +121,7 @@ def test_load_model_reads_deepmd_checkpoints(cho_fixture, cho_model, cho_refs):
     assert not model.descriptor.type_one_side and len(model.descriptor.embeddings) == 9
     assert model.fitting.numb_fparam == 1 and model.fitting.numb_aparam == 1
     ref = cho_refs["C4H3O1"]
-    out = evaluate(model, ref["coord"][:2], ref["atype"], None, fparam=ref["fparam"][:2], aparam=ref["aparam"][:2])
+    out = run_model(model, ref["coord"][:2], ref["atype"], None, fparam=ref["fparam"][:2], aparam=ref["aparam"][:2])
     np.testing.assert_allclose(out["energy"], ref["energy"][:2], rtol=RTOL, atol=ATOL)
     np.testing.assert_allclose(out["force"], ref["force"][:2], rtol=RTOL, atol=ATOL)
 
@@ -163,11 +161,11 @@ def _cho_frame(cho_refs):
     return ref["coord"][0].astype(np.float64), ref["atype"], ref["fparam"][0], ref["aparam"][0]
 
 
-def test_cho_model_depends_on_fparam_and_aparam(cho_model, cho_refs):
+def test_cho_model_depends_on_fparam_and_aparam(cho_model, cho_refs, run_model):
     coord, atype, fparam, aparam = _cho_frame(cho_refs)
-    base = evaluate(cho_model, coord, atype, fparam=fparam, aparam=aparam)
-    new_f = evaluate(cho_model, coord, atype, fparam=fparam + 0.7, aparam=aparam)
-    new_a = evaluate(cho_model, coord, atype, fparam=fparam, aparam=aparam[::-1] + 0.2)
+    base = run_model(cho_model, coord, atype, fparam=fparam, aparam=aparam)
+    new_f = run_model(cho_model, coord, atype, fparam=fparam + 0.7, aparam=aparam)
+    new_a = run_model(cho_model, coord, atype, fparam=fparam, aparam=aparam[::-1] + 0.2)
     for other in (new_f, new_a):
         assert abs(other["energy"] - base["energy"]) > 1e-3
         assert np.abs(other["force"] - base["force"]).max() > 1e-4
@@ -176,16 +174,16 @@ def test_cho_model_depends_on_fparam_and_aparam(cho_model, cho_refs):
     # aparam is per atom: changing it for one atom changes that atom's energy only
     one = aparam.copy()
     one[4] += 0.5
-    new_one = evaluate(cho_model, coord, atype, fparam=fparam, aparam=one)
+    new_one = run_model(cho_model, coord, atype, fparam=fparam, aparam=one)
     changed = np.abs(new_one["atom_energy"] - base["atom_energy"]) > 1e-12
     np.testing.assert_array_equal(changed, np.arange(len(atype)) == 4)
 
 
-def test_cho_model_forces_match_finite_differences_at_new_parameters(cho_model, cho_refs):
+def test_cho_model_forces_match_finite_differences_at_new_parameters(cho_model, cho_refs, run_model):
     coord, atype, fparam, aparam = _cho_frame(cho_refs)
     fparam = fparam * 0.0 + 2.6
     aparam = np.linspace(0.1, 0.9, len(atype)).reshape(-1, 1)
-    ref = evaluate(cho_model, coord, atype, fparam=fparam, aparam=aparam)
+    ref = run_model(cho_model, coord, atype, fparam=fparam, aparam=aparam)
     h = 1e-5
     n = len(coord)
     displaced = []
@@ -195,23 +193,23 @@ def test_cho_model_forces_match_finite_differences_at_new_parameters(cho_model, 
                 c = coord.copy()
                 c[i, k] += sign * h
                 displaced.append(c)
-    e = evaluate(cho_model, np.stack(displaced), atype, fparam=fparam, aparam=aparam, virial=False)
+    e = run_model(cho_model, np.stack(displaced), atype, fparam=fparam, aparam=aparam, virial=False)
     e = e["energy"].reshape(n, 3, 2)
     fd = -(e[..., 0] - e[..., 1]) / (2 * h)
     # energies are ~1e4 eV: round-off in E+ - E- is ~1e-12 * 1e4 / 1e-5 ~ 1e-6 eV/Å
     np.testing.assert_allclose(ref["force"], fd, rtol=0, atol=2e-5)
 
 
-def test_water_model_is_extensive_on_a_supercell(shared_dir, water_model):
+def test_water_model_is_extensive_on_a_supercell(shared_dir, water_model, run_model):
     """A 2x1x1 supercell of an unseen data_3 frame: twice the energy and virial, the same force and atomic
     energy on each periodic copy of an atom."""
     system = DeepmdSystem(shared_dir / "data" / "water" / "data_3", water_model.type_map)
     frame = system.frame(25)
     coord, atype, box = frame["coord"], frame["atype"], frame["box"]
-    single = evaluate(water_model, coord, atype, box)
+    single = run_model(water_model, coord, atype, box)
     super_coord = np.concatenate([coord, coord + box[0]])
     super_box = box * np.array([[2.0], [1.0], [1.0]])
-    double = evaluate(water_model, super_coord, np.concatenate([atype, atype]), super_box)
+    double = run_model(water_model, super_coord, np.concatenate([atype, atype]), super_box)
     n = len(atype)
     np.testing.assert_allclose(double["energy"], 2 * single["energy"], rtol=1e-12)
     np.testing.assert_allclose(double["atom_energy"][:n], single["atom_energy"], rtol=1e-12, atol=1e-12)
@@ -221,20 +219,20 @@ def test_water_model_is_extensive_on_a_supercell(shared_dir, water_model):
     np.testing.assert_allclose(double["virial"], 2 * single["virial"], rtol=1e-10, atol=1e-10)
 
 
-def test_float32_water_model_agrees_with_float64(water_fixture, water_ref):
+def test_float32_water_model_agrees_with_float64(water_fixture, water_ref, run_model):
     model = load_deepmd_checkpoint(water_fixture / "model.ckpt.pt", precision="float32")
     assert model.dtype == torch.float32
     assert all(p.dtype == torch.float32 for p in model.parameters())
     ref = water_ref
-    out = evaluate(model, ref["coord"][:2], ref["atype"], ref["box"][:2].reshape(-1, 3, 3))
+    out = run_model(model, ref["coord"][:2], ref["atype"], ref["box"][:2].reshape(-1, 3, 3))
     np.testing.assert_allclose(out["energy"], ref["energy"][:2], rtol=1e-5)
     np.testing.assert_allclose(out["force"], ref["force"][:2], rtol=0, atol=1e-3)
     np.testing.assert_allclose(out["virial"], ref["virial"][:2], rtol=0, atol=1e-2)
 
 
-def test_float32_cho_model_agrees_with_float64(cho_fixture, cho_refs):
+def test_float32_cho_model_agrees_with_float64(cho_fixture, cho_refs, run_model):
     model = load_deepmd_checkpoint(cho_fixture / "model.ckpt.pt", precision="float32")
     ref = cho_refs["C4H3O1"]
-    out = evaluate(model, ref["coord"], ref["atype"], None, fparam=ref["fparam"], aparam=ref["aparam"])
+    out = run_model(model, ref["coord"], ref["atype"], None, fparam=ref["fparam"], aparam=ref["aparam"])
     np.testing.assert_allclose(out["energy"], ref["energy"], rtol=1e-5)
     np.testing.assert_allclose(out["force"], ref["force"], rtol=0, atol=1e-3)

@@ -8,10 +8,10 @@ import torch
 
 from dpfit.model import switching_function
 
-from conftest import TINY_RCUT, TINY_RCUT_SMTH
-
 pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
+#: cutoffs of the tiny model built by the ``tiny_model`` fixture (checked in test_tiny_model_cutoffs)
+TINY_RCUT, TINY_RCUT_SMTH = 4.0, 1.0
 #: (precision, type_one_side) combinations; float32 gets looser tolerances
 MODELS = [("float64", True), ("float64", False), ("float32", True), ("float32", False)]
 MODEL_IDS = [f"{p}-{'one_side' if t else 'pair_nets'}" for p, t in MODELS]
@@ -198,6 +198,11 @@ def test_forces_with_fparam_aparam(tiny_model, random_frame, run_model, precisio
 # ----------------------------------------------------------------------------------------------------------------
 # smoothness at the cutoff
 # ----------------------------------------------------------------------------------------------------------------
+
+
+def test_tiny_model_cutoffs(tiny_model):
+    model = tiny_model()
+    assert (model.rcut, model.descriptor.rcut_smth) == (TINY_RCUT, TINY_RCUT_SMTH)
 
 
 def test_switching_function_is_c2():

@@ -17,6 +17,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.utils import to_absolute_path
 from omegaconf import DictConfig, ListConfig
 
+from dpfit.cli.config_dir import CONFIG_DIR
 from dpfit.data.system import DataError, load_systems
 from dpfit.inference.evaluate import (
     error_metrics,
@@ -26,9 +27,6 @@ from dpfit.inference.evaluate import (
     write_detail_files,
 )
 from dpfit.io.checkpoint import load_model
-
-#: the repository's configs/ (src/dpfit/cli/test.py -> repo root)
-CONFIG_DIR = Path(__file__).resolve().parents[3] / "configs"
 
 RULE = "# ----------------------------------------------- "
 
@@ -136,7 +134,7 @@ def run(cfg: DictConfig, out_dir: Path | None = None) -> dict:
     return summary
 
 
-@hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="test")
+@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="test")
 def main(cfg: DictConfig) -> None:
     """Hydra entry point of ``test.py`` / ``dpfit-test``."""
     try:
