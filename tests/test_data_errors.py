@@ -366,12 +366,6 @@ def test_extxyz_energy_and_forces(tmp_path):
     assert batch["find_energy"] == 1.0 and batch["find_force"] == 1.0 and batch["find_virial"] == 0.0
 
 
-@pytest.mark.xfail(
-    raises=ImportError,
-    strict=False,
-    reason="src bug: dpfit/data/system.py AseSystem.frame imports voigt_6_to_full_3x3_stress from "
-    "ase.constraints, which ASE 3.29 no longer exports (it lives in ase.stress)",
-)
 def test_extxyz_with_ase_stress_gives_virial(tmp_path):
     ase_io = pytest.importorskip("ase.io")
     frames, expected = _emt_frames(stress=True)

@@ -145,6 +145,8 @@ class DeepmdSystem(FrameSource):
                 raise DataError(f"{file}: cannot be read as .npy ({exc})") from exc
             if arr.ndim == 1:
                 arr = arr.reshape(-1, 1)
+            elif arr.ndim > 2:  # e.g. force saved as (nframes, natoms, 3), as DeePMD accepts
+                arr = arr.reshape(len(arr), -1)
             arrays[key] = arr
         nf = len(arrays["coord"])
         if nf == 0:
@@ -237,7 +239,7 @@ class AseSystem(FrameSource):
         if "force" in self.available:
             out["force"] = np.asarray(res["forces"], dtype=np.float64)
         if "virial" in self.available:
-            from ase.constraints import voigt_6_to_full_3x3_stress
+            from ase.stress import voigt_6_to_full_3x3_stress
 
             stress = np.asarray(res["stress"], dtype=np.float64)
             stress = voigt_6_to_full_3x3_stress(stress) if stress.shape == (6,) else stress.reshape(3, 3)
