@@ -50,40 +50,19 @@ def _paths(value) -> list[str]:
     raise DataError(f"systems must be a path or a list of paths, got {value!r}")
 
 
-def _parity_plots(results: list[dict], out_dir: Path) -> list[Path]:
-    """Scatter of predictions against labels: energy per atom, force components, virial per atom."""
-    import matplotlib
+def _write_plots(results: list[dict], type_map: list[str], prefix: Path | None, out_dir: Path | None) -> list[Path]:
+    """``plots=true``: parity.png in the run folder (all panels), and one parity plot per quantity plus
+    per-element force-error histograms next to the detail files (or in the run folder without detail_file)."""
+    from dpfit.inference.plots import error_histograms, parity_plots, parity_summary
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import numpy as np
-
-    panels = [("energy", "Energy / atom (eV)", True), ("force", "Force (eV/Å)", False),
-              ("virial", "Virial / atom (eV)", True)]
-    panels = [p for p in panels if any(p[0] in r for r in results)]
-    if not panels:
-        return []
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 4.2), squeeze=False)
-    for ax, (key, label, per_atom) in zip(axes[0], panels):
-        for r in results:
-            if key not in r:
-                continue
-            scale = 1.0 / r["natoms"] if per_atom else 1.0
-            data, pred = np.ravel(r[key]) * scale, np.ravel(r[f"pred_{key}"]) * scale
-            ax.scatter(data, pred, s=4, alpha=0.6, label=Path(r["name"]).name)
-        lo, hi = ax.get_xlim()
-        ax.plot([lo, hi], [lo, hi], "k--", lw=0.8)
-        ax.ticklabel_format(useOffset=False)
-        ax.tick_params(axis="x", labelrotation=30)
-        ax.set_xlabel(f"DFT {label}")
-        ax.set_ylabel(f"predicted {label}")
-        if len(results) > 1:
-            ax.legend(fontsize=7, markerscale=3)
-    fig.tight_layout()
-    path = out_dir / "parity.png"
-    fig.savefig(path, dpi=150)
-    plt.close(fig)
-    return [path]
+    paths: list[Path] = []
+    if out_dir is not None:
+        paths += parity_summary(results, out_dir / "parity.png")
+    base = prefix if prefix is not None else (out_dir / "test" if out_dir is not None else None)
+    if base is not None:
+        paths += parity_plots(results, base)
+        paths += error_histograms(results, base, type_map)
+    return paths
 
 
 def run(cfg: DictConfig, out_dir: Path | None = None) -> dict:
@@ -112,6 +91,7 @@ def run(cfg: DictConfig, out_dir: Path | None = None) -> dict:
         if prefix is not None:
             write_detail_files(prefix, result, append=k > 0)
         errors.append(err)
+        result["atype"] = system.atype
         results.append(result)
         summary["systems"].append({"name": system.name, "natoms": result["natoms"], "nframes": result["nframes"],
                                    **{key: value for key, (value, _) in err.items()}})
@@ -128,9 +108,9 @@ def run(cfg: DictConfig, out_dir: Path | None = None) -> dict:
     if out_dir is not None:
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "metrics.json").write_text(json.dumps(summary, indent=2) + "\n")
-        if cfg.get("plots"):
-            for path in _parity_plots(results, out_dir):
-                print(f"# parity plot: {path}")
+    if cfg.get("plots"):
+        for path in _write_plots(results, model.type_map, prefix, out_dir):
+            print(f"# plot: {path}")
     return summary
 
 

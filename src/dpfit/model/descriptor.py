@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
@@ -26,6 +28,20 @@ def environment_matrix(
     w = switching_function(r, rcut_smth, rcut) * mask.unsqueeze(-1)
     inv_r = 1.0 / (r + protection)
     return torch.cat([inv_r, diff * inv_r * inv_r], dim=-1) * w
+
+
+@dataclass
+class EmbeddingPiece:
+    """One embedding net applied to slots [lo, hi) of some atoms (``atoms`` None: all, flattened order).
+
+    ``g`` (rows, M) is the net's output, ``tangent`` (rows, M) its derivative dg/ds (or None).
+    """
+
+    g: torch.Tensor
+    tangent: torch.Tensor | None
+    atoms: torch.Tensor | None
+    lo: int
+    hi: int
 
 
 class SeE2A(nn.Module):
@@ -92,25 +108,45 @@ class SeE2A(nn.Module):
         """Raw environment matrix (nf, nloc, nnei, 4) before normalisation (used for statistics)."""
         return environment_matrix(diff, mask, self.rcut_smth, self.rcut)
 
-    def forward(self, diff: torch.Tensor, mask: torch.Tensor, atype: torch.Tensor) -> torch.Tensor:
-        """Descriptor (nf, nloc, M * axis_neuron) from pair vectors diff (nf, nloc, nnei, 3) Å."""
-        nf, nloc, nnei, _ = diff.shape
+    def normalized_env(self, diff: torch.Tensor, mask: torch.Tensor, atype: torch.Tensor) -> torch.Tensor:
+        """``R~ = (R - davg[t_i]) / dstd[t_i]`` (nf, nloc, nnei, 4), zeroed on excluded type pairs."""
         rr = (self.env_matrix(diff, mask) - self.davg[atype]) / self.dstd[atype]
         if self.exclude_types:
             keep = self.pair_keep[atype.unsqueeze(-1), self.slot_type]
             rr = rr * torch.where(mask, keep, torch.ones_like(keep)).unsqueeze(-1)
+        return rr
+
+    def descriptor_from_env(
+        self, rr: torch.Tensor, atype: torch.Tensor, tangent: bool = False
+    ) -> tuple[torch.Tensor, list[EmbeddingPiece]]:
+        """Descriptor (nf, nloc, M * axis_neuron) from R~, and the embedding pieces.
+
+        With ``tangent`` the embedding input s = R~[..., 0] is detached (it holds no parameter) and
+        each piece carries dg/ds, so :class:`EnergyModel` gets forces without a backward pass through
+        the embedding nets.
+        """
+        nf, nloc, nnei, _ = rr.shape
         m = self.neuron[-1]
+        s_all = rr[..., :1].detach() if tangent else rr[..., :1]
+        pieces: list[EmbeddingPiece] = []
+
+        def embed(net: ResidualMLP, s: torch.Tensor):
+            if tangent:
+                return net.value_and_tangent(s)
+            return net(s), None
+
         if self.type_one_side:
             g_mat = rr.new_zeros(nf, nloc, m, 4)
             for tj in range(self.ntypes):
                 lo, hi = self.sections[tj], self.sections[tj + 1]
                 if hi == lo:
                     continue
-                r_t = rr[:, :, lo:hi]
-                g = self.embeddings[tj](r_t[..., :1])
-                g_mat = g_mat + torch.matmul(g.transpose(-1, -2), r_t)
+                g, t = embed(self.embeddings[tj], s_all[:, :, lo:hi].reshape(-1, 1))
+                pieces.append(EmbeddingPiece(g, t, None, lo, hi))
+                g_mat = g_mat + torch.matmul(g.reshape(nf, nloc, hi - lo, m).transpose(-1, -2), rr[:, :, lo:hi])
         else:
             flat_rr = rr.reshape(nf * nloc, nnei, 4)
+            flat_s = s_all.reshape(nf * nloc, nnei, 1)
             flat_type = atype.reshape(-1)
             g_mat = rr.new_zeros(nf * nloc, m, 4)
             for ti in range(self.ntypes):
@@ -118,16 +154,21 @@ class SeE2A(nn.Module):
                 if idx.numel() == 0:
                     continue
                 rr_i = flat_rr.index_select(0, idx)
+                s_i = flat_s.index_select(0, idx)
                 acc = rr.new_zeros(idx.numel(), m, 4)
                 for tj in range(self.ntypes):
                     lo, hi = self.sections[tj], self.sections[tj + 1]
                     if hi == lo:
                         continue
-                    r_t = rr_i[:, lo:hi]
-                    g = self.embeddings[ti + self.ntypes * tj](r_t[..., :1])
-                    acc = acc + torch.matmul(g.transpose(-1, -2), r_t)
+                    g, t = embed(self.embeddings[ti + self.ntypes * tj], s_i[:, lo:hi].reshape(-1, 1))
+                    pieces.append(EmbeddingPiece(g, t, idx, lo, hi))
+                    acc = acc + torch.matmul(g.reshape(-1, hi - lo, m).transpose(-1, -2), rr_i[:, lo:hi])
                 g_mat = g_mat.index_add(0, idx, acc)
             g_mat = g_mat.reshape(nf, nloc, m, 4)
         g_mat = g_mat / self.nnei
         d = torch.matmul(g_mat, g_mat[:, :, : self.axis_neuron].transpose(-1, -2))
-        return d.reshape(nf, nloc, m * self.axis_neuron)
+        return d.reshape(nf, nloc, m * self.axis_neuron), pieces
+
+    def forward(self, diff: torch.Tensor, mask: torch.Tensor, atype: torch.Tensor) -> torch.Tensor:
+        """Descriptor (nf, nloc, M * axis_neuron) from pair vectors diff (nf, nloc, nnei, 3) Å."""
+        return self.descriptor_from_env(self.normalized_env(diff, mask, atype), atype)[0]

@@ -72,6 +72,24 @@ class EnergyModel(nn.Module):
     def sel(self) -> list[int]:
         return self.descriptor.sel
 
+    def _energy_gradient(self, energy, diff, rr, pieces, create_graph: bool) -> torch.Tensor:
+        """dE/d(diff) (nf, nloc, nnei, 3): autograd through fitting net, G and the environment matrix,
+        forward-mode tangents (dg/ds) for the embedding nets."""
+        inputs = [rr] + [p.g for p in pieces]
+        grads = torch.autograd.grad(energy.sum(), inputs, create_graph=create_graph, retain_graph=True)
+        nf, nloc, nnei, _ = rr.shape
+        du_ds = rr.new_zeros(nf * nloc, nnei)
+        for piece, grad_g in zip(pieces, grads[1:]):
+            contrib = (grad_g * piece.tangent).sum(-1).reshape(-1, piece.hi - piece.lo)
+            contrib = torch.nn.functional.pad(contrib, (piece.lo, nnei - piece.hi))
+            if piece.atoms is None:
+                du_ds = du_ds + contrib
+            else:
+                du_ds = du_ds.index_add(0, piece.atoms, contrib)
+        upstream = grads[0] + torch.nn.functional.pad(du_ds.reshape(nf, nloc, nnei, 1), (0, 3))
+        (g,) = torch.autograd.grad(rr, diff, grad_outputs=upstream, create_graph=create_graph)
+        return g
+
     def forward(
         self,
         coord: torch.Tensor,
@@ -101,14 +119,15 @@ class EnergyModel(nn.Module):
         need_grad = do_force or do_virial or do_atomic_virial
         if need_grad:
             diff = diff.detach().requires_grad_(True)
-        descriptor = self.descriptor(diff, mask, atype)
+        desc = self.descriptor
+        rr = desc.normalized_env(diff, mask, atype)
+        descriptor, pieces = desc.descriptor_from_env(rr, atype, tangent=need_grad)
         atom_energy = self.fitting(descriptor, atype, fparam, aparam)
         energy = atom_energy.sum(dim=-1)
         out = {"energy": energy, "atom_energy": atom_energy}
         if not need_grad:
             return out
-        (g,) = torch.autograd.grad(energy.sum(), diff, create_graph=create_graph)
-        g = g * mask.unsqueeze(-1)
+        g = self._energy_gradient(energy, diff, rr, pieces, create_graph) * mask.unsqueeze(-1)
         nf, nloc, nnei, _ = g.shape
         if do_force:
             # d_ij = r_j - r_i: dE/dr_i gets -sum_j g_ij, dE/dr_j gets +g_ij.

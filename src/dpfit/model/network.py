@@ -61,12 +61,40 @@ class ResidualMLP(nn.Module):
             y = y.reshape(*x.shape[:-1], y.shape[-1])
             if self.idt_index[k] >= 0:
                 y = y * self.idts[self.idt_index[k]]
-            if kind == 1:
-                y = y + x
-            elif kind == 2:
-                y = y + torch.cat([x, x], dim=-1)
-            x = y
+            x = _residual(y, x, kind)
         if self.out_dim is not None:
             k = len(self.residual)
             x = x @ self.matrices[k] + self.biases[k]
         return x
+
+    def value_and_tangent(self, s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Output and its derivative with respect to a scalar input, ``s``: (rows, 1) -> (rows, n_L) twice.
+
+        Forward-mode through the tanh layers (``dy = (1 - tanh^2) * (dx W)``), so forces need no
+        backward pass through the embedding net and training needs no double backward.
+        """
+        if self.matrices[0].shape[0] != 1 or self.out_dim is not None:
+            raise ValueError("value_and_tangent needs a 1-input net without an output layer")
+        x, tx = s, None
+        for k, kind in enumerate(self.residual):
+            y = torch.tanh(torch.addmm(self.biases[k], x, self.matrices[k]))
+            dy = torch.addcmul(torch.ones_like(y), y, y, value=-1.0)  # 1 - tanh^2
+            ty = dy * self.matrices[k][0] if tx is None else dy * (tx @ self.matrices[k])
+            if self.idt_index[k] >= 0:
+                idt = self.idts[self.idt_index[k]]
+                y = y * idt
+                ty = ty * idt
+            if kind:
+                ty = _residual(ty, tx, kind) if tx is not None else ty + 1.0
+            x, tx = _residual(y, x, kind), ty
+        return x, tx
+
+
+def _residual(y: torch.Tensor, x: torch.Tensor, kind: int) -> torch.Tensor:
+    """``y + x`` (kind 1), ``y + [x, x]`` (kind 2, without materialising the concatenation), or ``y``."""
+    if kind == 1:
+        return y + x
+    if kind == 2:
+        w = x.shape[-1]
+        return (y.reshape(*y.shape[:-1], 2, w) + x.unsqueeze(-2)).reshape(y.shape)
+    return y
