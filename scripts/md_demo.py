@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from ase import units
 from ase.build import bulk
+from ase.constraints import FixCom
 from ase.md.langevin import Langevin
 from ase.md.velocitydistribution import Stationary
 from ase.md.verlet import VelocityVerlet
@@ -91,7 +92,9 @@ def main(argv=None) -> dict:
 
     nvt_rate = float("nan")
     if args.steps > 0:
-        nvt = Langevin(atoms, dt, temperature_K=args.temperature, friction=args.friction / units.fs, rng=rng)
+        atoms.set_constraint(FixCom())  # the thermostat's noise must not move the centre of mass
+        nvt = Langevin(atoms, dt, temperature_K=args.temperature, friction=args.friction / units.fs, fixcm=False,
+                       rng=rng)
         atoms.get_forces()  # first call (neighbor search, warm-up) outside the timing
         start = time.perf_counter()
         nvt.run(args.steps)
@@ -99,6 +102,7 @@ def main(argv=None) -> dict:
         print(f"NVT  {args.steps:6d} steps at {args.temperature:.0f} K: T = {atoms.get_temperature():7.1f} K, "
               f"{nvt_rate:10.0f} atom-steps/s")
 
+    atoms.set_constraint()
     nve = VelocityVerlet(atoms, dt)
     if args.traj:
         from ase.io.trajectory import Trajectory

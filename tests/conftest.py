@@ -106,7 +106,7 @@ def make_tiny_model(precision: str = "float64", stats: bool = True, **overrides)
             # the descriptor is divided by nnei, so random fitting weights give a nearly flat energy:
             # amplify the first fitting layer to get forces of order 0.1-1 eV/Å
             for net in fit.nets:
-                net.matrices[0].mul_(30.0)
+                net.layers[0].matrix.mul_(30.0)
             fit.bias_atom_e.copy_(torch.tensor([-3.1, -1.7], dtype=dt)[:ntypes])
             if fit.numb_fparam:
                 fit.fparam_avg.fill_(0.8)

@@ -324,7 +324,7 @@ def test_type_one_side_false_uses_center_neighbor_pair_nets(tiny_model, random_f
     assert len(model.descriptor.embeddings) == 4
     ref = run_model(model, coord, atype, box)
     with torch.no_grad():
-        model.descriptor.embeddings[0 + 2 * 1].biases[0].add_(0.5)
+        model.descriptor.embeddings[0 + 2 * 1].layers[0].bias.add_(0.5)
     out = run_model(model, coord, atype, box)
     changed = np.abs(out["atom_energy"] - ref["atom_energy"]) > 1e-8
     np.testing.assert_array_equal(changed, atype == 0)
@@ -333,6 +333,6 @@ def test_type_one_side_false_uses_center_neighbor_pair_nets(tiny_model, random_f
     assert len(model.descriptor.embeddings) == 2
     ref = run_model(model, coord, atype, box)
     with torch.no_grad():
-        model.descriptor.embeddings[1].biases[0].add_(0.5)
+        model.descriptor.embeddings[1].layers[0].bias.add_(0.5)
     out = run_model(model, coord, atype, box)
     assert np.all(np.abs(out["atom_energy"] - ref["atom_energy"]) > 1e-8)

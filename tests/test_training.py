@@ -200,4 +200,4 @@ def test_resume_reaches_same_weights(tmp_path):
     # statistics were restored, not recomputed, and training moved the weights
     w_a = _weights(tmp_path / "a" / "checkpoints" / "last.ckpt")
     assert torch.equal(w_a["model.descriptor.davg"], w_res["model.descriptor.davg"])
-    assert not torch.equal(w_a["model.fitting.nets.0.matrices.0"], w_res["model.fitting.nets.0.matrices.0"])
+    assert not torch.equal(w_a["model.fitting.nets.0.layers.0.matrix"], w_res["model.fitting.nets.0.layers.0.matrix"])

@@ -8,18 +8,25 @@ from pathlib import Path
 import hydra
 import lightning as L
 import torch
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from hydra.utils import instantiate, to_absolute_path
+from lightning.fabric.strategies.launchers.subprocess_script import _SubprocessScriptLauncher
+from lightning.pytorch.loggers import CSVLogger
 from omegaconf import DictConfig, OmegaConf
 
 from dpfit.cli.config_dir import CONFIG_DIR
 from dpfit.training.callbacks import summary_rows
-from dpfit.training.module import DeepPotentialModule
+from dpfit.training.module import WANDB_RUN_ID_KEY, DeepPotentialModule
 
 log = logging.getLogger("dpfit.train")
 
 
-def build(cfg: DictConfig):
-    """Instantiate (datamodule, module, trainer) from a composed config; nothing is trained."""
+def build(cfg: DictConfig, wandb_id: str | None = None):
+    """Instantiate (datamodule, module, trainer) from a composed config; nothing is trained.
+
+    ``wandb_id``: continue this W&B run (a resumed checkpoint's, see :func:`checkpoint_wandb_id`).
+    """
     datamodule = instantiate(cfg.data, _convert_="all")
     module = DeepPotentialModule(
         model=OmegaConf.to_container(cfg.model, resolve=True),
@@ -28,7 +35,14 @@ def build(cfg: DictConfig):
         scale_by_worker=cfg.get("scale_by_worker", "none"),
     )
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c]
-    loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values() if c]
+    loggers = []
+    for c in (cfg.get("logger") or {}).values():
+        if not c:
+            continue
+        if wandb_id and str(c.get("_target_", "")).endswith("WandbLogger") and not c.get("id"):
+            loggers.append(instantiate(c, id=wandb_id, resume="allow"))
+        else:
+            loggers.append(instantiate(c))
     trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
     return datamodule, module, trainer
 
@@ -57,18 +71,91 @@ def _resolve_ckpt(ckpt_path: str | None) -> str | None:
     return str(path)
 
 
+def _last_checkpoint(cfg: DictConfig) -> str | None:
+    """The checkpoint Lightning's ``ckpt_path=last`` picks: the newest ``last*.ckpt`` of the checkpoint folder."""
+    folder = OmegaConf.select(cfg, "callbacks.model_checkpoint.dirpath")
+    if not folder or not Path(folder).is_dir():
+        return None
+    found = [p for p in Path(folder).glob("last*.ckpt") if p.is_file()]
+    return str(max(found, key=lambda p: p.stat().st_mtime)) if found else None
+
+
+def checkpoint_wandb_id(path: str | None) -> str | None:
+    """The W&B run id stored in a dpfit checkpoint (by the module's ``on_save_checkpoint``), if any."""
+    if not path or not Path(path).is_file():
+        return None
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+    except Exception:  # noqa: BLE001 - not a zip checkpoint: no id
+        return None
+    return ckpt.get(WANDB_RUN_ID_KEY) if isinstance(ckpt, dict) else None
+
+
+def _hydra_state() -> tuple[RunMode | None, list[str]]:
+    """(run mode, hydra.* command-line overrides) of the Hydra app running this process."""
+    if not HydraConfig.initialized():
+        return None, []
+    hc = HydraConfig.get()
+    return hc.get("mode"), list(hc.overrides.hydra)
+
+
+def _check_launch(cfg: DictConfig, trainer) -> None:
+    """Stop launches that would make several run folders or resume the wrong run, with the fix."""
+    mode, hydra_overrides = _hydra_state()
+    run_dir_given = any(o.startswith("hydra.run.dir=") for o in hydra_overrides)
+    if mode == RunMode.RUN and not run_dir_given:
+        if cfg.get("ckpt_path") == "last":
+            raise ValueError("ckpt_path=last resumes <run folder>/checkpoints/last.ckpt: name the run folder with "
+                             "hydra.run.dir=<run folder> (e.g. hydra.run.dir=outputs/2026-01-31/12-00-00-000000)")
+        if trainer.world_size > 1 and trainer.strategy.cluster_environment.creates_processes_externally:
+            raise ValueError(
+                f"{trainer.world_size} processes started by torchrun/srun each composed their own run folder: give "
+                "them one with hydra.run.dir=<run folder> (e.g. hydra.run.dir=outputs/run-$SLURM_JOB_ID)")
+    launches = isinstance(trainer.strategy.launcher, _SubprocessScriptLauncher) and trainer.world_size > 1
+    if mode == RunMode.MULTIRUN and launches and not trainer.strategy.cluster_environment.creates_processes_externally:
+        raise ValueError("a local multirun (-m) cannot start DDP processes: each would re-run the whole sweep. "
+                             "Sweep with one process per run, or launch on SLURM: -m hydra/launcher=slurm")
+
+
+def _keep_csv_history(trainer) -> None:
+    """Resuming into a run folder: keep the CSV rows written so far (CSVLogger would delete metrics.csv)."""
+    for logger in trainer.loggers:
+        if isinstance(logger, CSVLogger):
+            old = Path(logger.log_dir) / "metrics.csv"
+            if old.is_file():
+                n = 1
+                while (old.parent / f"metrics.{n}.csv").exists():
+                    n += 1
+                old.rename(old.parent / f"metrics.{n}.csv")
+                log.info("resuming: earlier CSV metrics kept in %s", old.parent / f"metrics.{n}.csv")
+
+
+def log_config(trainer, cfg: DictConfig, module: DeepPotentialModule) -> None:
+    """Send the resolved config and the number of trainable parameters to every logger (W&B config, hparams)."""
+    params = OmegaConf.to_container(cfg, resolve=True)
+    params["n_params"] = sum(p.numel() for p in module.parameters() if p.requires_grad)
+    for logger in trainer.loggers:
+        logger.log_hyperparams(params)
+
+
 def train(cfg: DictConfig) -> float | None:
     """Fit and return ``cfg.optimized_metric`` (for sweeps)."""
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     torch.set_default_dtype(torch.float32)
-    datamodule, module, trainer = build(cfg)
+    ckpt_path = _resolve_ckpt(cfg.get("ckpt_path"))
+    resume_from = _last_checkpoint(cfg) if ckpt_path == "last" else ckpt_path
+    datamodule, module, trainer = build(cfg, wandb_id=checkpoint_wandb_id(resume_from))
+    _check_launch(cfg, trainer)
     if cfg.get("ckpt_init"):
         _init_from(module, cfg.ckpt_init)
     out = Path(cfg.paths.output_dir)
     if trainer.is_global_zero:
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
-    trainer.fit(module, datamodule=datamodule, ckpt_path=_resolve_ckpt(cfg.get("ckpt_path")))
+        if resume_from:
+            _keep_csv_history(trainer)
+        log_config(trainer, cfg, module)
+    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
     if cfg.get("summary", True) and "val/rmse_f" not in trainer.callback_metrics and "val/rmse_e" not in trainer.callback_metrics:
         trainer.validate(module, datamodule=datamodule, verbose=False)
     metrics = dict(trainer.callback_metrics)

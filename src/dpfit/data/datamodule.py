@@ -125,7 +125,7 @@ class DeepmdDataModule(L.LightningDataModule):
                 tr_idx, va_idx = [], []
                 for s in train:
                     perm = rng.permutation(s.nframes)
-                    nval = 0 if s.nframes < 2 else max(1, int(round(self.val_fraction * s.nframes)))
+                    nval = 0 if s.nframes < 2 else max(1, round(self.val_fraction * s.nframes))
                     va_idx.append(np.sort(perm[:nval]))
                     tr_idx.append(np.sort(perm[nval:]))
                 self.train_views = self._views(train, self.batch_size, tr_idx)
@@ -161,9 +161,13 @@ class DeepmdDataModule(L.LightningDataModule):
         length = self.epoch_length or sum(v.nbatches for v in self.train_views)
         length = max(length // world, 1)
         trainer = self.trainer
+        # with gradient accumulation over A batches, optimizer step t uses this rank's batches t*A .. t*A+A-1:
+        # an epoch holds whole steps, and a (re)started epoch begins at batch global_step * A
+        accumulate = max(int(getattr(trainer, "accumulate_grad_batches", 1) or 1), 1)
+        length = -(-length // accumulate) * accumulate
         sampler = TrainBatchSampler(
             self.train_views, probs, self.seed, length,
-            start_fn=(lambda: trainer.global_step) if trainer is not None else (lambda: 0),
+            start_fn=(lambda: trainer.global_step * accumulate) if trainer is not None else (lambda: 0),
             rank=rank, world_size=world,
         )
         return self._loader(self.train_views, sampler)

@@ -8,15 +8,16 @@ backend is used, so no display is needed.
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import numpy as np
 
 #: (result key, axis label, per atom, file tag)
 PARITY_PANELS = (
-    ("energy", "Energy / atom (eV)", True, "e_peratom"),
-    ("force", "Force component (eV/Å)", False, "f"),
-    ("virial", "Virial / atom (eV)", True, "v_peratom"),
+    ("energy", "energy / atom (eV)", True, "e_peratom"),
+    ("force", "force component (eV/Å)", False, "f"),
+    ("virial", "virial / atom (eV)", True, "v_peratom"),
 )
 
 
@@ -162,7 +163,9 @@ def read_lcurve(path: str | Path) -> tuple[list[str], np.ndarray]:
                     names = tokens
             elif line.strip():
                 break
-    rows = np.loadtxt(path, comments="#", ndmin=2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # "input contained no data": handled below
+        rows = np.loadtxt(path, comments="#", ndmin=2)
     if rows.size == 0:
         rows = np.zeros((0, len(names) or 1))
     if len(names) != rows.shape[1]:

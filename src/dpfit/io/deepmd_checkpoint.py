@@ -40,15 +40,16 @@ def deepmd_model_config(model_params: dict) -> dict:
 
 
 def _load_mlp(mlp, state: dict, prefix: str) -> None:
+    """Copy DeePMD's ``<prefix>L.{matrix,bias,idt}`` into a :class:`ResidualMLP` (same layout)."""
     layers = sorted({int(m.group(1)) for k in state if (m := re.match(re.escape(prefix) + r"(\d+)\.", k))})
-    if len(layers) != len(mlp.matrices):
-        raise ValueError(f"{prefix}: checkpoint has {len(layers)} layers, model expects {len(mlp.matrices)}")
+    if len(layers) != len(mlp.layers):
+        raise ValueError(f"{prefix}: checkpoint has {len(layers)} layers, model expects {len(mlp.layers)}")
     with torch.no_grad():
-        for k in layers:
-            mlp.matrices[k].copy_(state[f"{prefix}{k}.matrix"])
-            mlp.biases[k].copy_(state[f"{prefix}{k}.bias"].reshape(-1))
-            if k < len(mlp.idt_index) and mlp.idt_index[k] >= 0:
-                mlp.idts[mlp.idt_index[k]].copy_(state[f"{prefix}{k}.idt"].reshape(-1))
+        for k, layer in zip(layers, mlp.layers):
+            layer.matrix.copy_(state[f"{prefix}{k}.matrix"])
+            layer.bias.copy_(state[f"{prefix}{k}.bias"].reshape(-1))
+            if layer.idt is not None:
+                layer.idt.copy_(state[f"{prefix}{k}.idt"].reshape(-1))
 
 
 def load_deepmd_checkpoint(path: str | Path, precision: str | None = None) -> EnergyModel:

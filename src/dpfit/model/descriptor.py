@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import Optional
 
 import torch
 from torch import nn
@@ -30,27 +30,15 @@ def environment_matrix(
     return torch.cat([inv_r, diff * inv_r * inv_r], dim=-1) * w
 
 
-@dataclass
-class EmbeddingPiece:
-    """One embedding net applied to slots [lo, hi) of some atoms (``atoms`` None: all, flattened order).
-
-    ``g`` (rows, M) is the net's output, ``tangent`` (rows, M) its derivative dg/ds (or None).
-    """
-
-    g: torch.Tensor
-    tangent: torch.Tensor | None
-    atoms: torch.Tensor | None
-    lo: int
-    hi: int
-
-
 class SeE2A(nn.Module):
     """DeePMD's ``se_e2_a`` (smooth edition, two-body embedding, all-angle) descriptor.
 
     ``sel[t]`` neighbor slots of type t per atom (nearest first, -1 padded); one embedding net per
-    neighbor type (``type_one_side``) or per (center, neighbor) type pair. ``davg``/``dstd`` are
-    buffers (ntypes, nnei, 4) set from data by :func:`dpfit.model.stats.descriptor_statistics`.
+    neighbor type (``type_one_side``) or per (center, neighbor) type pair, net index
+    ``t_i + ntypes * t_j``. ``davg``/``dstd`` are buffers (ntypes, nnei, 4) set from data.
     """
+
+    __jit_unused_properties__ = ["dim_out"]
 
     def __init__(
         self,
@@ -64,7 +52,7 @@ class SeE2A(nn.Module):
         type_one_side: bool = True,
         exclude_types: list[list[int]] = (),
         set_davg_zero: bool = False,
-        seed: int | None = None,
+        seed: Optional[int] = None,
         dtype: torch.dtype = torch.float64,
     ) -> None:
         super().__init__()
@@ -77,16 +65,20 @@ class SeE2A(nn.Module):
         self.nnei = sum(self.sel)
         self.rcut = float(rcut)
         self.rcut_smth = float(rcut_smth)
-        self.neuron = list(neuron)
+        self.neuron = [int(n) for n in neuron]
         self.axis_neuron = int(axis_neuron)
         if self.axis_neuron > self.neuron[-1]:
             raise ValueError(f"axis_neuron ({axis_neuron}) exceeds the embedding width ({self.neuron[-1]})")
-        self.type_one_side = type_one_side
-        self.set_davg_zero = set_davg_zero
+        self.type_one_side = bool(type_one_side)
+        self.set_davg_zero = bool(set_davg_zero)
         self.exclude_types = [tuple(int(t) for t in p) for p in exclude_types]
+        self.has_exclude = len(self.exclude_types) > 0
         self.sections = [sum(self.sel[:t]) for t in range(ntypes + 1)]
         gen = torch.Generator().manual_seed(seed) if seed is not None else None
         nnets = ntypes if type_one_side else ntypes * ntypes
+        # net k embeds neighbor type net_tj[k] (for center type net_ti[k], or -1 for every center type)
+        self.net_tj = [k if type_one_side else k // ntypes for k in range(nnets)]
+        self.net_ti = [-1 if type_one_side else k % ntypes for k in range(nnets)]
         self.embeddings = nn.ModuleList(
             ResidualMLP(1, self.neuron, resnet_dt, dtype=dtype, generator=gen) for _ in range(nnets)
         )
@@ -106,69 +98,73 @@ class SeE2A(nn.Module):
 
     def env_matrix(self, diff: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Raw environment matrix (nf, nloc, nnei, 4) before normalisation (used for statistics)."""
-        return environment_matrix(diff, mask, self.rcut_smth, self.rcut)
+        return environment_matrix(diff, mask, self.rcut_smth, self.rcut, 0.0)
 
     def normalized_env(self, diff: torch.Tensor, mask: torch.Tensor, atype: torch.Tensor) -> torch.Tensor:
         """``R~ = (R - davg[t_i]) / dstd[t_i]`` (nf, nloc, nnei, 4), zeroed on excluded type pairs."""
         rr = (self.env_matrix(diff, mask) - self.davg[atype]) / self.dstd[atype]
-        if self.exclude_types:
+        if self.has_exclude:
             keep = self.pair_keep[atype.unsqueeze(-1), self.slot_type]
             rr = rr * torch.where(mask, keep, torch.ones_like(keep)).unsqueeze(-1)
         return rr
 
     def descriptor_from_env(
         self, rr: torch.Tensor, atype: torch.Tensor, tangent: bool = False
-    ) -> tuple[torch.Tensor, list[EmbeddingPiece]]:
+    ) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor], list[torch.Tensor], list[int]]:
         """Descriptor (nf, nloc, M * axis_neuron) from R~, and the embedding pieces.
 
-        With ``tangent`` the embedding input s = R~[..., 0] is detached (it holds no parameter) and
-        each piece carries dg/ds, so :class:`EnergyModel` gets forces without a backward pass through
-        the embedding nets.
+        Pieces (one per net applied): outputs g (rows, M), tangents dg/ds (rows, M) when ``tangent``,
+        the flattened atom indices (empty: all atoms) and the net index. With ``tangent`` the input
+        s = R~[..., 0] is detached (it holds no parameter): :class:`EnergyModel` then gets forces
+        without a backward pass through the embedding nets.
         """
         nf, nloc, nnei, _ = rr.shape
         m = self.neuron[-1]
         s_all = rr[..., :1].detach() if tangent else rr[..., :1]
-        pieces: list[EmbeddingPiece] = []
-
-        def embed(net: ResidualMLP, s: torch.Tensor):
-            if tangent:
-                return net.value_and_tangent(s)
-            return net(s), None
-
-        if self.type_one_side:
-            g_mat = rr.new_zeros(nf, nloc, m, 4)
-            for tj in range(self.ntypes):
-                lo, hi = self.sections[tj], self.sections[tj + 1]
-                if hi == lo:
-                    continue
-                g, t = embed(self.embeddings[tj], s_all[:, :, lo:hi].reshape(-1, 1))
-                pieces.append(EmbeddingPiece(g, t, None, lo, hi))
-                g_mat = g_mat + torch.matmul(g.reshape(nf, nloc, hi - lo, m).transpose(-1, -2), rr[:, :, lo:hi])
-        else:
-            flat_rr = rr.reshape(nf * nloc, nnei, 4)
-            flat_s = s_all.reshape(nf * nloc, nnei, 1)
-            flat_type = atype.reshape(-1)
-            g_mat = rr.new_zeros(nf * nloc, m, 4)
-            for ti in range(self.ntypes):
+        flat_rr = rr.reshape(nf * nloc, nnei, 4)
+        flat_s = s_all.reshape(nf * nloc, nnei, 1)
+        flat_type = atype.reshape(-1)
+        g_mat = rr.new_zeros(nf * nloc, m, 4)
+        gs: list[torch.Tensor] = []
+        ts: list[torch.Tensor] = []
+        atoms: list[torch.Tensor] = []
+        nets: list[int] = []
+        for k, net in enumerate(self.embeddings):
+            tj = self.net_tj[k]
+            ti = self.net_ti[k]
+            lo = self.sections[tj]
+            hi = self.sections[tj + 1]
+            if ti < 0:
+                idx = torch.empty(0, dtype=torch.long, device=rr.device)
+            else:
                 idx = torch.nonzero(flat_type == ti).squeeze(-1)
-                if idx.numel() == 0:
-                    continue
-                rr_i = flat_rr.index_select(0, idx)
-                s_i = flat_s.index_select(0, idx)
-                acc = rr.new_zeros(idx.numel(), m, 4)
-                for tj in range(self.ntypes):
-                    lo, hi = self.sections[tj], self.sections[tj + 1]
-                    if hi == lo:
-                        continue
-                    g, t = embed(self.embeddings[ti + self.ntypes * tj], s_i[:, lo:hi].reshape(-1, 1))
-                    pieces.append(EmbeddingPiece(g, t, idx, lo, hi))
-                    acc = acc + torch.matmul(g.reshape(-1, hi - lo, m).transpose(-1, -2), rr_i[:, lo:hi])
-                g_mat = g_mat.index_add(0, idx, acc)
-            g_mat = g_mat.reshape(nf, nloc, m, 4)
-        g_mat = g_mat / self.nnei
+            # (TorchScript unrolls loops over modules: no `continue` here)
+            if hi > lo and (ti < 0 or idx.numel() > 0):
+                if ti < 0:
+                    rr_k = flat_rr[:, lo:hi]
+                    s_k = flat_s[:, lo:hi]
+                else:
+                    rr_k = flat_rr.index_select(0, idx)[:, lo:hi]
+                    s_k = flat_s.index_select(0, idx)[:, lo:hi]
+                if tangent:
+                    g, t = net.value_and_tangent(s_k.reshape(-1, 1))
+                    if not g.requires_grad:  # frozen weights: dE/dg is still needed for forces
+                        g = g.detach().requires_grad_(True)
+                    ts.append(t)
+                else:
+                    g = net(s_k.reshape(-1, 1))
+                gs.append(g)
+                atoms.append(idx)
+                nets.append(k)
+                contrib = torch.matmul(g.reshape(-1, hi - lo, m).transpose(-1, -2), rr_k)
+                if ti < 0:
+                    g_mat = g_mat + contrib
+                else:
+                    g_mat = g_mat.index_add(0, idx, contrib)
+        g_mat = g_mat.reshape(nf, nloc, m, 4) / self.nnei
         d = torch.matmul(g_mat, g_mat[:, :, : self.axis_neuron].transpose(-1, -2))
-        return d.reshape(nf, nloc, m * self.axis_neuron), pieces
+        return d.reshape(nf, nloc, m * self.axis_neuron), gs, ts, atoms, nets
 
     def forward(self, diff: torch.Tensor, mask: torch.Tensor, atype: torch.Tensor) -> torch.Tensor:
         """Descriptor (nf, nloc, M * axis_neuron) from pair vectors diff (nf, nloc, nnei, 3) Å."""
-        return self.descriptor_from_env(self.normalized_env(diff, mask, atype), atype)[0]
+        return self.descriptor_from_env(self.normalized_env(diff, mask, atype), atype, False)[0]

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Optional
 
 import torch
 from torch import nn
@@ -14,7 +14,7 @@ DTYPES = {"float64": torch.float64, "float32": torch.float32}
 
 
 def pair_vectors(
-    coord: torch.Tensor, box: torch.Tensor | None, nlist: torch.Tensor, shift: torch.Tensor | None, far: float
+    coord: torch.Tensor, box: Optional[torch.Tensor], nlist: torch.Tensor, shift: Optional[torch.Tensor], far: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Neighbor-minus-center vectors (nf, nloc, nnei, 3) Å and the slot mask (False on -1 padding).
 
@@ -41,6 +41,8 @@ class EnergyModel(nn.Module):
     the atomic virial goes to the neighbor atom j, as in DeePMD-kit.
     """
 
+    __jit_unused_properties__ = ["dtype", "rcut", "sel"]
+
     def __init__(self, type_map: list[str], descriptor: SeE2A, fitting: EnergyFitting, config: dict | None = None):
         super().__init__()
         self.type_map = list(type_map)
@@ -49,6 +51,7 @@ class EnergyModel(nn.Module):
         self.config = config or {}
 
     @classmethod
+    @torch.jit.ignore
     def from_config(cls, config: dict[str, Any]) -> "EnergyModel":
         """Build from a plain dict: ``type_map``, ``descriptor`` and ``fitting_net`` (DeePMD key names), ``precision``."""
         cfg = {k: (dict(v) if isinstance(v, dict) else v) for k, v in dict(config).items()}
@@ -72,22 +75,43 @@ class EnergyModel(nn.Module):
     def sel(self) -> list[int]:
         return self.descriptor.sel
 
-    def _energy_gradient(self, energy, diff, rr, pieces, create_graph: bool) -> torch.Tensor:
+    def _energy_gradient(
+        self,
+        energy: torch.Tensor,
+        diff: torch.Tensor,
+        rr: torch.Tensor,
+        gs: list[torch.Tensor],
+        ts: list[torch.Tensor],
+        atoms: list[torch.Tensor],
+        nets: list[int],
+        create_graph: bool,
+    ) -> torch.Tensor:
         """dE/d(diff) (nf, nloc, nnei, 3): autograd through fitting net, G and the environment matrix,
         forward-mode tangents (dg/ds) for the embedding nets."""
-        inputs = [rr] + [p.g for p in pieces]
-        grads = torch.autograd.grad(energy.sum(), inputs, create_graph=create_graph, retain_graph=True)
+        inputs = [rr] + gs
+        grads = torch.autograd.grad([energy.sum()], inputs, create_graph=create_graph, retain_graph=True,
+                                    allow_unused=True)
         nf, nloc, nnei, _ = rr.shape
         du_ds = rr.new_zeros(nf * nloc, nnei)
-        for piece, grad_g in zip(pieces, grads[1:]):
-            contrib = (grad_g * piece.tangent).sum(-1).reshape(-1, piece.hi - piece.lo)
-            contrib = torch.nn.functional.pad(contrib, (piece.lo, nnei - piece.hi))
-            if piece.atoms is None:
-                du_ds = du_ds + contrib
-            else:
-                du_ds = du_ds.index_add(0, piece.atoms, contrib)
-        upstream = grads[0] + torch.nn.functional.pad(du_ds.reshape(nf, nloc, nnei, 1), (0, 3))
-        (g,) = torch.autograd.grad(rr, diff, grad_outputs=upstream, create_graph=create_graph)
+        for p in range(len(gs)):
+            grad_g = grads[p + 1]
+            if grad_g is not None:
+                tj = self.descriptor.net_tj[nets[p]]
+                lo = self.descriptor.sections[tj]
+                hi = self.descriptor.sections[tj + 1]
+                contrib = (grad_g * ts[p]).sum(-1).reshape(-1, hi - lo)
+                contrib = torch.nn.functional.pad(contrib, [lo, nnei - hi])
+                if atoms[p].numel() == 0:
+                    du_ds = du_ds + contrib
+                else:
+                    du_ds = du_ds.index_add(0, atoms[p], contrib)
+        upstream = torch.nn.functional.pad(du_ds.reshape(nf, nloc, nnei, 1), [0, 3])
+        grad_rr = grads[0]
+        if grad_rr is not None:
+            upstream = upstream + grad_rr
+        grad_outputs: list[Optional[torch.Tensor]] = [upstream]
+        g = torch.autograd.grad([rr], [diff], grad_outputs=grad_outputs, create_graph=create_graph)[0]
+        assert g is not None
         return g
 
     def forward(
@@ -95,10 +119,10 @@ class EnergyModel(nn.Module):
         coord: torch.Tensor,
         atype: torch.Tensor,
         nlist: torch.Tensor,
-        box: torch.Tensor | None = None,
-        shift: torch.Tensor | None = None,
-        fparam: torch.Tensor | None = None,
-        aparam: torch.Tensor | None = None,
+        box: Optional[torch.Tensor] = None,
+        shift: Optional[torch.Tensor] = None,
+        fparam: Optional[torch.Tensor] = None,
+        aparam: Optional[torch.Tensor] = None,
         do_force: bool = True,
         do_virial: bool = False,
         do_atomic_virial: bool = False,
@@ -109,7 +133,7 @@ class EnergyModel(nn.Module):
         Returns ``energy`` (nf,), ``atom_energy`` (nf, nloc), and on request ``force`` (nf, nloc, 3),
         ``virial`` (nf, 9) eV and ``atom_virial`` (nf, nloc, 9).
         """
-        dtype = self.dtype
+        dtype = self.descriptor.davg.dtype
         coord = coord.to(dtype)
         box = box.to(dtype) if box is not None else None
         shift = shift.to(dtype) if shift is not None else None
@@ -121,13 +145,13 @@ class EnergyModel(nn.Module):
             diff = diff.detach().requires_grad_(True)
         desc = self.descriptor
         rr = desc.normalized_env(diff, mask, atype)
-        descriptor, pieces = desc.descriptor_from_env(rr, atype, tangent=need_grad)
+        descriptor, gs, ts, atoms, nets = desc.descriptor_from_env(rr, atype, need_grad)
         atom_energy = self.fitting(descriptor, atype, fparam, aparam)
         energy = atom_energy.sum(dim=-1)
         out = {"energy": energy, "atom_energy": atom_energy}
         if not need_grad:
             return out
-        g = self._energy_gradient(energy, diff, rr, pieces, create_graph) * mask.unsqueeze(-1)
+        g = self._energy_gradient(energy, diff, rr, gs, ts, atoms, nets, create_graph) * mask.unsqueeze(-1)
         nf, nloc, nnei, _ = g.shape
         if do_force:
             # d_ij = r_j - r_i: dE/dr_i gets -sum_j g_ij, dE/dr_j gets +g_ij.

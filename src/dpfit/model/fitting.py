@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 from torch import nn
 
@@ -47,8 +49,8 @@ class EnergyFitting(nn.Module):
         self,
         descriptor: torch.Tensor,
         atype: torch.Tensor,
-        fparam: torch.Tensor | None = None,
-        aparam: torch.Tensor | None = None,
+        fparam: Optional[torch.Tensor] = None,
+        aparam: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
         """Atomic energies (nf, nloc) eV from descriptor (nf, nloc, dim), fparam (nf, nq), aparam (nf, nloc, np)."""
         nf, nloc, _ = descriptor.shape
@@ -62,7 +64,7 @@ class EnergyFitting(nn.Module):
             if aparam is None:
                 raise ValueError(f"this model needs aparam ({self.numb_aparam} values per atom)")
             parts.append((aparam.reshape(nf, nloc, self.numb_aparam) - self.aparam_avg) * self.aparam_inv_std)
-        x = torch.cat(parts, dim=-1) if len(parts) > 1 else descriptor
+        x = torch.cat(parts, dim=-1)
         flat_x = x.reshape(nf * nloc, -1)
         flat_type = atype.reshape(-1)
         out = x.new_zeros(nf * nloc)

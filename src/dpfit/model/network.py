@@ -3,91 +3,10 @@
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import torch
 from torch import nn
-
-
-class ResidualMLP(nn.Module):
-    """A stack of ``y = tanh(x W + b)`` layers (DeePMD ``EmbeddingNet`` / ``FittingNet`` layout).
-
-    Residual rule per layer: ``y = y * idt`` (only with ``resnet_dt``) then ``y += x`` when the width is
-    unchanged, ``y += [x, x]`` when it doubles, nothing otherwise. With ``out_dim`` set, a final linear
-    layer (no activation, no residual) maps to ``out_dim``. ``matrix`` is stored (in, out) as in DeePMD.
-    """
-
-    def __init__(
-        self,
-        in_dim: int,
-        neuron: list[int],
-        resnet_dt: bool = False,
-        out_dim: int | None = None,
-        dtype: torch.dtype = torch.float64,
-        generator: torch.Generator | None = None,
-    ) -> None:
-        super().__init__()
-        self.neuron = list(neuron)
-        self.resnet_dt = resnet_dt
-        self.matrices = nn.ParameterList()
-        self.biases = nn.ParameterList()
-        self.idts = nn.ParameterList()
-        self.residual: list[int] = []  # 0: none, 1: same width, 2: doubled width
-        self.idt_index: list[int] = []  # index into idts or -1
-        widths = [in_dim, *self.neuron]
-        for n_in, n_out in zip(widths[:-1], widths[1:]):
-            self._add_linear(n_in, n_out, dtype, generator)
-            kind = 1 if n_out == n_in else 2 if n_out == 2 * n_in else 0
-            self.residual.append(kind)
-            if resnet_dt and kind:
-                idt = 0.1 + 0.001 * torch.randn(n_out, dtype=dtype, generator=generator)
-                self.idts.append(nn.Parameter(idt))
-                self.idt_index.append(len(self.idts) - 1)
-            else:
-                self.idt_index.append(-1)
-        self.out_dim = out_dim
-        if out_dim is not None:
-            self._add_linear(widths[-1], out_dim, dtype, generator)
-            with torch.no_grad():  # start from the energy bias alone
-                self.biases[-1].zero_()
-
-    def _add_linear(self, n_in: int, n_out: int, dtype: torch.dtype, generator) -> None:
-        std = 1.0 / math.sqrt(n_in + n_out)
-        self.matrices.append(nn.Parameter(torch.randn(n_in, n_out, dtype=dtype, generator=generator) * std))
-        self.biases.append(nn.Parameter(torch.randn(n_out, dtype=dtype, generator=generator)))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for k, kind in enumerate(self.residual):
-            y = torch.tanh(torch.addmm(self.biases[k], x.reshape(-1, x.shape[-1]), self.matrices[k]))
-            y = y.reshape(*x.shape[:-1], y.shape[-1])
-            if self.idt_index[k] >= 0:
-                y = y * self.idts[self.idt_index[k]]
-            x = _residual(y, x, kind)
-        if self.out_dim is not None:
-            k = len(self.residual)
-            x = x @ self.matrices[k] + self.biases[k]
-        return x
-
-    def value_and_tangent(self, s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Output and its derivative with respect to a scalar input, ``s``: (rows, 1) -> (rows, n_L) twice.
-
-        Forward-mode through the tanh layers (``dy = (1 - tanh^2) * (dx W)``), so forces need no
-        backward pass through the embedding net and training needs no double backward.
-        """
-        if self.matrices[0].shape[0] != 1 or self.out_dim is not None:
-            raise ValueError("value_and_tangent needs a 1-input net without an output layer")
-        x, tx = s, None
-        for k, kind in enumerate(self.residual):
-            y = torch.tanh(torch.addmm(self.biases[k], x, self.matrices[k]))
-            dy = torch.addcmul(torch.ones_like(y), y, y, value=-1.0)  # 1 - tanh^2
-            ty = dy * self.matrices[k][0] if tx is None else dy * (tx @ self.matrices[k])
-            if self.idt_index[k] >= 0:
-                idt = self.idts[self.idt_index[k]]
-                y = y * idt
-                ty = ty * idt
-            if kind:
-                ty = _residual(ty, tx, kind) if tx is not None else ty + 1.0
-            x, tx = _residual(y, x, kind), ty
-        return x, tx
 
 
 def _residual(y: torch.Tensor, x: torch.Tensor, kind: int) -> torch.Tensor:
@@ -96,5 +15,96 @@ def _residual(y: torch.Tensor, x: torch.Tensor, kind: int) -> torch.Tensor:
         return y + x
     if kind == 2:
         w = x.shape[-1]
-        return (y.reshape(*y.shape[:-1], 2, w) + x.unsqueeze(-2)).reshape(y.shape)
+        return (y.reshape(y.shape[0], 2, w) + x.unsqueeze(-2)).reshape(y.shape)
     return y
+
+
+class DenseLayer(nn.Module):
+    """``y = act(x @ matrix + bias)``; with ``idt``: ``y *= idt``; residual ``kind`` 0 none, 1 same, 2 doubled.
+
+    ``matrix`` is (in, out) as in DeePMD checkpoints. ``activate`` False gives a plain linear layer.
+    """
+
+    def __init__(self, n_in: int, n_out: int, use_idt: bool, residual: bool, activate: bool = True,
+                 dtype: torch.dtype = torch.float64, generator: Optional[torch.Generator] = None) -> None:
+        super().__init__()
+        std = 1.0 / math.sqrt(n_in + n_out)
+        self.matrix = nn.Parameter(torch.randn(n_in, n_out, dtype=dtype, generator=generator) * std)
+        self.bias = nn.Parameter(torch.randn(n_out, dtype=dtype, generator=generator))
+        kind = 1 if n_out == n_in else 2 if n_out == 2 * n_in else 0
+        self.kind = kind if residual else 0
+        if use_idt and self.kind:
+            self.idt = nn.Parameter(0.1 + 0.001 * torch.randn(n_out, dtype=dtype, generator=generator))
+        else:
+            self.register_parameter("idt", None)
+        self.activate = activate
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.addmm(self.bias, x, self.matrix)
+        if not self.activate:
+            return y
+        y = torch.tanh(y)
+        idt = self.idt
+        if idt is not None:
+            y = y * idt
+        return _residual(y, x, self.kind)
+
+    def value_and_tangent(self, x: torch.Tensor, tx: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Output and its derivative along the input's tangent ``tx`` (None: the input is a scalar s, dx/ds = 1)."""
+        y = torch.tanh(torch.addmm(self.bias, x, self.matrix))
+        dy = torch.addcmul(torch.ones_like(y), y, y, value=-1.0)  # 1 - tanh^2
+        if tx is None:
+            ty = dy * self.matrix[0]
+        else:
+            ty = dy * torch.mm(tx, self.matrix)
+        idt = self.idt
+        if idt is not None:
+            y = y * idt
+            ty = ty * idt
+        if self.kind != 0:
+            if tx is None:
+                ty = ty + 1.0
+            else:
+                ty = _residual(ty, tx, self.kind)
+        return _residual(y, x, self.kind), ty
+
+
+class ResidualMLP(nn.Module):
+    """A stack of DeePMD layers (``EmbeddingNet`` / ``FittingNet`` layout) on (rows, in_dim) inputs.
+
+    Hidden widths ``neuron``; residual when a width is unchanged or doubles; ``resnet_dt`` adds the
+    timestep ``idt`` on residual layers. With ``out_dim`` a final linear layer (no activation, no
+    residual, zero bias so a new model starts from its energy bias) maps to ``out_dim``.
+    """
+
+    def __init__(self, in_dim: int, neuron: list[int], resnet_dt: bool = False, out_dim: Optional[int] = None,
+                 dtype: torch.dtype = torch.float64, generator: Optional[torch.Generator] = None) -> None:
+        super().__init__()
+        self.neuron = list(neuron)
+        widths = [in_dim, *self.neuron]
+        layers = [DenseLayer(a, b, resnet_dt, True, True, dtype, generator) for a, b in zip(widths[:-1], widths[1:])]
+        if out_dim is not None:
+            last = DenseLayer(widths[-1], out_dim, False, False, False, dtype, generator)
+            with torch.no_grad():
+                last.bias.zero_()
+            layers.append(last)
+        self.layers = nn.ModuleList(layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for layer in self.layers:
+            x = layer(x)
+        return x
+
+    def value_and_tangent(self, s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Output and its derivative with respect to a scalar input ``s`` (rows, 1): (rows, n_L) twice.
+
+        Forward-mode through the tanh layers, so forces need no backward pass through the embedding
+        net and training needs no double backward.
+        """
+        x = s
+        tx: Optional[torch.Tensor] = None
+        for layer in self.layers:
+            x, t = layer.value_and_tangent(x, tx)
+            tx = t
+        assert tx is not None
+        return x, tx

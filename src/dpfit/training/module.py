@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 import logging
+import warnings
 from typing import Any
 
 import lightning as L
 import torch
+from torchmetrics import MeanMetric
 
 from dpfit.data.batch import model_inputs
 from dpfit.io.checkpoint import MODEL_CONFIG_KEY
 from dpfit.model import EnergyModel
 from dpfit.training.loss import EnergyLoss
-from dpfit.training.metrics import compute_updated, error_metrics, update_error_metrics
+from dpfit.training.metrics import error_metrics, update_error_metrics
 from dpfit.training.schedule import ExponentialDecay, worker_scale
 from dpfit.training.statistics import compute_statistics
 
@@ -48,9 +50,9 @@ class DeepPotentialModule(L.LightningModule):
         self.weight_decay = weight_decay
         self.register_buffer("stats_ready", torch.zeros((), dtype=torch.bool))
         self.metrics = torch.nn.ModuleDict({f"{s}_": error_metrics() for s in ("val", "test")})
+        # frame-weighted mean of the loss over the evaluation set, summed over DDP ranks
+        self.eval_loss = torch.nn.ModuleDict({f"{s}_": MeanMetric() for s in ("val", "test")})
         self.last_train: dict[str, float] = {}
-        self._val_loss_sum = 0.0
-        self._val_loss_count = 0
 
     # ------------------------------------------------------------ statistics
     def on_fit_start(self) -> None:
@@ -100,31 +102,53 @@ class DeepPotentialModule(L.LightningModule):
             self.log("train/neighbors_dropped", float(batch["n_dropped"]), batch_size=nf, reduce_fx="sum")
         return loss
 
-    def _eval_step(self, batch: dict, stage: str) -> None:
+    def _eval_step(self, batch: dict, stage: str) -> dict[str, torch.Tensor]:
         with torch.enable_grad():
             pred = self(batch, do_force=True, do_virial=bool(batch.get("find_virial")))
-        loss, logs = self.loss(pred, batch, self._lr_ratio(), strict=False)
+        pred = {k: v.detach() for k, v in pred.items()}
+        loss, _ = self.loss(pred, batch, self._lr_ratio(), strict=False)
         nf = batch["coord"].shape[0]
-        self.log(f"{stage}/loss", loss.detach(), batch_size=nf, sync_dist=True)
+        self.eval_loss[f"{stage}_"].update(loss.detach(), nf)
         update_error_metrics(self.metrics[f"{stage}_"], pred, batch)
+        return pred  # predictions for callbacks (on_validation_batch_end), e.g. parity plots
 
-    def validation_step(self, batch: dict, batch_idx: int) -> None:
-        self._eval_step(batch, "val")
+    def validation_step(self, batch: dict, batch_idx: int) -> dict[str, torch.Tensor]:
+        return self._eval_step(batch, "val")
 
-    def test_step(self, batch: dict, batch_idx: int) -> None:
-        self._eval_step(batch, "test")
+    def test_step(self, batch: dict, batch_idx: int) -> dict[str, torch.Tensor]:
+        return self._eval_step(batch, "test")
 
     def _log_metrics(self, stage: str) -> None:
-        values = compute_updated(self.metrics[f"{stage}_"])
-        for k, v in values.items():
-            self.log(f"{stage}/{k}", v)
-        self.metrics[f"{stage}_"].reset()
+        """Log the stage's errors over every evaluated frame of every rank (torchmetrics sums across ranks).
+
+        A metric is computed when any rank fed it: computing syncs the ranks, so all must agree on which.
+        """
+        metrics = {**self.metrics[f"{stage}_"], "loss": self.eval_loss[f"{stage}_"]}
+        counts = torch.tensor([float(m.update_count) for m in metrics.values()], dtype=torch.float64)
+        if self._trainer is not None and self.trainer.world_size > 1:
+            counts = self.trainer.strategy.reduce(counts.to(self.device), reduce_op="sum").cpu()
+        for (k, m), n in zip(metrics.items(), counts.tolist()):
+            if n > 0:
+                with warnings.catch_warnings():  # a rank that saw none of this quantity: its share is empty
+                    warnings.filterwarnings("ignore", message=".*compute.*before.*update.*")
+                    value = m.compute()
+                # identical on every rank after the metric's own sync: a max over ranks returns it unchanged
+                # (and keeps Lightning from asking for sync_dist)
+                self.log(f"{stage}/{k}", value, sync_dist=True, reduce_fx="max")
+            m.reset()
 
     def on_validation_epoch_end(self) -> None:
         self._log_metrics("val")
 
     def on_test_epoch_end(self) -> None:
         self._log_metrics("test")
+
+    # ------------------------------------------------------------ checkpoints
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Keep the W&B run id, so ``ckpt_path=...`` continues the same W&B run (see ``cli/train.py``)."""
+        run_id = wandb_run_id(self._trainer)
+        if run_id:
+            checkpoint[WANDB_RUN_ID_KEY] = run_id
 
     # ------------------------------------------------------------ optimisation
     def configure_optimizers(self) -> dict[str, Any]:
@@ -133,6 +157,21 @@ class DeepPotentialModule(L.LightningModule):
         opt = torch.optim.Adam(self.parameters(), lr=lr0, weight_decay=self.weight_decay)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, self.schedule)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step", "frequency": 1}}
+
+
+WANDB_RUN_ID_KEY = "wandb_run_id"
+
+
+def wandb_run_id(trainer) -> str | None:
+    """The id of the W&B run of the trainer's WandbLogger (global rank 0), else None."""
+    if trainer is None or not trainer.is_global_zero:
+        return None
+    from lightning.pytorch.loggers import WandbLogger
+
+    for logger in trainer.loggers:
+        if isinstance(logger, WandbLogger):
+            return logger.version
+    return None
 
 
 def _plain(cfg: Any) -> Any:
