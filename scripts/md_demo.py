@@ -33,7 +33,7 @@ def cuni_cell(size: int = 2, ni_fraction: float = 0.5, a: float = 3.6, seed: int
     atoms = bulk("Cu", "fcc", a=a, cubic=True).repeat((size, size, size))
     rng = np.random.default_rng(seed)
     symbols = np.array(["Cu"] * len(atoms))
-    symbols[rng.choice(len(atoms), int(round(ni_fraction * len(atoms))), replace=False)] = "Ni"
+    symbols[rng.choice(len(atoms), round(ni_fraction * len(atoms)), replace=False)] = "Ni"
     atoms.set_chemical_symbols(symbols.tolist())
     return atoms
 

@@ -17,6 +17,7 @@ import math
 import os
 import warnings
 from contextlib import contextmanager
+from typing import ClassVar
 
 import numpy as np
 import torch
@@ -44,7 +45,7 @@ class SkinNeighborList:
         self.n_dropped = 0
         # candidate capacity per type: sel scaled by the volume of the larger sphere, with a margin
         scale = ((self.rcut + self.skin) / self.rcut) ** 3 if self.rcut > 0 else 1.0
-        self._capacity = [max(int(math.ceil(1.25 * s * scale)), 1) for s in self.sel]
+        self._capacity = [max(math.ceil(1.25 * s * scale), 1) for s in self.sel]
         self._ref_positions: np.ndarray | None = None
         self._ref_atype: np.ndarray | None = None
         self._ref_cell: np.ndarray | None = None
@@ -67,7 +68,7 @@ class SkinNeighborList:
             if cand.n_dropped == 0:
                 break
             # more candidates than slots: enlarge to the largest count seen (plus a margin) and search again
-            self._capacity = [max(c, int(math.ceil(1.25 * m)) + 1) for c, m in zip(self._capacity, cand.max_per_type)]
+            self._capacity = [max(c, math.ceil(1.25 * m) + 1) for c, m in zip(self._capacity, cand.max_per_type)]
         self.nbuild += 1
         self._ref_positions = positions.copy()
         self._ref_atype = atype.copy()
@@ -145,7 +146,7 @@ class DPCalculator(Calculator):
     Atom types come from the chemical symbols through the model's ``type_map``.
     """
 
-    implemented_properties = ["energy", "free_energy", "forces", "stress", "energies"]
+    implemented_properties: ClassVar[list[str]] = ["energy", "free_energy", "forces", "stress", "energies"]
 
     def __init__(
         self,

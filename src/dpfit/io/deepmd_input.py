@@ -72,6 +72,11 @@ def _is_comment(key: str) -> bool:
     return key.startswith("_comment")
 
 
+def _setter(values: dict, key: str, cast=lambda x: x):
+    """A handler storing ``cast(value)`` under ``key``."""
+    return lambda v: values.__setitem__(key, cast(v))
+
+
 def _accepted(path: str, value: Any) -> bool:
     allowed = ACCEPTED_VALUES.get(path, ())
     return any(value == a and isinstance(value, bool) == isinstance(a, bool) for a in allowed)
@@ -168,7 +173,7 @@ class _Converter:
                 self.put("data.sel", [int(s) for s in v])
 
         def keep(key, cast=lambda x: x):
-            return lambda v: values.__setitem__(key, cast(v))
+            return _setter(values, key, cast)
 
         handlers = {
             "sel": sel,
@@ -192,7 +197,7 @@ class _Converter:
         values = {**FITTING_DEFAULTS}
 
         def keep(key, cast=lambda x: x):
-            return lambda v: values.__setitem__(key, cast(v))
+            return _setter(values, key, cast)
 
         def precision(v):
             p = self._precision("model.fitting_net.precision", v, None)
@@ -216,7 +221,7 @@ class _Converter:
         self.put("scale_by_worker", "linear")  # DeePMD-kit's default
 
         def keep(key, cast):
-            return lambda v: values.__setitem__(key, cast(v))
+            return _setter(values, key, cast)
 
         def scale(v):
             if v in ("linear", "sqrt", "none"):
@@ -239,8 +244,7 @@ class _Converter:
 
     def loss(self, loss: dict) -> None:
         values = {**LOSS_DEFAULTS}
-        handlers = {k: (lambda key: lambda v: values.__setitem__(key, float(v)))(k) for k in LOSS_DEFAULTS
-                    if k != "relative_f"}
+        handlers = {k: _setter(values, k, float) for k in LOSS_DEFAULTS if k != "relative_f"}
         handlers["relative_f"] = lambda v: values.__setitem__("relative_f", None if v is None else float(v))
         self.walk(loss, "loss", handlers)
         for key, value in values.items():

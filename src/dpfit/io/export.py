@@ -1,0 +1,139 @@
+"""TorchScript export: a self-contained model (neighbor list included) loadable without dpfit."""
+
+import math
+from pathlib import Path
+from typing import Dict, List, Optional, Tuple, Union
+
+import torch
+from torch import nn
+
+from dpfit.model import EnergyModel
+
+
+def torch_neighbor_list(
+    coord: torch.Tensor, atype: torch.Tensor, box: Optional[torch.Tensor], rcut: float, sel: List[int]
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Brute-force DeePMD neighbor list of one frame in torch (all pairs over the needed images).
+
+    coord (nloc, 3) Å, atype (nloc,), box (3, 3) rows or None. Returns the coordinates used (wrapped
+    into the cell when periodic), nlist (nloc, nnei) -1 padded, per-type sections nearest first, and
+    shift (nloc, nnei, 3) integer image vectors. Memory grows as nloc^2 x images: for large systems
+    build the list outside (vesin) and call ``forward_lower``.
+    """
+    nloc = coord.shape[0]
+    if box is not None:
+        inv = torch.linalg.inv(box)
+        frac = coord @ inv
+        coord = coord - torch.floor(frac) @ box
+        vol = torch.abs(torch.linalg.det(box))
+        counts: List[int] = []
+        for a in range(3):
+            cross = torch.linalg.cross(box[(a + 1) % 3], box[(a + 2) % 3])
+            height = vol / torch.linalg.vector_norm(cross)
+            counts.append(int(math.ceil(rcut / float(height))))
+        rng = [torch.arange(-n, n + 1, device=coord.device, dtype=coord.dtype) for n in counts]
+        images = torch.stack(torch.meshgrid(rng[0], rng[1], rng[2], indexing="ij"), -1).reshape(-1, 3)
+    else:
+        images = torch.zeros(1, 3, dtype=coord.dtype, device=coord.device)
+    nimg = images.shape[0]
+    offsets = images @ box if box is not None else images
+    ext = (coord.unsqueeze(0) + offsets.unsqueeze(1)).reshape(-1, 3)  # (nimg * nloc, 3)
+    dist = torch.cdist(coord, ext)
+    cand_j = torch.arange(nimg * nloc, device=coord.device) % nloc
+    cand_img = torch.arange(nimg * nloc, device=coord.device) // nloc
+    zero_img = torch.nonzero((images == 0).all(-1)).reshape(-1)[0]
+    self_pair = (cand_j.unsqueeze(0) == torch.arange(nloc, device=coord.device).unsqueeze(1)) & (
+        cand_img.unsqueeze(0) == zero_img
+    )
+    inf = torch.full_like(dist, float("inf"))
+    dist = torch.where(self_pair | (dist >= rcut), inf, dist)
+    ext_type = atype[cand_j]
+    nlists: List[torch.Tensor] = []
+    shifts: List[torch.Tensor] = []
+    for t, s in enumerate(sel):
+        d_t = torch.where(ext_type.unsqueeze(0) == t, dist, inf)
+        k = min(s, d_t.shape[1])
+        vals, idx = torch.topk(d_t, k, dim=1, largest=False, sorted=True)
+        valid = torch.isfinite(vals)
+        nl = torch.where(valid, cand_j[idx], torch.full_like(idx, -1))
+        sh = torch.where(valid.unsqueeze(-1), images[cand_img[idx]], torch.zeros_like(images[cand_img[idx]]))
+        if k < s:
+            nl = torch.cat([nl, torch.full((nloc, s - k), -1, dtype=nl.dtype, device=nl.device)], 1)
+            sh = torch.cat([sh, torch.zeros(nloc, s - k, 3, dtype=sh.dtype, device=sh.device)], 1)
+        nlists.append(nl)
+        shifts.append(sh)
+    return coord, torch.cat(nlists, 1), torch.cat(shifts, 1)
+
+
+class FrozenModel(nn.Module):
+    """What ``freeze.py`` saves: energy, forces, virial, atomic energies from coordinates, types, cell.
+
+    ``forward(coord (nloc, 3), atype (nloc,), box (3, 3) or None, fparam (nq,), aparam (nloc, np))``
+    returns energy (), force (nloc, 3), virial (9,), atom_energy (nloc,), atom_virial (nloc, 9).
+    """
+
+    type_map: List[str]
+    sel: List[int]
+
+    def __init__(self, model: EnergyModel) -> None:
+        super().__init__()
+        self.model = model.eval()
+        self.type_map = list(model.type_map)
+        self.rcut = float(model.descriptor.rcut)
+        self.sel = list(model.descriptor.sel)
+
+    @torch.jit.export
+    def get_type_map(self) -> List[str]:
+        return self.type_map
+
+    @torch.jit.export
+    def get_rcut(self) -> float:
+        return self.rcut
+
+    @torch.jit.export
+    def forward_lower(
+        self,
+        coord: torch.Tensor,
+        atype: torch.Tensor,
+        nlist: torch.Tensor,
+        box: Optional[torch.Tensor] = None,
+        shift: Optional[torch.Tensor] = None,
+        fparam: Optional[torch.Tensor] = None,
+        aparam: Optional[torch.Tensor] = None,
+    ) -> Dict[str, torch.Tensor]:
+        """Batched evaluation with an external DeePMD neighbor list (see EnergyModel.forward)."""
+        return self.model(coord, atype, nlist, box, shift, fparam, aparam, True, True, True, False)
+
+    def forward(
+        self,
+        coord: torch.Tensor,
+        atype: torch.Tensor,
+        box: Optional[torch.Tensor] = None,
+        fparam: Optional[torch.Tensor] = None,
+        aparam: Optional[torch.Tensor] = None,
+    ) -> Dict[str, torch.Tensor]:
+        dtype = self.model.descriptor.davg.dtype
+        coord = coord.to(dtype)
+        if box is not None:
+            box = box.to(dtype).reshape(3, 3)
+        wrapped, nlist, shift = torch_neighbor_list(coord, atype, box, self.rcut, self.sel)
+        out = self.model(
+            wrapped.unsqueeze(0), atype.unsqueeze(0), nlist.unsqueeze(0),
+            box.unsqueeze(0) if box is not None else None,
+            shift.unsqueeze(0) if box is not None else None,
+            fparam.reshape(1, -1) if fparam is not None else None,
+            aparam.reshape(1, coord.shape[0], -1) if aparam is not None else None,
+            True, True, True, False,
+        )
+        return {k: v[0] for k, v in out.items()}
+
+
+def freeze(model: EnergyModel, output: Union[str, Path], overwrite: bool = False) -> Path:
+    """Script and save ``model``; refuses to replace an existing file unless ``overwrite``."""
+    output = Path(output)
+    if output.exists() and not overwrite:
+        raise FileExistsError(f"{output}: exists; choose another output or pass overwrite=true")
+    scripted = torch.jit.script(FrozenModel(model))
+    output.parent.mkdir(parents=True, exist_ok=True)
+    torch.jit.save(scripted, str(output))
+    return output
