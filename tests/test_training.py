@@ -18,7 +18,9 @@ from dpfit.training.schedule import ExponentialDecay
 # ----------------------------------------------------------------------------- losses
 def _batch(nf=3, n=4, seed=0):
     g = torch.Generator().manual_seed(seed)
-    r = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64)  # noqa: E731
+    def r(*shape):
+        return torch.randn(*shape, generator=g, dtype=torch.float64)
+
     pred = {"energy": r(nf), "force": r(nf, n, 3), "virial": r(nf, 9), "atom_energy": r(nf, n)}
     batch = {"energy": r(nf), "force": r(nf, n, 3), "virial": r(nf, 9), "atom_ener": r(nf, n),
              "atom_pref": r(nf, n).abs(), "natoms": n}

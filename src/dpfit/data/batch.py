@@ -6,7 +6,7 @@ import numpy as np
 import torch
 
 from dpfit.data.neighbor import build_neighbor_list
-from dpfit.data.system import INPUTS, LABELS, FrameSource  # noqa: F401
+from dpfit.data.system import INPUTS, LABELS, FrameSource
 
 #: Keys of a batch given to the model (besides labels): coord, atype, box, nlist, shift, fparam, aparam.
 

@@ -141,7 +141,7 @@ class DeepmdSystem(FrameSource):
                 continue
             try:
                 arr = np.load(file, mmap_mode="r")
-            except Exception as exc:  # noqa: BLE001
+            except Exception as exc:
                 raise DataError(f"{file}: cannot be read as .npy ({exc})") from exc
             if arr.ndim == 1:
                 arr = arr.reshape(-1, 1)
@@ -257,7 +257,7 @@ def read_ase_file(path: str | Path, type_map: list[str] | None = None) -> list[A
     path = Path(path)
     try:
         frames = ase.io.read(path, index=":")
-    except Exception as exc:  # noqa: BLE001
+    except Exception as exc:
         raise DataError(f"{path}: cannot be read by ASE ({exc})") from exc
     if not frames:
         raise DataError(f"{path}: no frames")

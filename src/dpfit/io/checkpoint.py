@@ -31,7 +31,7 @@ def load_model(path: str | Path, precision: str | None = None) -> EnergyModel:
         raise FileNotFoundError(f"{path}: checkpoint not found")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as exc:  # noqa: BLE001
+    except Exception as exc:
         raise ValueError(f"{path}: cannot be read as a torch checkpoint ({exc})") from exc
     if is_deepmd_checkpoint(ckpt):
         model = model_from_deepmd_state(ckpt["model"], precision=precision, source=str(path))

@@ -57,7 +57,7 @@ def load_deepmd_checkpoint(path: str | Path, precision: str | None = None) -> En
     path = Path(path)
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as exc:  # noqa: BLE001
+    except Exception as exc:
         raise ValueError(f"{path}: cannot be read as a torch checkpoint ({exc})") from exc
     if not is_deepmd_checkpoint(ckpt):
         raise ValueError(f"{path}: not a DeePMD-kit checkpoint (no model._extra_state)")

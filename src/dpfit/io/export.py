@@ -2,7 +2,6 @@
 
 import math
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple, Union
 
 import torch
 from torch import nn
@@ -11,8 +10,8 @@ from dpfit.model import EnergyModel
 
 
 def torch_neighbor_list(
-    coord: torch.Tensor, atype: torch.Tensor, box: Optional[torch.Tensor], rcut: float, sel: List[int]
-) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    coord: torch.Tensor, atype: torch.Tensor, box: torch.Tensor | None, rcut: float, sel: list[int]
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Brute-force DeePMD neighbor list of one frame in torch (all pairs over the needed images).
 
     coord (nloc, 3) Å, atype (nloc,), box (3, 3) rows or None. Returns the coordinates used (wrapped
@@ -26,7 +25,7 @@ def torch_neighbor_list(
         frac = coord @ inv
         coord = coord - torch.floor(frac) @ box
         vol = torch.abs(torch.linalg.det(box))
-        counts: List[int] = []
+        counts: list[int] = []
         for a in range(3):
             cross = torch.linalg.cross(box[(a + 1) % 3], box[(a + 2) % 3])
             height = vol / torch.linalg.vector_norm(cross)
@@ -48,8 +47,8 @@ def torch_neighbor_list(
     inf = torch.full_like(dist, float("inf"))
     dist = torch.where(self_pair | (dist >= rcut), inf, dist)
     ext_type = atype[cand_j]
-    nlists: List[torch.Tensor] = []
-    shifts: List[torch.Tensor] = []
+    nlists: list[torch.Tensor] = []
+    shifts: list[torch.Tensor] = []
     for t, s in enumerate(sel):
         d_t = torch.where(ext_type.unsqueeze(0) == t, dist, inf)
         k = min(s, d_t.shape[1])
@@ -72,8 +71,8 @@ class FrozenModel(nn.Module):
     returns energy (), force (nloc, 3), virial (9,), atom_energy (nloc,), atom_virial (nloc, 9).
     """
 
-    type_map: List[str]
-    sel: List[int]
+    type_map: list[str]
+    sel: list[int]
 
     def __init__(self, model: EnergyModel) -> None:
         super().__init__()
@@ -83,7 +82,7 @@ class FrozenModel(nn.Module):
         self.sel = list(model.descriptor.sel)
 
     @torch.jit.export
-    def get_type_map(self) -> List[str]:
+    def get_type_map(self) -> list[str]:
         return self.type_map
 
     @torch.jit.export
@@ -96,11 +95,11 @@ class FrozenModel(nn.Module):
         coord: torch.Tensor,
         atype: torch.Tensor,
         nlist: torch.Tensor,
-        box: Optional[torch.Tensor] = None,
-        shift: Optional[torch.Tensor] = None,
-        fparam: Optional[torch.Tensor] = None,
-        aparam: Optional[torch.Tensor] = None,
-    ) -> Dict[str, torch.Tensor]:
+        box: torch.Tensor | None = None,
+        shift: torch.Tensor | None = None,
+        fparam: torch.Tensor | None = None,
+        aparam: torch.Tensor | None = None,
+    ) -> dict[str, torch.Tensor]:
         """Batched evaluation with an external DeePMD neighbor list (see EnergyModel.forward)."""
         return self.model(coord, atype, nlist, box, shift, fparam, aparam, True, True, True, False)
 
@@ -108,10 +107,10 @@ class FrozenModel(nn.Module):
         self,
         coord: torch.Tensor,
         atype: torch.Tensor,
-        box: Optional[torch.Tensor] = None,
-        fparam: Optional[torch.Tensor] = None,
-        aparam: Optional[torch.Tensor] = None,
-    ) -> Dict[str, torch.Tensor]:
+        box: torch.Tensor | None = None,
+        fparam: torch.Tensor | None = None,
+        aparam: torch.Tensor | None = None,
+    ) -> dict[str, torch.Tensor]:
         dtype = self.model.descriptor.davg.dtype
         coord = coord.to(dtype)
         if box is not None:
@@ -128,7 +127,7 @@ class FrozenModel(nn.Module):
         return {k: v[0] for k, v in out.items()}
 
 
-def freeze(model: EnergyModel, output: Union[str, Path], overwrite: bool = False) -> Path:
+def freeze(model: EnergyModel, output: str | Path, overwrite: bool = False) -> Path:
     """Script and save ``model``; refuses to replace an existing file unless ``overwrite``."""
     output = Path(output)
     if output.exists() and not overwrite:

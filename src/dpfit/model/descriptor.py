@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 from torch import nn
 
@@ -52,7 +50,7 @@ class SeE2A(nn.Module):
         type_one_side: bool = True,
         exclude_types: list[list[int]] = (),
         set_davg_zero: bool = False,
-        seed: Optional[int] = None,
+        seed: int | None = None,
         dtype: torch.dtype = torch.float64,
     ) -> None:
         super().__init__()

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any
 
 import torch
 from torch import nn
@@ -14,7 +14,7 @@ DTYPES = {"float64": torch.float64, "float32": torch.float32}
 
 
 def pair_vectors(
-    coord: torch.Tensor, box: Optional[torch.Tensor], nlist: torch.Tensor, shift: Optional[torch.Tensor], far: float
+    coord: torch.Tensor, box: torch.Tensor | None, nlist: torch.Tensor, shift: torch.Tensor | None, far: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Neighbor-minus-center vectors (nf, nloc, nnei, 3) Å and the slot mask (False on -1 padding).
 
@@ -52,7 +52,7 @@ class EnergyModel(nn.Module):
 
     @classmethod
     @torch.jit.ignore
-    def from_config(cls, config: dict[str, Any]) -> "EnergyModel":
+    def from_config(cls, config: dict[str, Any]) -> EnergyModel:
         """Build from a plain dict: ``type_map``, ``descriptor`` and ``fitting_net`` (DeePMD key names), ``precision``."""
         cfg = {k: (dict(v) if isinstance(v, dict) else v) for k, v in dict(config).items()}
         dtype = DTYPES[cfg.get("precision", "float64")]
@@ -109,7 +109,7 @@ class EnergyModel(nn.Module):
         grad_rr = grads[0]
         if grad_rr is not None:
             upstream = upstream + grad_rr
-        grad_outputs: list[Optional[torch.Tensor]] = [upstream]
+        grad_outputs: list[torch.Tensor | None] = [upstream]
         g = torch.autograd.grad([rr], [diff], grad_outputs=grad_outputs, create_graph=create_graph)[0]
         assert g is not None
         return g
@@ -119,10 +119,10 @@ class EnergyModel(nn.Module):
         coord: torch.Tensor,
         atype: torch.Tensor,
         nlist: torch.Tensor,
-        box: Optional[torch.Tensor] = None,
-        shift: Optional[torch.Tensor] = None,
-        fparam: Optional[torch.Tensor] = None,
-        aparam: Optional[torch.Tensor] = None,
+        box: torch.Tensor | None = None,
+        shift: torch.Tensor | None = None,
+        fparam: torch.Tensor | None = None,
+        aparam: torch.Tensor | None = None,
         do_force: bool = True,
         do_virial: bool = False,
         do_atomic_virial: bool = False,

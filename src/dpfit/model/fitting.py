@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 from torch import nn
 
@@ -49,8 +47,8 @@ class EnergyFitting(nn.Module):
         self,
         descriptor: torch.Tensor,
         atype: torch.Tensor,
-        fparam: Optional[torch.Tensor] = None,
-        aparam: Optional[torch.Tensor] = None,
+        fparam: torch.Tensor | None = None,
+        aparam: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Atomic energies (nf, nloc) eV from descriptor (nf, nloc, dim), fparam (nf, nq), aparam (nf, nloc, np)."""
         nf, nloc, _ = descriptor.shape

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-from typing import Optional
 
 import torch
 from torch import nn
@@ -26,7 +25,7 @@ class DenseLayer(nn.Module):
     """
 
     def __init__(self, n_in: int, n_out: int, use_idt: bool, residual: bool, activate: bool = True,
-                 dtype: torch.dtype = torch.float64, generator: Optional[torch.Generator] = None) -> None:
+                 dtype: torch.dtype = torch.float64, generator: torch.Generator | None = None) -> None:
         super().__init__()
         std = 1.0 / math.sqrt(n_in + n_out)
         self.matrix = nn.Parameter(torch.randn(n_in, n_out, dtype=dtype, generator=generator) * std)
@@ -49,7 +48,7 @@ class DenseLayer(nn.Module):
             y = y * idt
         return _residual(y, x, self.kind)
 
-    def value_and_tangent(self, x: torch.Tensor, tx: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    def value_and_tangent(self, x: torch.Tensor, tx: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         """Output and its derivative along the input's tangent ``tx`` (None: the input is a scalar s, dx/ds = 1)."""
         y = torch.tanh(torch.addmm(self.bias, x, self.matrix))
         dy = torch.addcmul(torch.ones_like(y), y, y, value=-1.0)  # 1 - tanh^2
@@ -77,8 +76,8 @@ class ResidualMLP(nn.Module):
     residual, zero bias so a new model starts from its energy bias) maps to ``out_dim``.
     """
 
-    def __init__(self, in_dim: int, neuron: list[int], resnet_dt: bool = False, out_dim: Optional[int] = None,
-                 dtype: torch.dtype = torch.float64, generator: Optional[torch.Generator] = None) -> None:
+    def __init__(self, in_dim: int, neuron: list[int], resnet_dt: bool = False, out_dim: int | None = None,
+                 dtype: torch.dtype = torch.float64, generator: torch.Generator | None = None) -> None:
         super().__init__()
         self.neuron = list(neuron)
         widths = [in_dim, *self.neuron]
@@ -102,7 +101,7 @@ class ResidualMLP(nn.Module):
         net and training needs no double backward.
         """
         x = s
-        tx: Optional[torch.Tensor] = None
+        tx: torch.Tensor | None = None
         for layer in self.layers:
             x, t = layer.value_and_tangent(x, tx)
             tx = t
