@@ -124,6 +124,83 @@ def bench_inference(model: EnergyModel, batches: list[dict], device: torch.devic
     return result
 
 
+def bench_matmul(dtype: torch.dtype, device: torch.device, n: int = 1024, repeat: int = 10) -> dict:
+    """Dense matmul GFLOP/s of this machine: the FLOP limit the training step is compared with."""
+    a = torch.randn(n, n, dtype=dtype, device=device)
+    b = torch.randn(n, n, dtype=dtype, device=device)
+    a @ b
+    _sync(device)
+    start = time.perf_counter()
+    for _ in range(repeat):
+        a @ b
+    _sync(device)
+    seconds = (time.perf_counter() - start) / repeat
+    return {"gflops": 2 * n**3 / seconds / 1e9}
+
+
+def train_step_fn(model: EnergyModel, batch: dict):
+    """One DeePMD training step (energy + force loss, forces with create_graph, Adam)."""
+    from dpfit.training.loss import EnergyLoss
+
+    loss_fn = EnergyLoss()
+    for p in model.parameters():
+        p.requires_grad_(True)
+    model.train()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    inputs = model_inputs(batch)
+
+    def step() -> None:
+        out = model(**inputs, do_force=True, create_graph=True)
+        loss, _ = loss_fn(out, batch, 1.0)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    return step
+
+
+def count_flops(step) -> int:
+    """FLOPs of one call of ``step`` (torch.utils.flop_counter: matmuls and convolutions)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        step()
+    return int(counter.get_total_flops())
+
+
+def bench_train(model: EnergyModel, batches: list[dict], device: torch.device, warmup: int, repeat: int,
+                matmul_gflops: float) -> dict:
+    """Seconds per training step on the first batch, its FLOPs and the step time as a multiple of the
+    FLOP limit (FLOPs / matmul rate); peak memory (GPU: allocator; CPU: process max RSS)."""
+    import resource
+
+    step = train_step_fn(model, batches[0])
+    for _ in range(max(warmup, 1)):
+        step()
+    flops = count_flops(step)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    n = max(repeat, 5)
+    times = []
+    for _ in range(n):
+        _sync(device)
+        start = time.perf_counter()
+        step()
+        _sync(device)
+        times.append(time.perf_counter() - start)
+    times.sort()
+    seconds = times[len(times) // 2]
+    limit = flops / (matmul_gflops * 1e9)
+    result = {"frames": len(batches[0]["coord"]), "seconds": seconds, "frames_per_s": len(batches[0]["coord"]) / seconds,
+              "ms_per_frame": 1e3 * seconds / len(batches[0]["coord"]), "s_per_step": seconds, "min_s_per_step": times[0],
+              "gflop_per_step": flops / 1e9, "flop_limit_s": limit, "x_flop_limit": seconds / limit}
+    if device.type == "cuda":
+        result["max_memory_mib"] = torch.cuda.max_memory_allocated(device) / 2**20
+    else:
+        result["max_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return result
+
+
 def run(args: argparse.Namespace) -> dict:
     """All measurements -> ``results`` (plain dict, JSON-serialisable)."""
     device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -145,9 +222,15 @@ def run(args: argparse.Namespace) -> dict:
     nl_result, samples = bench_neighbor_list(frames, probe.rcut, probe.sel)
     results["neighbor_list"] = nl_result
     for precision in args.precisions:
+        dtype = getattr(torch, precision)
+        results[f"matmul_{precision}"] = bench_matmul(dtype, device)
         model = build_model(ckpt, precision, device)
         batches = make_batches(samples, args.batch_size, device)
         results[f"inference_{precision}"] = bench_inference(model, batches, device, args.warmup, args.repeat)
+        if not args.no_train:
+            model = build_model(ckpt, precision, device)
+            results[f"train_{precision}"] = bench_train(model, batches, device, args.warmup, args.repeat,
+                                                        results[f"matmul_{precision}"]["gflops"])
     return results
 
 
@@ -156,11 +239,19 @@ def print_table(results: dict) -> None:
     print(f"# data {setup['data']}  ckpt {setup['ckpt']}")
     print(f"# {setup['frames']} frames of {setup['natoms']} atoms, batch {setup['batch_size']}, device "
           f"{setup['gpu'] or setup['device']}, torch {setup['torch']}, {setup['threads']} threads")
-    print(f"{'measurement':<22}{'frames/s':>12}{'ms/frame':>12}{'seconds':>10}")
     for name, res in results.items():
-        if name == "setup":
+        if name.startswith("matmul_"):
+            print(f"# {name}: {res['gflops']:.1f} GFLOP/s")
+    print(f"{'measurement':<22}{'frames/s':>12}{'ms/frame':>12}{'seconds':>10}{'GFLOP/step':>12}{'x FLOP limit':>14}"
+          f"{'peak MiB':>10}")
+    for name, res in results.items():
+        if name == "setup" or name.startswith("matmul_"):
             continue
-        print(f"{name:<22}{res['frames_per_s']:>12.2f}{res['ms_per_frame']:>12.2f}{res['seconds']:>10.2f}")
+        extra = ""
+        if "gflop_per_step" in res:
+            mem = res.get("max_memory_mib", res.get("max_rss_mib", float("nan")))
+            extra = f"{res['gflop_per_step']:>12.2f}{res['x_flop_limit']:>14.1f}{mem:>10.0f}"
+        print(f"{name:<22}{res['frames_per_s']:>12.2f}{res['ms_per_frame']:>12.2f}{res['seconds']:>10.3f}{extra}")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -175,6 +266,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=2, help="untimed batches before timing (default 2)")
     parser.add_argument("--repeat", type=int, default=1, help="timed passes over the frames (averaged)")
     parser.add_argument("--json", default=None, help="also write the results to this JSON file")
+    parser.add_argument("--no-train", action="store_true", help="skip the training-step measurement")
     return parser.parse_args(argv)
 
 

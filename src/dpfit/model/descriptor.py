@@ -107,24 +107,31 @@ class SeE2A(nn.Module):
         return rr
 
     def descriptor_from_env(
-        self, rr: torch.Tensor, atype: torch.Tensor, tangent: bool = False
-    ) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor], list[torch.Tensor], list[int]]:
+        self, rr: torch.Tensor, atype: torch.Tensor, mask: torch.Tensor, tangent: bool = False
+    ) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor], list[torch.Tensor], list[torch.Tensor], list[int]]:
         """Descriptor (nf, nloc, M * axis_neuron) from R~, and the embedding pieces.
 
-        Pieces (one per net applied): outputs g (rows, M), tangents dg/ds (rows, M) when ``tangent``,
-        the flattened atom indices (empty: all atoms) and the net index. With ``tangent`` the input
+        Each embedding net runs only on occupied slots; a padded slot's input is the constant
+        ``-davg/dstd`` of its (center type, slot), so its output comes from a small per-type table.
+        Pieces (one per net applied): g (rows, M) over all slots of the net's atoms (the tensor G is
+        built from), tangents dg/ds (occupied rows, M) when ``tangent``, those occupied row indices,
+        the atom indices (empty: all atoms, flattened) and the net index. With ``tangent`` the input
         s = R~[..., 0] is detached (it holds no parameter): :class:`EnergyModel` then gets forces
         without a backward pass through the embedding nets.
         """
         nf, nloc, nnei, _ = rr.shape
         m = self.neuron[-1]
-        s_all = rr[..., :1].detach() if tangent else rr[..., :1]
+        s_all = rr[..., 0].detach() if tangent else rr[..., 0]
         flat_rr = rr.reshape(nf * nloc, nnei, 4)
-        flat_s = s_all.reshape(nf * nloc, nnei, 1)
+        flat_s = s_all.reshape(nf * nloc, nnei)
+        flat_mask = mask.reshape(nf * nloc, nnei)
         flat_type = atype.reshape(-1)
+        # embedding input of a padded slot: R = 0 normalised, per (center type, slot)
+        s_pad = -self.davg[:, :, 0] / self.dstd[:, :, 0]
         g_mat = rr.new_zeros(nf * nloc, m, 4)
         gs: list[torch.Tensor] = []
         ts: list[torch.Tensor] = []
+        occupied: list[torch.Tensor] = []
         atoms: list[torch.Tensor] = []
         nets: list[int] = []
         for k, net in enumerate(self.embeddings):
@@ -138,31 +145,43 @@ class SeE2A(nn.Module):
                 idx = torch.nonzero(flat_type == ti).squeeze(-1)
             # (TorchScript unrolls loops over modules: no `continue` here)
             if hi > lo and (ti < 0 or idx.numel() > 0):
+                width = hi - lo
                 if ti < 0:
                     rr_k = flat_rr[:, lo:hi]
                     s_k = flat_s[:, lo:hi]
+                    m_k = flat_mask[:, lo:hi]
+                    t_k = flat_type
                 else:
                     rr_k = flat_rr.index_select(0, idx)[:, lo:hi]
                     s_k = flat_s.index_select(0, idx)[:, lo:hi]
+                    m_k = flat_mask.index_select(0, idx)[:, lo:hi]
+                    t_k = flat_type.index_select(0, idx)
+                rows = torch.nonzero(m_k.reshape(-1)).squeeze(-1)
+                s_rows = s_k.reshape(-1).index_select(0, rows).unsqueeze(-1)
+                table = net(s_pad[:, lo:hi].reshape(-1, 1))  # (ntypes * width, M)
+                pad_index = (t_k.unsqueeze(-1) * width + torch.arange(width, device=rr.device)).reshape(-1)
+                g = table.index_select(0, pad_index)
                 if tangent:
-                    g, t = net.value_and_tangent(s_k.reshape(-1, 1))
-                    if not g.requires_grad:  # frozen weights: dE/dg is still needed for forces
-                        g = g.detach().requires_grad_(True)
+                    g_rows, t = net.value_and_tangent(s_rows)
                     ts.append(t)
                 else:
-                    g = net(s_k.reshape(-1, 1))
+                    g_rows = net(s_rows)
+                g = g.index_put((rows,), g_rows)
+                if tangent and not g.requires_grad:  # frozen weights: dE/dg is still needed for forces
+                    g = g.detach().requires_grad_(True)
                 gs.append(g)
+                occupied.append(rows)
                 atoms.append(idx)
                 nets.append(k)
-                contrib = torch.matmul(g.reshape(-1, hi - lo, m).transpose(-1, -2), rr_k)
+                contrib = torch.matmul(g.reshape(-1, width, m).transpose(-1, -2), rr_k)
                 if ti < 0:
                     g_mat = g_mat + contrib
                 else:
                     g_mat = g_mat.index_add(0, idx, contrib)
         g_mat = g_mat.reshape(nf, nloc, m, 4) / self.nnei
         d = torch.matmul(g_mat, g_mat[:, :, : self.axis_neuron].transpose(-1, -2))
-        return d.reshape(nf, nloc, m * self.axis_neuron), gs, ts, atoms, nets
+        return d.reshape(nf, nloc, m * self.axis_neuron), gs, ts, occupied, atoms, nets
 
     def forward(self, diff: torch.Tensor, mask: torch.Tensor, atype: torch.Tensor) -> torch.Tensor:
         """Descriptor (nf, nloc, M * axis_neuron) from pair vectors diff (nf, nloc, nnei, 3) Å."""
-        return self.descriptor_from_env(self.normalized_env(diff, mask, atype), atype, False)[0]
+        return self.descriptor_from_env(self.normalized_env(diff, mask, atype), atype, mask, False)[0]

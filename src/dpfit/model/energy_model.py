@@ -82,6 +82,7 @@ class EnergyModel(nn.Module):
         rr: torch.Tensor,
         gs: list[torch.Tensor],
         ts: list[torch.Tensor],
+        occupied: list[torch.Tensor],
         atoms: list[torch.Tensor],
         nets: list[int],
         create_graph: bool,
@@ -99,7 +100,9 @@ class EnergyModel(nn.Module):
                 tj = self.descriptor.net_tj[nets[p]]
                 lo = self.descriptor.sections[tj]
                 hi = self.descriptor.sections[tj + 1]
-                contrib = (grad_g * ts[p]).sum(-1).reshape(-1, hi - lo)
+                rows = occupied[p]
+                ds_rows = (grad_g.index_select(0, rows) * ts[p]).sum(-1)
+                contrib = grad_g.new_zeros(grad_g.shape[0]).index_put((rows,), ds_rows).reshape(-1, hi - lo)
                 contrib = torch.nn.functional.pad(contrib, [lo, nnei - hi])
                 if atoms[p].numel() == 0:
                     du_ds = du_ds + contrib
@@ -145,13 +148,13 @@ class EnergyModel(nn.Module):
             diff = diff.detach().requires_grad_(True)
         desc = self.descriptor
         rr = desc.normalized_env(diff, mask, atype)
-        descriptor, gs, ts, atoms, nets = desc.descriptor_from_env(rr, atype, need_grad)
+        descriptor, gs, ts, occupied, atoms, nets = desc.descriptor_from_env(rr, atype, mask, need_grad)
         atom_energy = self.fitting(descriptor, atype, fparam, aparam)
         energy = atom_energy.sum(dim=-1)
         out = {"energy": energy, "atom_energy": atom_energy}
         if not need_grad:
             return out
-        g = self._energy_gradient(energy, diff, rr, gs, ts, atoms, nets, create_graph) * mask.unsqueeze(-1)
+        g = self._energy_gradient(energy, diff, rr, gs, ts, occupied, atoms, nets, create_graph) * mask.unsqueeze(-1)
         nf, nloc, nnei, _ = g.shape
         if do_force:
             # d_ij = r_j - r_i: dE/dr_i gets -sum_j g_ij, dE/dr_j gets +g_ij.
