@@ -88,13 +88,17 @@ def _fast(**changes) -> list[str]:
 # ----------------------------------------------------------------------------- end to end
 @pytest.mark.slow
 def test_ddp_equals_gradient_accumulation_and_writes_one_run_folder(tmp_path):
-    common = _fast(**{"trainer.max_steps": 2, "trainer.val_check_interval": 2, "trainer.limit_val_batches": 1.0}) + [
+    common = _fast(**{"trainer.max_steps": 2, "trainer.limit_val_batches": 1.0}) + [
         "data.numb_btch=3",  # 9 validation batches: 5 on rank 0, 4 on rank 1
+        "callbacks=dashboard",  # per-element errors and plots from the frames of all ranks
         "+callbacks.probe._target_=test_ddp.GradientProbe",
     ]
-    _train(["trainer=ddp_cpu", "trainer.devices=2", *common, f"+callbacks.probe.folder={tmp_path / 'p_ddp'}"],
-           cwd=tmp_path / "ddp")  # the default run folder outputs/<date>/<time> under cwd
-    _train(["trainer=cpu", "trainer.accumulate_grad_batches=2", *common,
+    common = [a for a in common if not a.startswith("trainer.val_check_interval=")]
+    # the default run folder outputs/<date>/<time> under cwd
+    _train(["trainer=ddp_cpu", "trainer.devices=2", *common, "trainer.val_check_interval=2",
+            f"+callbacks.probe.folder={tmp_path / 'p_ddp'}"], cwd=tmp_path / "ddp")
+    # Lightning's val_check_interval counts batches, not optimizer steps: 4 batches = 2 steps here
+    _train(["trainer=cpu", "trainer.accumulate_grad_batches=2", *common, "trainer.val_check_interval=4",
             f"+callbacks.probe.folder={tmp_path / 'p_one'}", f"hydra.run.dir={tmp_path / 'one'}"], cwd=tmp_path)
 
     # exactly one run folder, written once
@@ -102,8 +106,10 @@ def test_ddp_equals_gradient_accumulation_and_writes_one_run_folder(tmp_path):
     assert len(runs) == 1, runs
     assert sorted(p.name for p in (tmp_path / "ddp").iterdir()) == ["outputs"]
     run = runs[0]
-    for name in ("config.yaml", "lcurve.out", "checkpoints/last.ckpt", "csv/metrics.csv", ".hydra/config.yaml"):
+    for name in ("config.yaml", "lcurve.out", "checkpoints/last.ckpt", "csv/metrics.csv", ".hydra/config.yaml",
+                 "plots/parity_0000002.png"):
         assert (run / name).is_file(), name
+    assert (run / "train.log").read_text().count("data statistics computed") == 1  # both ranks log here
     lcurve = (run / "lcurve.out").read_text().splitlines()
     assert sum(r.startswith("#") for r in lcurve) == 1 and len(lcurve) == 2
 
@@ -139,7 +145,8 @@ def test_ddp_equals_gradient_accumulation_and_writes_one_run_folder(tmp_path):
     assert len(r0["val"]) == len(r1["val"]) == len(one["val"]) == 1
     v0, v1, v = r0["val"][0], r1["val"][0], one["val"][0]
     assert v0 == v1
-    assert {"val/loss", "val/rmse_e", "val/rmse_f", "val/mae_f"} <= v.keys() and v.keys() == v0.keys()
+    assert {"val/loss", "val/rmse_e", "val/rmse_f", "val/mae_f", "val/rmse_f_Cu", "val/rmse_f_Ni"} <= v.keys()
+    assert v.keys() == v0.keys()
     for k in v:
         assert v0[k] == pytest.approx(v[k], rel=1e-5), k
 
@@ -209,17 +216,6 @@ def test_ddp_cpu_trainer(tmp_path):
     assert cfg.trainer.strategy.find_unused_parameters  # a batch without some element leaves its net unused
 
 
-@pytest.mark.parametrize(("mode", "factor"), [("none", 1.0), ("linear", 4.0), ("sqrt", 2.0)])
-def test_scale_by_worker(tmp_path, mode, factor):
-    cfg = compose_train([*FAST, f"scale_by_worker={mode}", "schedule.start_lr=0.002"], tmp_path)
-    _, module, _ = cli_train.build(cfg)
-    module.trainer = SimpleNamespace(world_size=4)
-    opt = module.configure_optimizers()["optimizer"]
-    assert opt.param_groups[0]["lr"] == pytest.approx(0.002 * factor)
-    module.trainer = SimpleNamespace(world_size=1)
-    assert module.configure_optimizers()["optimizer"].param_groups[0]["lr"] == pytest.approx(0.002)
-
-
 def test_launches_that_would_split_the_run_folder_are_refused(tmp_path, monkeypatch):
     cfg = compose_train(["trainer=ddp_cpu", *FAST], tmp_path)
     _, _, trainer = cli_train.build(cfg)
@@ -244,3 +240,31 @@ def test_launches_that_would_split_the_run_folder_are_refused(tmp_path, monkeypa
     monkeypatch.setattr(cli_train, "_hydra_state", lambda: (RunMode.RUN, []))
     with pytest.raises(ValueError, match="ckpt_path=last"):
         cli_train._check_launch(cfg, trainer)
+
+
+def test_torchrun_without_run_folder_is_stopped_before_hydra(monkeypatch):
+    env = {"TORCHELASTIC_RUN_ID": "x", "RANK": "1", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2", "WORLD_SIZE": "2"}
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)  # what torchrun sets
+    assert cli_train.external_world_size() == 2
+    with pytest.raises(SystemExit, match="hydra.run.dir"):
+        cli_train.refuse_split_run_folder(["trainer=ddp_cpu"])
+    cli_train.refuse_split_run_folder(["trainer=ddp_cpu", "hydra.run.dir=outputs/x"])
+    cli_train.refuse_split_run_folder(["-m", "trainer=ddp_cpu"])
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    cli_train.refuse_split_run_folder(["trainer=ddp_cpu"])
+
+
+@pytest.mark.slow
+def test_torchrun_shares_one_run_folder(tmp_path):
+    torchrun = Path(sys.executable).with_name("torchrun")
+    if not torchrun.is_file():
+        pytest.skip("torchrun not installed beside python")
+    run = tmp_path / "run"
+    proc = subprocess.run([str(torchrun), "--standalone", "--nproc_per_node=2", str(REPO / "train.py"),
+                           "trainer=ddp_cpu", "trainer.devices=2", *FAST, f"hydra.run.dir={run}"],
+                          cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+    assert (run / "checkpoints" / "last.ckpt").is_file() and (run / "lcurve.out").is_file()
+    assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 3

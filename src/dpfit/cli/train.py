@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import os
+import sys
 from pathlib import Path
 
 import hydra
@@ -11,7 +13,7 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from hydra.utils import instantiate, to_absolute_path
-from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.loggers import CSVLogger, WandbLogger
 from lightning.pytorch.strategies.launchers import _SubprocessScriptLauncher
 from omegaconf import DictConfig, OmegaConf
 
@@ -104,7 +106,7 @@ def _check_launch(cfg: DictConfig, trainer) -> None:
     mode, hydra_overrides = _hydra_state()
     run_dir_given = any(o.startswith("hydra.run.dir=") for o in hydra_overrides)
     if mode == RunMode.RUN and not run_dir_given:
-        if cfg.get("ckpt_path") == "last":
+        if cfg.get("ckpt_path") == "last" and _last_checkpoint(cfg) is None:
             raise ValueError("ckpt_path=last resumes <run folder>/checkpoints/last.ckpt: name the run folder with "
                              "hydra.run.dir=<run folder> (e.g. hydra.run.dir=outputs/2026-01-31/12-00-00-000000)")
         if trainer.world_size > 1 and trainer.strategy.cluster_environment.creates_processes_externally:
@@ -114,7 +116,7 @@ def _check_launch(cfg: DictConfig, trainer) -> None:
     launches = isinstance(trainer.strategy.launcher, _SubprocessScriptLauncher) and trainer.world_size > 1
     if mode == RunMode.MULTIRUN and launches and not trainer.strategy.cluster_environment.creates_processes_externally:
         raise ValueError("a local multirun (-m) cannot start DDP processes: each would re-run the whole sweep. "
-                             "Sweep with one process per run, or launch on SLURM: -m hydra/launcher=slurm")
+                         "Sweep with one process per run, or launch on SLURM: -m hydra/launcher=slurm")
 
 
 def _keep_csv_history(trainer) -> None:
@@ -162,7 +164,15 @@ def train(cfg: DictConfig) -> float | None:
     if cfg.get("summary", True) and trainer.is_global_zero:
         _print_summary(metrics, trainer, out)
     value = metrics.get(cfg.get("optimized_metric") or "")
+    _finish_wandb(trainer)
     return float(value) if value is not None else None
+
+
+def _finish_wandb(trainer) -> None:
+    """Close the W&B run, so the next run of a sweep in this process starts its own."""
+    for logger in trainer.loggers:
+        if isinstance(logger, WandbLogger) and trainer.is_global_zero and logger._experiment is not None:
+            logger.experiment.finish()
 
 
 def _print_summary(metrics: dict, trainer, out: Path) -> None:
@@ -179,9 +189,37 @@ def _print_summary(metrics: dict, trainer, out: Path) -> None:
     console.print(f"run folder: {out}")
 
 
+def external_world_size() -> int:
+    """Processes started by torchrun or srun for this run (1 when this process starts its own ranks)."""
+    from lightning.fabric.plugins.environments import SLURMEnvironment, TorchElasticEnvironment
+
+    if TorchElasticEnvironment.detect():
+        return int(os.environ.get("WORLD_SIZE", "1"))
+    if SLURMEnvironment.detect():
+        return int(os.environ.get("SLURM_NTASKS", "1"))
+    return 1
+
+
+def refuse_split_run_folder(argv: list[str]) -> None:
+    """torchrun / srun start every rank as its own ``python train.py``: without ``hydra.run.dir`` each would
+    make its own timestamped run folder. Stop before Hydra makes any (multiruns use the shared sweep folder)."""
+    if any(a in ("-m", "--multirun") for a in argv) or any(a.startswith("hydra.run.dir=") for a in argv):
+        return
+    world = external_world_size()
+    if world > 1:
+        sys.exit(f"dpfit: {world} processes started by torchrun/srun need one run folder: add "
+                 "hydra.run.dir=<run folder>, e.g. hydra.run.dir=outputs/run-$SLURM_JOB_ID")
+
+
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
-def main(cfg: DictConfig) -> float | None:
+def _hydra_main(cfg: DictConfig) -> float | None:
     return train(cfg)
+
+
+def main() -> None:
+    """``python train.py`` / ``dpfit-train``."""
+    refuse_split_run_folder(sys.argv[1:])
+    _hydra_main()
 
 
 if __name__ == "__main__":

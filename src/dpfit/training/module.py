@@ -69,7 +69,10 @@ class DeepPotentialModule(L.LightningModule):
             log.info("data statistics restored from the checkpoint")
             return
         if self.trainer.is_global_zero:
-            compute_statistics(self.model, dm.stat_batches(), self.data_stat_protect)
+            batches = dm.stat_batches()
+            compute_statistics(self.model, batches, self.data_stat_protect)
+            log.info("data statistics computed from %d batches%s", len(batches),
+                     " and sent to every rank" if self.trainer.world_size > 1 else "")
         if self.trainer.world_size > 1:
             names = [n for n, _ in self.model.named_buffers()]
             state = {n: b.cpu() for n, b in self.model.named_buffers()} if self.trainer.is_global_zero else None
