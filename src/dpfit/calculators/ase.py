@@ -118,17 +118,19 @@ class SkinNeighborList:
 
 
 @contextmanager
-def _eval_mode(model: torch.nn.Module):
-    """Eval mode with autograd on (forces are dE/dr); the previous mode is restored afterwards.
-
-    Parameters keep their ``requires_grad``: only dE/dr is requested, so no parameter gradient is computed.
-    """
+def _inference(model: torch.nn.Module):
+    """Eval mode, parameters without gradients (only dE/dr is taken), autograd on; all restored afterwards."""
     was_training = model.training
+    flags = [p.requires_grad for p in model.parameters()]
     model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
     try:
         with torch.enable_grad():
             yield
     finally:
+        for p, flag in zip(model.parameters(), flags):
+            p.requires_grad_(flag)
         model.train(was_training)
 
 
@@ -245,7 +247,7 @@ class DPCalculator(Calculator):
             inputs["fparam"] = torch.from_numpy(self.fparam.reshape(1, -1).copy()).to(dev)
         if self.aparam is not None:
             inputs["aparam"] = torch.from_numpy(np.ascontiguousarray(self._aparam(natoms))[None]).to(dev)
-        with _eval_mode(self.model):
+        with _inference(self.model):
             out = self.model(**inputs, do_force=True, do_virial=periodic)
         res = {k: v.detach().to("cpu", torch.float64).numpy()[0] for k, v in out.items()}
         energy = float(res["energy"])
