@@ -59,3 +59,37 @@ def summary_rows(metrics: dict) -> list[tuple[str, str, str]]:
         if r is not None:
             rows.append((f"{label} [{unit}]", f"{float(r):.4e}", f"{float(a):.4e}" if a is not None else "-"))
     return rows
+
+
+class StepTimer(L.Callback):
+    """Wall time per training step (batch fetch + step), validation excluded, after ``skip`` warm-up
+    steps; printed at the end and written to ``<run>/timing.json`` (the benchmark scripts read it)."""
+
+    def __init__(self, skip: int = 10) -> None:
+        self.skip = skip
+        self.total = 0.0
+        self.count = 0
+        self._start: float | None = None
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        import time
+
+        self._start = time.perf_counter()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        import time
+
+        if self._start is not None and trainer.global_step > self.skip:
+            self.total += time.perf_counter() - self._start
+            self.count += 1
+
+    @rank_zero_only
+    def on_fit_end(self, trainer, pl_module) -> None:
+        import json
+
+        if not self.count:
+            return
+        per_step = self.total / self.count
+        print(f"average training time: {per_step:.4f} s/step over {self.count} steps")
+        out = Path(trainer.default_root_dir) / "timing.json"
+        out.write_text(json.dumps({"s_per_step": per_step, "steps": self.count}) + "\n")
