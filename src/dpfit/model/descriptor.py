@@ -128,7 +128,8 @@ class SeE2A(nn.Module):
         flat_type = atype.reshape(-1)
         # embedding input of a padded slot: R = 0 normalised, per (center type, slot)
         s_pad = -self.davg[:, :, 0] / self.dstd[:, :, 0]
-        g_mat = rr.new_zeros(nf * nloc, m, 4)
+        # G^T (4, M) per atom: rr^T @ g keeps g's gradient in g's own (rows, M) layout
+        g_mat = rr.new_zeros(nf * nloc, 4, m)
         gs: list[torch.Tensor] = []
         ts: list[torch.Tensor] = []
         occupied: list[torch.Tensor] = []
@@ -173,13 +174,13 @@ class SeE2A(nn.Module):
                 occupied.append(rows)
                 atoms.append(idx)
                 nets.append(k)
-                contrib = torch.matmul(g.reshape(-1, width, m).transpose(-1, -2), rr_k)
+                contrib = torch.matmul(rr_k.transpose(-1, -2), g.reshape(-1, width, m))
                 if ti < 0:
                     g_mat = g_mat + contrib
                 else:
                     g_mat = g_mat.index_add(0, idx, contrib)
-        g_mat = g_mat.reshape(nf, nloc, m, 4) / self.nnei
-        d = torch.matmul(g_mat, g_mat[:, :, : self.axis_neuron].transpose(-1, -2))
+        g_t = g_mat.reshape(nf, nloc, 4, m) / self.nnei
+        d = torch.matmul(g_t.transpose(-1, -2), g_t[..., : self.axis_neuron])
         return d.reshape(nf, nloc, m * self.axis_neuron), gs, ts, occupied, atoms, nets
 
     def forward(self, diff: torch.Tensor, mask: torch.Tensor, atype: torch.Tensor) -> torch.Tensor:
