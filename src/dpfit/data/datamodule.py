@@ -8,10 +8,9 @@ from pathlib import Path
 
 import lightning as L
 import numpy as np
-import torch
 from torch.utils.data import DataLoader, Dataset
 
-from dpfit.data.batch import collate, make_sample
+from dpfit.data.batch import batch_to_device, collate, make_sample
 from dpfit.data.sampler import (
     EvalBatchSampler,
     SystemView,
@@ -193,7 +192,7 @@ class DeepmdDataModule(L.LightningDataModule):
         return batches
 
     def transfer_batch_to_device(self, batch, device, dataloader_idx: int):
-        return {k: (v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
+        return batch_to_device(batch, device)
 
 
 class DemoDataModule(DeepmdDataModule):
