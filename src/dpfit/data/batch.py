@@ -11,10 +11,10 @@ from dpfit.data.system import INPUTS, LABELS, FrameSource
 #: Keys of a batch given to the model (besides labels): coord, atype, box, nlist, shift, fparam, aparam.
 
 
-def make_sample(system: FrameSource, index: int, rcut: float, sel: list[int]) -> dict:
+def make_sample(system: FrameSource, index: int, rcut: float, sel: list[int], backend: str = "vesin") -> dict:
     """One frame with its DeePMD neighbor list (numpy); the unit of work of DataLoader workers."""
     frame = system.frame(index)
-    nl = build_neighbor_list(frame["coord"], frame["atype"], frame["box"], rcut, sel, warn=False)
+    nl = build_neighbor_list(frame["coord"], frame["atype"], frame["box"], rcut, sel, warn=False, backend=backend)
     frame["nlist"] = nl.nlist
     frame["shift"] = nl.shift
     frame["n_dropped"] = nl.n_dropped

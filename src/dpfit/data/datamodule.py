@@ -26,17 +26,18 @@ log = logging.getLogger(__name__)
 class FrameDataset(Dataset):
     """Map (system, frame) -> sample with its neighbor list; built lazily in DataLoader workers."""
 
-    def __init__(self, views: Sequence[SystemView], rcut: float, sel: Sequence[int]) -> None:
+    def __init__(self, views: Sequence[SystemView], rcut: float, sel: Sequence[int], backend: str = "vesin") -> None:
         self.views = list(views)
         self.rcut = float(rcut)
         self.sel = list(sel)
+        self.backend = backend
 
     def __len__(self) -> int:
         return sum(len(v.indices) for v in self.views)
 
     def __getitem__(self, key: tuple[int, int]) -> dict:
         s, f = key
-        sample = make_sample(self.views[s].system, f, self.rcut, self.sel)
+        sample = make_sample(self.views[s].system, f, self.rcut, self.sel, self.backend)
         sample["system"] = s
         return sample
 
@@ -77,6 +78,7 @@ class DeepmdDataModule(L.LightningDataModule):
         pin_memory: bool = False,
         seed: int = 1,
         epoch_length: int | None = None,
+        neighbor_backend: str = "vesin",
     ) -> None:
         super().__init__()
         self.train_paths = _as_list(train_systems)
@@ -96,6 +98,11 @@ class DeepmdDataModule(L.LightningDataModule):
         self.pin_memory = pin_memory
         self.seed = int(seed)
         self.epoch_length = epoch_length
+        from dpfit.data.neighbor import BACKENDS
+
+        if neighbor_backend not in BACKENDS:
+            raise ValueError(f"data.neighbor_backend must be one of {BACKENDS}, got {neighbor_backend!r}")
+        self.neighbor_backend = neighbor_backend
         self.train_views: list[SystemView] | None = None
         self.val_views: list[SystemView] = []
         self.test_views: list[SystemView] = []
@@ -146,7 +153,7 @@ class DeepmdDataModule(L.LightningDataModule):
 
     def _loader(self, views, batch_sampler) -> DataLoader:
         return DataLoader(
-            FrameDataset(views, self.rcut, self.sel),
+            FrameDataset(views, self.rcut, self.sel, self.neighbor_backend),
             batch_sampler=batch_sampler,
             collate_fn=collate,
             num_workers=self.num_workers,
@@ -181,7 +188,7 @@ class DeepmdDataModule(L.LightningDataModule):
 
     def stat_batches(self) -> list[dict]:
         """``data_stat_nbatch`` batches per training system (seeded) for the data statistics."""
-        dataset = FrameDataset(self.train_views, self.rcut, self.sel)
+        dataset = FrameDataset(self.train_views, self.rcut, self.sel, self.neighbor_backend)
         rng = np.random.default_rng([self.seed, 7])
         batches = []
         for s, view in enumerate(self.train_views):
@@ -198,7 +205,7 @@ class DeepmdDataModule(L.LightningDataModule):
 class DemoDataModule(DeepmdDataModule):
     """The built-in Cu/Ni EMT demo data, generated on first use into ``cache_dir`` (rank 0 only)."""
 
-    def __init__(self, cache_dir: str | None = None, nframes: int = 60, **kwargs) -> None:
+    def __init__(self, cache_dir: str | None = None, nframes: int = 90, **kwargs) -> None:
         from dpfit.data.demo import default_cache_dir
 
         self.cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()

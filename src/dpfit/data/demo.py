@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-DEMO_VERSION = 1
+DEMO_VERSION = 3
 TYPE_MAP = ["Cu", "Ni"]
 
 
@@ -47,7 +47,8 @@ def make_demo_frames(ni_fraction: float, nframes: int, seed: int) -> list:
     for k in range(nframes):
         atoms = base.copy()
         atoms.set_chemical_symbols(symbols.tolist())
-        strain = np.eye(3) + rng.normal(scale=0.02, size=(3, 3))
+        eps = rng.normal(scale=0.01, size=(3, 3))
+        strain = np.eye(3) + 0.5 * (eps + eps.T)  # symmetric: no rotation
         atoms.set_cell(atoms.cell.array @ strain, scale_atoms=True)
         amplitude = 0.05 + 0.15 * k / max(nframes - 1, 1)  # a range of "temperatures"
         atoms.positions += rng.normal(scale=amplitude, size=atoms.positions.shape)
@@ -57,7 +58,7 @@ def make_demo_frames(ni_fraction: float, nframes: int, seed: int) -> list:
     return frames
 
 
-def make_demo_dataset(root: str | Path | None = None, nframes: int = 60, seed: int = 0) -> Path:
+def make_demo_dataset(root: str | Path | None = None, nframes: int = 90, seed: int = 0) -> Path:
     """Create (once) ``root/{train,val}/<composition>`` deepmd/npy systems; returns ``root``.
 
     Written to a temporary folder and renamed, so an interrupted run never leaves a half-written set.
@@ -70,10 +71,10 @@ def make_demo_dataset(root: str | Path | None = None, nframes: int = 60, seed: i
     try:
         for k, frac in enumerate((0.25, 0.5, 0.75)):
             frames = make_demo_frames(frac, nframes, seed + k)
-            nval = max(nframes // 6, 1)
-            name = f"Cu{32 - int(round(frac * 32))}Ni{int(round(frac * 32))}"
-            _write_system(tmp / "train" / name, frames[nval:], TYPE_MAP)
-            _write_system(tmp / "val" / name, frames[:nval], TYPE_MAP)
+            name = f"Cu{32 - round(frac * 32)}Ni{round(frac * 32)}"
+            # every 6th frame validates: the same spread of strains and temperatures as training
+            _write_system(tmp / "train" / name, [f for i, f in enumerate(frames) if i % 6], TYPE_MAP)
+            _write_system(tmp / "val" / name, frames[::6], TYPE_MAP)
         (tmp / "COMPLETE").write_text(f"dpfit demo data v{DEMO_VERSION}\n")
         if root.exists():
             shutil.rmtree(root)

@@ -23,8 +23,54 @@ class NeighborList:
     max_per_type: np.ndarray | None = None
 
 
-def _pairs(coord: np.ndarray, box: np.ndarray | None, rcut: float):
+BACKENDS = ("vesin", "torch_cluster")
+
+
+def _pairs_torch_cluster(coord: np.ndarray, box: np.ndarray | None, rcut: float):
+    """Pairs by torch-cluster's radius search on ghost-extended coordinates (GPU-capable; extra [cluster]).
+
+    Atoms are wrapped into the cell, every image within the cutoff is added as a ghost, and image
+    vectors are mapped back to the original (unwrapped) positions.
+    """
+    import torch
+    from torch_cluster import radius
+
+    n = len(coord)
+    if box is None:
+        images = np.zeros((1, 3), dtype=np.int64)
+        wrapped, cell_shift = coord, np.zeros((n, 3), dtype=np.int64)
+    else:
+        frac = coord @ np.linalg.inv(box)
+        cell_shift = np.floor(frac).astype(np.int64)
+        wrapped = coord - cell_shift @ box
+        volume = abs(np.linalg.det(box))
+        heights = [volume / np.linalg.norm(np.cross(box[(a + 1) % 3], box[(a + 2) % 3])) for a in range(3)]
+        reach = [int(np.ceil(rcut / h)) for h in heights]
+        grid = np.meshgrid(*[np.arange(-m, m + 1) for m in reach], indexing="ij")
+        images = np.stack(grid, -1).reshape(-1, 3)
+    ghosts = (wrapped[None, :, :] + (images @ box if box is not None else images)[:, None, :]).reshape(-1, 3)
+    x = torch.from_numpy(ghosts)
+    y = torch.from_numpy(np.ascontiguousarray(wrapped))
+    centers, cols = radius(x, y, r=float(rcut), max_num_neighbors=len(ghosts))
+    i = centers.numpy().astype(np.int64)
+    cols = cols.numpy().astype(np.int64)
+    j = cols % n
+    s = images[cols // n]
+    zero = int(np.nonzero((images == 0).all(-1))[0][0])
+    keep = ~((j == i) & (cols // n == zero))
+    i, j, s = i[keep], j[keep], s[keep]
+    d = np.linalg.norm(ghosts[cols[keep]] - wrapped[i], axis=-1)
+    s = s + cell_shift[i] - cell_shift[j]  # back to the unwrapped positions
+    inside = d < rcut
+    return i[inside], j[inside], s[inside], d[inside]
+
+
+def _pairs(coord: np.ndarray, box: np.ndarray | None, rcut: float, backend: str = "vesin"):
     """All ordered pairs (i, j, S, distance) within rcut, any image, excluding i == j at S = 0."""
+    if backend == "torch_cluster":
+        return _pairs_torch_cluster(coord, box, rcut)
+    if backend != "vesin":
+        raise ValueError(f"neighbor backend must be one of {BACKENDS}, got {backend!r}")
     nl = vesin.NeighborList(cutoff=float(rcut), full_list=True)
     if box is None:
         i, j, d = nl.compute(points=coord, box=np.zeros((3, 3)), periodic=False, quantities="ijd")
@@ -42,15 +88,19 @@ def build_neighbor_list(
     rcut: float,
     sel: list[int],
     warn: bool = True,
+    backend: str = "vesin",
 ) -> NeighborList:
-    """DeePMD neighbor list of one frame. coord (nloc, 3) Å, box (3, 3) rows or None (non-periodic)."""
+    """DeePMD neighbor list of one frame. coord (nloc, 3) Å, box (3, 3) rows or None (non-periodic).
+
+    ``backend``: ``vesin`` (default) or ``torch_cluster`` (radius search on ghost atoms; extra [cluster]).
+    """
     coord = np.ascontiguousarray(coord, dtype=np.float64)
     box = None if box is None else np.ascontiguousarray(box, dtype=np.float64).reshape(3, 3)
     nloc = coord.shape[0]
     ntypes = len(sel)
     nnei = int(sum(sel))
     offsets = np.concatenate([[0], np.cumsum(sel)]).astype(np.int64)
-    i, j, s, d = _pairs(coord, box, rcut)
+    i, j, s, d = _pairs(coord, box, rcut, backend)
     tj = atype[j]
     # sort by center, neighbor type, distance (then index for a deterministic order)
     order = np.lexsort((j, d, tj, i))
