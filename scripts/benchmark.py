@@ -201,6 +201,54 @@ def bench_train(model: EnergyModel, batches: list[dict], device: torch.device, w
     return result
 
 
+SCALING_CHILD = r"""
+import json, resource, sys, time
+import numpy as np, torch
+from dpfit.data.neighbor import build_neighbor_list
+from dpfit.io.checkpoint import load_model
+from dpfit.model import EnergyModel
+ckpt, data, reps, precision, train = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4], sys.argv[5] == "1"
+from dpfit.data.system import load_systems
+model = (EnergyModel.from_config(json.loads(sys.argv[6])) if ckpt == "fresh" else load_model(ckpt, precision=precision))
+system = load_systems([data], model.type_map)[0]
+frame = system.frame(0)
+shifts = np.stack(np.meshgrid(*[np.arange(reps)] * 3, indexing="ij"), -1).reshape(-1, 3)
+coord = (frame["coord"][None] + (shifts @ frame["box"])[:, None]).reshape(-1, 3)
+atype = np.tile(frame["atype"], len(shifts))
+box = frame["box"] * reps
+base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+nl = build_neighbor_list(coord, atype, box, model.rcut, model.sel, warn=False)
+inp = dict(coord=torch.from_numpy(coord)[None], atype=torch.from_numpy(atype)[None], nlist=torch.from_numpy(nl.nlist)[None],
+           box=torch.from_numpy(box)[None], shift=torch.from_numpy(nl.shift)[None])
+start = time.perf_counter()
+out = model(**inp, do_force=True, create_graph=train)
+if train:
+    (out["energy"].sum() + out["force"].square().sum()).backward()
+seconds = time.perf_counter() - start
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+print(json.dumps({"natoms": len(coord), "seconds": seconds, "peak_mib": peak / 1024,
+                  "kib_per_atom": (peak - base) / len(coord)}))
+"""
+
+
+def bench_scaling(ckpt: Path | None, data: Path, precision: str, reps: list[int], train: bool) -> list[dict]:
+    """Water supercells (reps^3 copies of a frame): time and peak memory per atom of one energy+force
+    evaluation (``train``: with create_graph and a backward pass), each in a fresh process."""
+    import subprocess
+    import sys
+
+    rows = []
+    for r in reps:
+        cmd = [sys.executable, "-c", SCALING_CHILD, str(ckpt) if ckpt else "fresh", str(data), str(r), precision,
+               "1" if train else "0", json.dumps({**WATER_CONFIG, "precision": precision})]
+        proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+        if proc.returncode:
+            rows.append({"reps": r, "error": proc.stderr.strip().splitlines()[-1] if proc.stderr else "failed"})
+            continue
+        rows.append({"reps": r, **json.loads(proc.stdout.strip().splitlines()[-1])})
+    return rows
+
+
 def run(args: argparse.Namespace) -> dict:
     """All measurements -> ``results`` (plain dict, JSON-serialisable)."""
     device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -231,6 +279,10 @@ def run(args: argparse.Namespace) -> dict:
             model = build_model(ckpt, precision, device)
             results[f"train_{precision}"] = bench_train(model, batches, device, args.warmup, args.repeat,
                                                         results[f"matmul_{precision}"]["gflops"])
+    if args.scaling:
+        data0 = sorted(p.parent for p in Path(args.data).rglob("type.raw"))[0]
+        for precision in args.precisions:
+            results[f"scaling_{precision}"] = bench_scaling(ckpt, data0, precision, args.scaling, args.scaling_train)
     return results
 
 
@@ -245,7 +297,15 @@ def print_table(results: dict) -> None:
     print(f"{'measurement':<22}{'frames/s':>12}{'ms/frame':>12}{'seconds':>10}{'GFLOP/step':>12}{'x FLOP limit':>14}"
           f"{'peak MiB':>10}")
     for name, res in results.items():
-        if name == "setup" or name.startswith("matmul_"):
+        if name.startswith("scaling_"):
+            for row in res:
+                if "error" in row:
+                    print(f"# {name} x{row['reps']}^3: {row['error']}")
+                else:
+                    print(f"# {name} {row['natoms']:>6d} atoms: {row['seconds']:.3f} s, peak {row['peak_mib']:.0f} MiB, "
+                          f"{row['kib_per_atom']:.1f} KiB/atom")
+    for name, res in results.items():
+        if name == "setup" or name.startswith(("matmul_", "scaling_")):
             continue
         extra = ""
         if "gflop_per_step" in res:
@@ -267,6 +327,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--repeat", type=int, default=1, help="timed passes over the frames (averaged)")
     parser.add_argument("--json", default=None, help="also write the results to this JSON file")
     parser.add_argument("--no-train", action="store_true", help="skip the training-step measurement")
+    parser.add_argument("--scaling", type=int, nargs="*", default=[],
+                        help="supercell replications to measure, e.g. --scaling 1 2 4 (192, 1536, 12288 water atoms)")
+    parser.add_argument("--scaling-train", action="store_true", help="supercells: time a training-style pass")
     return parser.parse_args(argv)
 
 
