@@ -102,8 +102,9 @@ def build_neighbor_list(
     offsets = np.concatenate([[0], np.cumsum(sel)]).astype(np.int64)
     i, j, s, d = _pairs(coord, box, rcut, backend)
     tj = atype[j]
-    # sort by center, neighbor type, distance (then index for a deterministic order)
-    order = np.lexsort((j, d, tj, i))
+    # sort by center, neighbor type, distance; equal distances (e.g. an atom's own images) are ordered
+    # by index and image, so every backend gives the same list
+    order = np.lexsort((s[:, 2], s[:, 1], s[:, 0], j, np.round(d, 10), tj, i))
     i, j, s, tj = i[order], j[order], s[order], tj[order]
     group = i * ntypes + tj
     counts = np.bincount(group, minlength=nloc * ntypes)
