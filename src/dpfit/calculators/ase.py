@@ -16,7 +16,6 @@ from __future__ import annotations
 import math
 import os
 import warnings
-from contextlib import contextmanager
 from typing import ClassVar
 
 import numpy as np
@@ -25,6 +24,7 @@ from ase.calculators.calculator import Calculator, PropertyNotImplementedError, 
 from ase.stress import full_3x3_to_voigt_6_stress
 
 from dpfit.data.neighbor import build_neighbor_list
+from dpfit.inference.evaluate import inference_mode
 
 
 class SkinNeighborList:
@@ -115,23 +115,6 @@ class SkinNeighborList:
             start += s
         self.n_dropped = n_dropped
         return nlist, shift
-
-
-@contextmanager
-def _inference(model: torch.nn.Module):
-    """Eval mode, parameters without gradients (only dE/dr is taken), autograd on; all restored afterwards."""
-    was_training = model.training
-    flags = [p.requires_grad for p in model.parameters()]
-    model.eval()
-    for p in model.parameters():
-        p.requires_grad_(False)
-    try:
-        with torch.enable_grad():
-            yield
-    finally:
-        for p, flag in zip(model.parameters(), flags):
-            p.requires_grad_(flag)
-        model.train(was_training)
 
 
 class DPCalculator(Calculator):
@@ -247,7 +230,7 @@ class DPCalculator(Calculator):
             inputs["fparam"] = torch.from_numpy(self.fparam.reshape(1, -1).copy()).to(dev)
         if self.aparam is not None:
             inputs["aparam"] = torch.from_numpy(np.ascontiguousarray(self._aparam(natoms))[None]).to(dev)
-        with _inference(self.model):
+        with inference_mode(self.model):
             out = self.model(**inputs, do_force=True, do_virial=periodic)
         res = {k: v.detach().to("cpu", torch.float64).numpy()[0] for k, v in out.items()}
         energy = float(res["energy"])

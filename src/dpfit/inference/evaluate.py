@@ -61,7 +61,7 @@ def check_model_inputs(model: torch.nn.Module, system: FrameSource) -> None:
 
 
 @contextmanager
-def _inference_mode(model: torch.nn.Module):
+def inference_mode(model: torch.nn.Module):
     """Eval mode and frozen parameters (the only gradient taken is dE/dr for the forces); restored after."""
     was_training = model.training
     flags = [p.requires_grad for p in model.parameters()]
@@ -108,7 +108,7 @@ def evaluate_system(
     preds: dict[str, list[np.ndarray]] = {"energy": [], "force": [], "virial": [], "atom_energy": []}
     refs: dict[str, list[np.ndarray]] = {key: [] for key in labels}
     n_dropped = 0
-    with _inference_mode(model):
+    with inference_mode(model):
         for start in range(0, system.nframes, batch_size):
             stop = min(start + batch_size, system.nframes)
             batch = collate([make_sample(system, i, model.rcut, model.sel) for i in range(start, stop)])
