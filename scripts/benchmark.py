@@ -249,6 +249,55 @@ def bench_scaling(ckpt: Path | None, data: Path, precision: str, reps: list[int]
     return rows
 
 
+DATA_MEMORY_CHILD = r"""
+import json, resource, sys
+import torch
+from dpfit.data.datamodule import DeepmdDataModule
+from dpfit.model import EnergyModel
+from dpfit.training.loss import EnergyLoss
+from dpfit.data.batch import model_inputs
+root, steps, config = sys.argv[1], int(sys.argv[2]), json.loads(sys.argv[3])
+model = EnergyModel.from_config(config)
+dm = DeepmdDataModule(train_systems=[root], type_map=config["type_map"], rcut=config["descriptor"]["rcut"],
+                      sel=config["descriptor"]["sel"], batch_size=1, data_stat_nbatch=2)
+dm.setup("fit")
+loss_fn, opt = EnergyLoss(), torch.optim.Adam(model.parameters(), 1e-3)
+for k, batch in enumerate(dm.train_dataloader()):
+    out = model(**model_inputs(batch), do_force=True, create_graph=True)
+    loss, _ = loss_fn(out, batch, 1.0)
+    opt.zero_grad(); loss.backward(); opt.step()
+    if k + 1 == steps:
+        break
+frames = sum(len(v.indices) for v in dm.train_views)
+print(json.dumps({"frames": frames, "peak_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+"""
+
+
+def bench_data_memory(data: Path, replicas: int, steps: int = 20) -> list[dict]:
+    """Peak memory of a short training run through the DataModule on the data and on ``replicas``
+    copies of it (fresh process each): frames are memory-mapped and read on demand, so it stays flat."""
+    import shutil
+    import subprocess
+    import sys
+    import tempfile
+
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for n in (1, replicas):
+            root = Path(tmp) / f"x{n}"
+            for k in range(n):
+                for system in sorted(p.parent for p in Path(data).rglob("type.raw")):
+                    shutil.copytree(system, root / f"copy{k}" / system.name)
+            proc = subprocess.run([sys.executable, "-c", DATA_MEMORY_CHILD, str(root), str(steps),
+                                   json.dumps({**WATER_CONFIG, "precision": "float64"})],
+                                  capture_output=True, text=True, check=False)
+            if proc.returncode:
+                rows.append({"replicas": n, "error": proc.stderr.strip().splitlines()[-1]})
+            else:
+                rows.append({"replicas": n, **json.loads(proc.stdout.strip().splitlines()[-1])})
+    return rows
+
+
 def run(args: argparse.Namespace) -> dict:
     """All measurements -> ``results`` (plain dict, JSON-serialisable)."""
     device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -279,6 +328,8 @@ def run(args: argparse.Namespace) -> dict:
             model = build_model(ckpt, precision, device)
             results[f"train_{precision}"] = bench_train(model, batches, device, args.warmup, args.repeat,
                                                         results[f"matmul_{precision}"]["gflops"])
+    if args.data_memory:
+        results["data_memory"] = bench_data_memory(Path(args.data), args.data_memory)
     if args.scaling:
         data0 = sorted(p.parent for p in Path(args.data).rglob("type.raw"))[0]
         for precision in args.precisions:
@@ -296,6 +347,9 @@ def print_table(results: dict) -> None:
             print(f"# {name}: {res['gflops']:.1f} GFLOP/s")
     print(f"{'measurement':<22}{'frames/s':>12}{'ms/frame':>12}{'seconds':>10}{'GFLOP/step':>12}{'x FLOP limit':>14}"
           f"{'peak MiB':>10}")
+    for row in results.get("data_memory", []):
+        print(f"# data x{row['replicas']}: " + (row["error"] if "error" in row else
+              f"{row['frames']} training frames, peak {row['peak_mib']:.0f} MiB"))
     for name, res in results.items():
         if name.startswith("scaling_"):
             for row in res:
@@ -305,7 +359,7 @@ def print_table(results: dict) -> None:
                     print(f"# {name} {row['natoms']:>6d} atoms: {row['seconds']:.3f} s, peak {row['peak_mib']:.0f} MiB, "
                           f"{row['kib_per_atom']:.1f} KiB/atom")
     for name, res in results.items():
-        if name == "setup" or name.startswith(("matmul_", "scaling_")):
+        if name in ("setup", "data_memory") or name.startswith(("matmul_", "scaling_")):
             continue
         extra = ""
         if "gflop_per_step" in res:
@@ -330,6 +384,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--scaling", type=int, nargs="*", default=[],
                         help="supercell replications to measure, e.g. --scaling 1 2 4 (192, 1536, 12288 water atoms)")
     parser.add_argument("--scaling-train", action="store_true", help="supercells: time a training-style pass")
+    parser.add_argument("--data-memory", type=int, default=0, metavar="N",
+                        help="peak memory of 20 training steps on the data and on N copies of it")
     return parser.parse_args(argv)
 
 
