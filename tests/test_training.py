@@ -203,3 +203,11 @@ def test_resume_reaches_same_weights(tmp_path):
     w_a = _weights(tmp_path / "a" / "checkpoints" / "last.ckpt")
     assert torch.equal(w_a["model.descriptor.davg"], w_res["model.descriptor.davg"])
     assert not torch.equal(w_a["model.fitting.nets.0.layers.0.matrix"], w_res["model.fitting.nets.0.layers.0.matrix"])
+
+
+def test_too_small_sel_is_reported_before_training(tmp_path, caplog):
+    cfg = compose_train(["data.sel=[20,20]", *FAST, "trainer.max_steps=1"], tmp_path)
+    with caplog.at_level("WARNING", logger="dpfit.training.module"):
+        train(cfg)
+    messages = [r.getMessage() for r in caplog.records if "beyond sel" in r.getMessage()]
+    assert messages and "sel=[20, 20]" in messages[0] and "consider data.sel=" in messages[0]

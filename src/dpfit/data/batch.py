@@ -18,6 +18,7 @@ def make_sample(system: FrameSource, index: int, rcut: float, sel: list[int], ba
     frame["nlist"] = nl.nlist
     frame["shift"] = nl.shift
     frame["n_dropped"] = nl.n_dropped
+    frame["max_neighbors"] = nl.max_per_type
     frame["frame_index"] = index
     return frame
 
@@ -38,6 +39,7 @@ def collate(samples: list[dict]) -> dict:
         "system": samples[0].get("system", 0),
         "frame_index": torch.tensor([s["frame_index"] for s in samples]),
         "n_dropped": int(sum(s["n_dropped"] for s in samples)),
+        "max_neighbors": np.max([s["max_neighbors"] for s in samples], axis=0).tolist(),
     }
     if samples[0]["box"] is not None:
         batch["box"] = torch.from_numpy(np.stack([s["box"] for s in samples]))

@@ -70,6 +70,7 @@ class DeepPotentialModule(L.LightningModule):
             return
         if self.trainer.is_global_zero:
             batches = dm.stat_batches()
+            _warn_if_sel_too_small(batches, self.model.sel, self.model.type_map)
             compute_statistics(self.model, batches, self.data_stat_protect)
             log.info("data statistics computed from %d batches%s", len(batches),
                      " and sent to every rank" if self.trainer.world_size > 1 else "")
@@ -175,6 +176,18 @@ def wandb_run_id(trainer) -> str | None:
         if isinstance(logger, WandbLogger):
             return logger.version
     return None
+
+
+def _warn_if_sel_too_small(batches: list[dict], sel: list[int], type_map: list[str]) -> None:
+    """Warn once, before training, when the sampled frames have more neighbors than ``sel`` slots."""
+    dropped = sum(b.get("n_dropped", 0) for b in batches)
+    if not dropped:
+        return
+    most = [max(b["max_neighbors"][t] for b in batches) for t in range(len(sel))]
+    suggest = [int(-(-1.1 * m // 4) * 4) for m in most]  # 10% headroom, multiple of 4
+    log.warning("%d neighbors beyond sel=%s were dropped in the statistics frames (most per atom: %s for %s): "
+                "the model truncates them as DeePMD does; consider data.sel=%s", dropped, list(sel), most,
+                type_map, suggest)
 
 
 def _plain(cfg: Any) -> Any:
