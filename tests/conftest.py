@@ -233,3 +233,23 @@ def evaluate(
 def run_model():
     """``run_model(model, coord, atype, box=None, fparam=None, aparam=None, virial=True)`` -> numpy outputs."""
     return evaluate
+
+
+def finite_difference_forces(energy_of, coord: np.ndarray, h: float) -> np.ndarray:
+    """-dE/dr by central differences: ``energy_of(stack of displaced coords)`` -> energies (2 per component)."""
+    n = len(coord)
+    displaced = []
+    for i in range(n):
+        for k in range(3):
+            for sign in (1.0, -1.0):
+                c = coord.copy()
+                c[i, k] += sign * h
+                displaced.append(c)
+    e = np.asarray(energy_of(np.stack(displaced))).reshape(n, 3, 2)
+    return -(e[..., 0] - e[..., 1]) / (2 * h)
+
+
+@pytest.fixture(scope="session")
+def fd_forces():
+    """``fd_forces(energy_of, coord, h)``: central finite-difference forces (see finite_difference_forces)."""
+    return finite_difference_forces
