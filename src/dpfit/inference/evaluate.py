@@ -62,18 +62,13 @@ def check_model_inputs(model: torch.nn.Module, system: FrameSource) -> None:
 
 @contextmanager
 def inference_mode(model: torch.nn.Module):
-    """Eval mode and frozen parameters (the only gradient taken is dE/dr for the forces); restored after."""
+    """Eval mode and no autograd graph (forces are written out in closed form); restored after."""
     was_training = model.training
-    flags = [p.requires_grad for p in model.parameters()]
     model.eval()
-    for p in model.parameters():
-        p.requires_grad_(False)
     try:
-        with torch.enable_grad():
+        with torch.no_grad():
             yield
     finally:
-        for p, flag in zip(model.parameters(), flags):
-            p.requires_grad_(flag)
         model.train(was_training)
 
 

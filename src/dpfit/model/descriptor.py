@@ -14,6 +14,16 @@ def switching_function(r: torch.Tensor, rcut_smth: float, rcut: float) -> torch.
     return u * u * u * (-6.0 * u * u + 15.0 * u - 10.0) + 1.0
 
 
+def switching_with_derivative(r: torch.Tensor, rcut_smth: float, rcut: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The switch of :func:`switching_function` and its derivative dw/dr (zero outside (rcut_smth, rcut))."""
+    width = rcut - rcut_smth
+    u = ((r - rcut_smth) / width).clamp(0.0, 1.0)
+    u2 = u * u
+    w = u2 * u * (-6.0 * u2 + 15.0 * u - 10.0) + 1.0
+    dw = -30.0 / width * u2 * (u - 1.0) * (u - 1.0)
+    return w, dw
+
+
 def environment_matrix(
     diff: torch.Tensor, mask: torch.Tensor, rcut_smth: float, rcut: float, protection: float = 0.0
 ) -> torch.Tensor:
@@ -106,83 +116,123 @@ class SeE2A(nn.Module):
             rr = rr * torch.where(mask, keep, torch.ones_like(keep)).unsqueeze(-1)
         return rr
 
-    def descriptor_from_env(
+    def embed(
         self, rr: torch.Tensor, atype: torch.Tensor, mask: torch.Tensor, tangent: bool = False
-    ) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor], list[torch.Tensor], list[torch.Tensor], list[int]]:
-        """Descriptor (nf, nloc, M * axis_neuron) from R~, and the embedding pieces.
+    ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Embedding of every neighbor slot, one (N = nf * nloc, sel[t], M) tensor per neighbor type t.
 
-        Each embedding net runs only on occupied slots; a padded slot's input is the constant
-        ``-davg/dstd`` of its (center type, slot), so its output comes from a small per-type table.
-        Pieces (one per net applied): g (rows, M) over all slots of the net's atoms (the tensor G is
-        built from), tangents dg/ds (occupied rows, M) when ``tangent``, those occupied row indices,
-        the atom indices (empty: all atoms, flattened) and the net index. With ``tangent`` the input
-        s = R~[..., 0] is detached (it holds no parameter): :class:`EnergyModel` then gets forces
-        without a backward pass through the embedding nets.
+        The nets run only on occupied slots; a padded slot's input is the constant ``-davg/dstd`` of its
+        (center type, slot), so its row comes from a small per-type table. Both are gathered into the
+        padded layout by one ``index_select``. With ``tangent`` the second list holds dg/ds (forward
+        mode through the net; zero on padded slots, whose input does not depend on the coordinates).
         """
         nf, nloc, nnei, _ = rr.shape
+        n = nf * nloc
         m = self.neuron[-1]
-        s_all = rr[..., 0].detach() if tangent else rr[..., 0]
-        flat_rr = rr.reshape(nf * nloc, nnei, 4)
-        flat_s = s_all.reshape(nf * nloc, nnei)
-        flat_mask = mask.reshape(nf * nloc, nnei)
+        flat_s = rr[..., 0].reshape(n, nnei)
+        flat_mask = mask.reshape(n, nnei)
         flat_type = atype.reshape(-1)
-        # embedding input of a padded slot: R = 0 normalised, per (center type, slot)
-        s_pad = -self.davg[:, :, 0] / self.dstd[:, :, 0]
-        # G^T (4, M) per atom: rr^T @ g keeps g's gradient in g's own (rows, M) layout
-        g_mat = rr.new_zeros(nf * nloc, 4, m)
+        s_pad = -self.davg[:, :, 0] / self.dstd[:, :, 0]  # embedding input of a padded slot (R = 0)
         gs: list[torch.Tensor] = []
         ts: list[torch.Tensor] = []
-        occupied: list[torch.Tensor] = []
-        atoms: list[torch.Tensor] = []
-        nets: list[int] = []
-        for k, net in enumerate(self.embeddings):
-            tj = self.net_tj[k]
-            ti = self.net_ti[k]
+        for tj in range(self.ntypes):
             lo = self.sections[tj]
             hi = self.sections[tj + 1]
-            if ti < 0:
-                idx = torch.empty(0, dtype=torch.long, device=rr.device)
-            else:
-                idx = torch.nonzero(flat_type == ti).squeeze(-1)
-            # (TorchScript unrolls loops over modules: no `continue` here)
-            if hi > lo and (ti < 0 or idx.numel() > 0):
-                width = hi - lo
-                if ti < 0:
-                    rr_k = flat_rr[:, lo:hi]
-                    s_k = flat_s[:, lo:hi]
-                    m_k = flat_mask[:, lo:hi]
-                    t_k = flat_type
-                else:
-                    rr_k = flat_rr.index_select(0, idx)[:, lo:hi]
-                    s_k = flat_s.index_select(0, idx)[:, lo:hi]
-                    m_k = flat_mask.index_select(0, idx)[:, lo:hi]
-                    t_k = flat_type.index_select(0, idx)
-                rows = torch.nonzero(m_k.reshape(-1)).squeeze(-1)
-                s_rows = s_k.reshape(-1).index_select(0, rows).unsqueeze(-1)
-                table = net(s_pad[:, lo:hi].reshape(-1, 1))  # (ntypes * width, M)
-                pad_index = (t_k.unsqueeze(-1) * width + torch.arange(width, device=rr.device)).reshape(-1)
-                g = table.index_select(0, pad_index)
-                if tangent:
-                    g_rows, t = net.value_and_tangent(s_rows)
-                    ts.append(t)
-                else:
-                    g_rows = net(s_rows)
-                g = g.index_put((rows,), g_rows)
-                if tangent and not g.requires_grad:  # frozen weights: dE/dg is still needed for forces
-                    g = g.detach().requires_grad_(True)
-                gs.append(g)
-                occupied.append(rows)
-                atoms.append(idx)
-                nets.append(k)
-                contrib = torch.matmul(rr_k.transpose(-1, -2), g.reshape(-1, width, m))
-                if ti < 0:
-                    g_mat = g_mat + contrib
-                else:
-                    g_mat = g_mat.index_add(0, idx, contrib)
-        g_t = g_mat.reshape(nf, nloc, 4, m) / self.nnei
-        d = torch.matmul(g_t.transpose(-1, -2), g_t[..., : self.axis_neuron])
-        return d.reshape(nf, nloc, m * self.axis_neuron), gs, ts, occupied, atoms, nets
+            width = hi - lo
+            m_b = flat_mask[:, lo:hi]
+            s_b = flat_s[:, lo:hi].reshape(-1)
+            slot = torch.arange(width, device=rr.device)
+            values: list[torch.Tensor] = []
+            tangents: list[torch.Tensor] = []
+            tables: list[torch.Tensor] = []
+            index = torch.zeros(n, width, dtype=torch.long, device=rr.device)
+            offset = 0
+            for k, net in enumerate(self.embeddings):
+                ti = self.net_ti[k]
+                if self.net_tj[k] == tj:
+                    own = m_b if ti < 0 else m_b & (flat_type == ti).unsqueeze(-1)
+                    flat_own = own.reshape(-1)
+                    rows = torch.nonzero(flat_own).squeeze(-1)
+                    s_rows = s_b.index_select(0, rows).unsqueeze(-1)
+                    if tangent:
+                        g_rows, t_rows = net.value_and_tangent(s_rows)
+                        tangents.append(t_rows)
+                    else:
+                        g_rows = net(s_rows)
+                    values.append(g_rows)
+                    position = (torch.cumsum(flat_own, 0) - 1 + offset).reshape(n, width)
+                    index = torch.where(own, position, index)
+                    offset += rows.shape[0]
+                    # padded rows, ordered (center type, slot)
+                    tables.append(net((s_pad[:, lo:hi] if ti < 0 else s_pad[ti, lo:hi]).reshape(-1, 1)))
+            index = torch.where(m_b, index, offset + flat_type.unsqueeze(-1) * width + slot)
+            gs.append(torch.cat(values + tables).index_select(0, index.reshape(-1)).reshape(n, width, m))
+            if tangent:
+                t_index = torch.where(m_b, index, torch.full_like(index, offset))
+                source = torch.cat(tangents + [rr.new_zeros(1, m)])
+                ts.append(source.index_select(0, t_index.reshape(-1)).reshape(n, width, m))
+        return gs, ts
+
+    def descriptor_from_env(
+        self, rr: torch.Tensor, atype: torch.Tensor, mask: torch.Tensor, tangent: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
+        """Descriptor (nf, nloc, M * axis_neuron) from R~, with the pieces :meth:`env_gradient` needs:
+        G^T / nnei (N, 4, M) and the embedding (and tangent) blocks of :meth:`embed`."""
+        nf, nloc, nnei, _ = rr.shape
+        n = nf * nloc
+        gs, ts = self.embed(rr, atype, mask, tangent)
+        flat_rr = rr.reshape(n, nnei, 4)
+        g_t = rr.new_zeros(n, 4, self.neuron[-1])
+        for tj in range(self.ntypes):
+            g_t = g_t + torch.matmul(flat_rr[:, self.sections[tj]:self.sections[tj + 1]].transpose(1, 2), gs[tj])
+        g_t = g_t / self.nnei
+        d = torch.matmul(g_t.transpose(1, 2), g_t[..., : self.axis_neuron])
+        return d.reshape(nf, nloc, -1), g_t, gs, ts
+
+    def env_gradient(
+        self, grad_d: torch.Tensor, g_t: torch.Tensor, rr: torch.Tensor, gs: list[torch.Tensor], ts: list[torch.Tensor]
+    ) -> torch.Tensor:
+        """dE/dR~ (nf, nloc, nnei, 4) from dE/dD (nf, nloc, M * axis_neuron), written out: through
+        D = G^T G<, G^T = R~^T g / nnei and, for the first column s of R~, the tangents dg/ds."""
+        nf, nloc, nnei, _ = rr.shape
+        n = nf * nloc
+        m = self.neuron[-1]
+        a = self.axis_neuron
+        d_bar = grad_d.reshape(n, m, a)
+        g_bar = torch.matmul(g_t[..., :a], d_bar.transpose(1, 2))
+        g_bar = g_bar + torch.nn.functional.pad(torch.matmul(g_t, d_bar), [0, m - a])
+        g_bar = (g_bar / self.nnei).transpose(1, 2)  # (N, M, 4)
+        flat_rr = rr.reshape(n, nnei, 4)
+        parts: list[torch.Tensor] = []
+        for tj in range(self.ntypes):
+            part = torch.matmul(gs[tj], g_bar)  # (N, sel[tj], 4)
+            ds = (flat_rr[:, self.sections[tj]:self.sections[tj + 1]] * torch.matmul(ts[tj], g_bar)).sum(-1, keepdim=True)
+            parts.append(part + torch.nn.functional.pad(ds, [0, 3]))
+        return torch.cat(parts, 1).reshape(nf, nloc, nnei, 4)
+
+    def env_matrix_vjp(
+        self, diff: torch.Tensor, mask: torch.Tensor, atype: torch.Tensor, grad_rr: torch.Tensor
+    ) -> torch.Tensor:
+        """dE/d(diff) (nf, nloc, nnei, 3) from dE/dR~ through :meth:`normalized_env`, written out.
+
+        With w(r) the switch, R = w [1/r, d/r^2]: dR_0/dd = (w' - w/r) d / r^2 and
+        dR_c/dd_k = w delta_ck / r^2 + (w' - 2 w/r) d_c d_k / r^3.
+        """
+        scale = 1.0 / self.dstd[atype]
+        if self.has_exclude:
+            keep = self.pair_keep[atype.unsqueeze(-1), self.slot_type]
+            scale = scale * torch.where(mask, keep, torch.ones_like(keep)).unsqueeze(-1)
+        u = grad_rr * scale
+        r = torch.linalg.vector_norm(diff, dim=-1, keepdim=True)
+        w, dw = switching_with_derivative(r, self.rcut_smth, self.rcut)
+        maskf = mask.unsqueeze(-1).to(diff.dtype)
+        w = w * maskf
+        dw = dw * maskf
+        inv_r = 1.0 / r
+        dot = (u[..., 1:] * diff).sum(-1, keepdim=True)
+        coef = (u[..., :1] * (dw - w * inv_r) + dot * (dw - 2.0 * w * inv_r) * inv_r) * inv_r * inv_r
+        return coef * diff + u[..., 1:] * (w * inv_r * inv_r)
 
     def forward(self, diff: torch.Tensor, mask: torch.Tensor, atype: torch.Tensor) -> torch.Tensor:
         """Descriptor (nf, nloc, M * axis_neuron) from pair vectors diff (nf, nloc, nnei, 3) Å."""
-        return self.descriptor_from_env(self.normalized_env(diff, mask, atype), atype, mask, False)[0]
+        return self.descriptor_from_env(self.normalized_env(diff, mask, atype), atype, mask)[0]

@@ -43,14 +43,8 @@ class EnergyFitting(nn.Module):
         self.register_buffer("aparam_avg", torch.zeros(self.numb_aparam, dtype=dtype))
         self.register_buffer("aparam_inv_std", torch.ones(self.numb_aparam, dtype=dtype))
 
-    def forward(
-        self,
-        descriptor: torch.Tensor,
-        atype: torch.Tensor,
-        fparam: torch.Tensor | None = None,
-        aparam: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """Atomic energies (nf, nloc) eV from descriptor (nf, nloc, dim), fparam (nf, nq), aparam (nf, nloc, np)."""
+    def _inputs(self, descriptor: torch.Tensor, fparam: torch.Tensor | None, aparam: torch.Tensor | None) -> torch.Tensor:
+        """The nets' input (nf, nloc, dim + nq + np): descriptor, normalised fparam and aparam."""
         nf, nloc, _ = descriptor.shape
         parts = [descriptor]
         if self.numb_fparam:
@@ -62,7 +56,18 @@ class EnergyFitting(nn.Module):
             if aparam is None:
                 raise ValueError(f"this model needs aparam ({self.numb_aparam} values per atom)")
             parts.append((aparam.reshape(nf, nloc, self.numb_aparam) - self.aparam_avg) * self.aparam_inv_std)
-        x = torch.cat(parts, dim=-1)
+        return torch.cat(parts, dim=-1)
+
+    def forward(
+        self,
+        descriptor: torch.Tensor,
+        atype: torch.Tensor,
+        fparam: torch.Tensor | None = None,
+        aparam: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Atomic energies (nf, nloc) eV from descriptor (nf, nloc, dim), fparam (nf, nq), aparam (nf, nloc, np)."""
+        nf, nloc, _ = descriptor.shape
+        x = self._inputs(descriptor, fparam, aparam)
         flat_x = x.reshape(nf * nloc, -1)
         flat_type = atype.reshape(-1)
         out = x.new_zeros(nf * nloc)
@@ -71,3 +76,27 @@ class EnergyFitting(nn.Module):
             if idx.numel():
                 out = out.index_add(0, idx, net(flat_x.index_select(0, idx)).squeeze(-1))
         return out.reshape(nf, nloc) + self.bias_atom_e[atype]
+
+    def forward_with_grad(
+        self,
+        descriptor: torch.Tensor,
+        atype: torch.Tensor,
+        fparam: torch.Tensor | None = None,
+        aparam: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Atomic energies (nf, nloc) and dE_i/dD_i (nf, nloc, dim_descrpt), the gradient written out
+        explicitly (differentiable by one backward pass)."""
+        nf, nloc, dim = descriptor.shape
+        x = self._inputs(descriptor, fparam, aparam)
+        flat_x = x.reshape(nf * nloc, -1)
+        flat_type = atype.reshape(-1)
+        out = x.new_zeros(nf * nloc)
+        grad = x.new_zeros(nf * nloc, dim)
+        one = x.new_ones(1)
+        for t, net in enumerate(self.nets):
+            idx = torch.nonzero(flat_type == t).squeeze(-1)
+            if idx.numel():
+                value, g = net.value_and_input_grad(flat_x.index_select(0, idx), one)
+                out = out.index_add(0, idx, value.squeeze(-1))
+                grad = grad.index_add(0, idx, g[:, :dim])
+        return out.reshape(nf, nloc) + self.bias_atom_e[atype], grad.reshape(nf, nloc, dim)

@@ -107,3 +107,48 @@ class ResidualMLP(nn.Module):
             tx = t
         assert tx is not None
         return x, tx
+
+    def value_and_input_grad(self, x: torch.Tensor, grad_out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Output (rows, n_out) and ``sum_o grad_out[o] d out_o / d x`` (rows, in_dim) for a constant
+        ``grad_out`` (n_out,): the input gradient is written out layer by layer (no autograd), so a
+        training step differentiates it with a single backward pass.
+        """
+        widths: list[int] = []
+        hidden: list[torch.Tensor] = []
+        matrices: list[torch.Tensor] = []
+        scales: list[torch.Tensor | None] = []
+        kinds: list[int] = []
+        for layer in self.layers:
+            widths.append(x.shape[-1])
+            matrices.append(layer.matrix)
+            y = torch.addmm(layer.bias, x, layer.matrix)
+            if layer.activate:
+                h = torch.tanh(y)
+                hidden.append(h)
+                idt = layer.idt
+                scales.append(idt)
+                kinds.append(layer.kind)
+                y = _residual(h * idt if idt is not None else h, x, layer.kind)
+            else:  # linear layer: derivative 1, no residual
+                hidden.append(y)
+                scales.append(None)
+                kinds.append(-1)
+            x = y
+        grad = grad_out.expand(x.shape[0], grad_out.shape[0])
+        for k in range(len(kinds) - 1, -1, -1):  # (TorchScript cannot iterate a ModuleList backwards)
+            gz = grad
+            kind = kinds[k]
+            if kind >= 0:
+                idt = scales[k]
+                if idt is not None:
+                    gz = gz * idt
+                h = hidden[k]
+                gz = gz * torch.addcmul(torch.ones_like(h), h, h, value=-1.0)
+            gx = torch.mm(gz, matrices[k].t())
+            if kind == 1:
+                gx = gx + grad
+            elif kind == 2:
+                w = widths[k]
+                gx = gx + grad[:, :w] + grad[:, w:]
+            grad = gx
+        return x, grad

@@ -24,8 +24,8 @@ log = logging.getLogger(__name__)
 class DeepPotentialModule(L.LightningModule):
     """Trains an :class:`EnergyModel` (built from the plain ``model`` config) with an :class:`EnergyLoss`.
 
-    Forces (and the virial when a virial term is on) come from autograd inside the step with
-    ``create_graph=True``. Data statistics are computed once on the first fit and kept in the
+    Forces (and the virial when a virial term is on) are written out in closed form by the model and
+    differentiated with the loss in one backward pass. Data statistics are computed once on the first fit and kept in the
     checkpoint (``stats_ready`` buffer), never recomputed on resume.
     """
 
@@ -107,8 +107,7 @@ class DeepPotentialModule(L.LightningModule):
         return loss
 
     def _eval_step(self, batch: dict, stage: str) -> dict[str, torch.Tensor]:
-        with torch.enable_grad():
-            pred = self(batch, do_force=True, do_virial=bool(batch.get("find_virial")))
+        pred = self(batch, do_force=True, do_virial=bool(batch.get("find_virial")))  # closed-form forces: no grad needed
         pred = {k: v.detach() for k, v in pred.items()}
         loss, _ = self.loss(pred, batch, self._lr_ratio(), strict=False)
         nf = batch["coord"].shape[0]
