@@ -166,11 +166,11 @@ class SeE2A(nn.Module):
                     # padded rows, ordered (center type, slot)
                     tables.append(net((s_pad[:, lo:hi] if ti < 0 else s_pad[ti, lo:hi]).reshape(-1, 1)))
             index = torch.where(m_b, index, offset + flat_type.unsqueeze(-1) * width + slot)
-            gs.append(torch.cat(values + tables).index_select(0, index.reshape(-1)).reshape(n, width, m))
+            gs.append(torch.nn.functional.embedding(index, torch.cat(values + tables)))  # a fast row gather
             if tangent:
                 t_index = torch.where(m_b, index, torch.full_like(index, offset))
                 source = torch.cat(tangents + [rr.new_zeros(1, m)])
-                ts.append(source.index_select(0, t_index.reshape(-1)).reshape(n, width, m))
+                ts.append(torch.nn.functional.embedding(t_index, source))
         return gs, ts
 
     def descriptor_from_env(
