@@ -108,11 +108,10 @@ def make_batches(samples: list[dict], batch_size: int, device: torch.device) -> 
 
 
 def bench_inference(model: EnergyModel, batches: list[dict], device: torch.device, warmup: int, repeat: int) -> dict:
-    """Energy + forces (autograd through the pair vectors, parameters frozen) over prebuilt batches."""
+    """Energy + forces (closed form, no autograd graph) over prebuilt batches."""
     n_frames = sum(len(b["coord"]) for b in batches)
-    for p in model.parameters():
-        p.requires_grad_(False)
 
+    @torch.no_grad()
     def infer(subset: list[dict]) -> None:
         for batch in subset:
             model(**model_inputs(batch), do_force=True, do_virial=False)
@@ -139,7 +138,7 @@ def bench_matmul(dtype: torch.dtype, device: torch.device, n: int = 1024, repeat
 
 
 def train_step_fn(model: EnergyModel, batch: dict):
-    """One DeePMD training step (energy + force loss, forces with create_graph, Adam)."""
+    """One DeePMD training step (energy + force loss, forces with their graph, one backward, Adam)."""
     from dpfit.training.loss import EnergyLoss
 
     loss_fn = EnergyLoss()
@@ -221,7 +220,8 @@ nl = build_neighbor_list(coord, atype, box, model.rcut, model.sel, warn=False)
 inp = dict(coord=torch.from_numpy(coord)[None], atype=torch.from_numpy(atype)[None], nlist=torch.from_numpy(nl.nlist)[None],
            box=torch.from_numpy(box)[None], shift=torch.from_numpy(nl.shift)[None])
 start = time.perf_counter()
-out = model(**inp, do_force=True, create_graph=train)
+with torch.set_grad_enabled(train):
+    out = model(**inp, do_force=True, create_graph=train)
 if train:
     (out["energy"].sum() + out["force"].square().sum()).backward()
 seconds = time.perf_counter() - start
