@@ -14,8 +14,8 @@ import argparse
 import time
 
 import torch
-
 from benchmark import WATER_CKPT, WATER_DATA, build_model, pick_frames, train_step_fn
+
 from dpfit.data.batch import collate, make_sample
 
 

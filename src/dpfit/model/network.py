@@ -88,6 +88,8 @@ class ResidualMLP(nn.Module):
                 last.bias.zero_()
             layers.append(last)
         self.layers = nn.ModuleList(layers)
+        #: value_and_tangent through the hand-written backward when autograd records (tanh layers only)
+        self.fused_tangent = all(layer.activate for layer in layers)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         for layer in self.layers:
@@ -98,8 +100,12 @@ class ResidualMLP(nn.Module):
         """Output and its derivative with respect to a scalar input ``s`` (rows, 1): (rows, n_L) twice.
 
         Forward-mode through the tanh layers, so forces need no backward pass through the embedding
-        net and training needs no double backward.
+        net and training needs no double backward. While autograd records (training), the whole net runs
+        as one :class:`~dpfit.model.tangent_function.ValueAndTangent` with a hand-written backward.
         """
+        if not torch.jit.is_scripting():
+            if torch.is_grad_enabled() and self.fused_tangent:
+                return self._value_and_tangent_fused(s)
         x = s
         tx: torch.Tensor | None = None
         for layer in self.layers:
@@ -107,6 +113,17 @@ class ResidualMLP(nn.Module):
             tx = t
         assert tx is not None
         return x, tx
+
+    @torch.jit.unused
+    def _value_and_tangent_fused(self, s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        from dpfit.model.tangent_function import ValueAndTangent
+
+        params: list[torch.Tensor] = []
+        for layer in self.layers:
+            params += [layer.matrix, layer.bias] + ([layer.idt] if layer.idt is not None else [])
+        kinds = tuple(layer.kind for layer in self.layers)
+        has_idt = tuple(layer.idt is not None for layer in self.layers)
+        return ValueAndTangent.apply(kinds, has_idt, s, *params)
 
     def value_and_input_grad(self, x: torch.Tensor, grad_out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Output (rows, n_out) and ``sum_o grad_out[o] d out_o / d x`` (rows, in_dim) for a constant

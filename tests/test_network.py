@@ -1,0 +1,73 @@
+"""Dense networks: the hand-written backward of the embedding nets' value + tangent, the fitting
+nets' written-out input gradient, against autograd."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from dpfit.model.network import ResidualMLP
+from dpfit.model.tangent_function import ValueAndTangent
+
+NETS = {"deepmd_25_50_100": ([25, 50, 100], False), "resnet_dt": ([6, 12, 12], True),
+        "first_layer_residual": ([2, 4, 3], True), "first_layer_equal": ([1, 1], False)}
+
+
+def _plain_value_and_tangent(net: ResidualMLP, s: torch.Tensor):
+    net.fused_tangent = False
+    try:
+        return net.value_and_tangent(s)
+    finally:
+        net.fused_tangent = True
+
+
+def _params(net: ResidualMLP) -> list[torch.Tensor]:
+    return [p for layer in net.layers for p in (layer.matrix, layer.bias, layer.idt) if p is not None]
+
+
+@pytest.mark.parametrize("name", list(NETS), ids=list(NETS))
+def test_fused_value_and_tangent_equals_plain_path(name):
+    neuron, resnet_dt = NETS[name]
+    net = ResidualMLP(1, neuron, resnet_dt, generator=torch.Generator().manual_seed(0))
+    assert net.fused_tangent
+    s = torch.linspace(-1.5, 2.0, 37, dtype=torch.float64).unsqueeze(-1).requires_grad_(True)
+    g, t = net.value_and_tangent(s)
+    g_ref, t_ref = _plain_value_and_tangent(net, s)
+    torch.testing.assert_close(g, g_ref, rtol=0, atol=1e-14)
+    torch.testing.assert_close(t, t_ref, rtol=0, atol=1e-14)
+    # a loss using both outputs: identical gradients for every parameter and for s
+    w1, w2 = torch.randn_like(g), torch.randn_like(t)
+    inputs = [s, *_params(net)]
+    grads = torch.autograd.grad((g * w1).sum() + ((t * w2) ** 2).sum(), inputs)
+    ref = torch.autograd.grad((g_ref * w1).sum() + ((t_ref * w2) ** 2).sum(), inputs)
+    for a, b in zip(grads, ref):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+def test_fused_value_and_tangent_gradcheck():
+    net = ResidualMLP(1, [3, 6], True, generator=torch.Generator().manual_seed(1))
+    s = torch.randn(5, 1, dtype=torch.float64, requires_grad=True)
+    params = _params(net)
+    kinds = tuple(layer.kind for layer in net.layers)
+    has_idt = tuple(layer.idt is not None for layer in net.layers)
+    assert torch.autograd.gradcheck(lambda s, *p: ValueAndTangent.apply(kinds, has_idt, s, *p), (s, *params))
+
+
+def test_fused_path_only_while_autograd_records():
+    net = ResidualMLP(1, [4, 8], False, generator=torch.Generator().manual_seed(2))
+    s = torch.randn(6, 1, dtype=torch.float64)
+    g, _ = net.value_and_tangent(s)
+    assert g.grad_fn is not None and "ValueAndTangent" in type(g.grad_fn).__name__
+    with torch.no_grad():
+        g0, _ = net.value_and_tangent(s)
+    torch.testing.assert_close(g0, g.detach(), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("resnet_dt", [False, True])
+def test_fitting_input_gradient_equals_autograd(resnet_dt):
+    net = ResidualMLP(20, [10, 20, 20], resnet_dt, out_dim=1, generator=torch.Generator().manual_seed(3))
+    x = torch.randn(7, 20, dtype=torch.float64, requires_grad=True)
+    value, grad = net.value_and_input_grad(x, torch.ones(1, dtype=torch.float64))
+    (ref,) = torch.autograd.grad(net(x).sum(), x)
+    torch.testing.assert_close(value, net(x), rtol=0, atol=0)
+    torch.testing.assert_close(grad, ref, rtol=0, atol=1e-14)
