@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from dpfit.model.network import ResidualMLP
+from dpfit.model.row_gather import gather_rows
 
 
 def switching_function(r: torch.Tensor, rcut_smth: float, rcut: float) -> torch.Tensor:
@@ -145,6 +146,7 @@ class SeE2A(nn.Module):
             values: list[torch.Tensor] = []
             tangents: list[torch.Tensor] = []
             tables: list[torch.Tensor] = []
+            owned: list[torch.Tensor] = []  # flat slot of each net output row, in source order
             index = torch.zeros(n, width, dtype=torch.long, device=rr.device)
             offset = 0
             for k, net in enumerate(self.embeddings):
@@ -160,17 +162,21 @@ class SeE2A(nn.Module):
                     else:
                         g_rows = net(s_rows)
                     values.append(g_rows)
+                    owned.append(rows)
                     position = (torch.cumsum(flat_own, 0) - 1 + offset).reshape(n, width)
                     index = torch.where(own, position, index)
                     offset += rows.shape[0]
                     # padded rows, ordered (center type, slot)
                     tables.append(net((s_pad[:, lo:hi] if ti < 0 else s_pad[ti, lo:hi]).reshape(-1, 1)))
             index = torch.where(m_b, index, offset + flat_type.unsqueeze(-1) * width + slot)
-            gs.append(torch.nn.functional.embedding(index, torch.cat(values + tables)))  # a fast row gather
+            inverse = torch.cat(owned)
+            pad_slots = torch.nonzero(~m_b.reshape(-1)).squeeze(-1)
+            pad_rows = index.reshape(-1).index_select(0, pad_slots)
+            gs.append(gather_rows(torch.cat(values + tables), index, inverse, pad_slots, pad_rows))
             if tangent:
                 t_index = torch.where(m_b, index, torch.full_like(index, offset))
                 source = torch.cat(tangents + [rr.new_zeros(1, m)])
-                ts.append(torch.nn.functional.embedding(t_index, source))
+                ts.append(gather_rows(source, t_index, inverse, pad_slots[:0], pad_rows[:0]))
         return gs, ts
 
     def descriptor_from_env(
@@ -182,11 +188,12 @@ class SeE2A(nn.Module):
         n = nf * nloc
         gs, ts = self.embed(rr, atype, mask, tangent)
         flat_rr = rr.reshape(n, nnei, 4)
-        g_t = rr.new_zeros(n, 4, self.neuron[-1])
-        for tj in range(self.ntypes):
-            g_t = g_t + torch.matmul(flat_rr[:, self.sections[tj]:self.sections[tj + 1]].transpose(1, 2), gs[tj])
+        # (bmm, not matmul: matmul's broadcasting adds no-op expand nodes that cost time in backward)
+        g_t = torch.bmm(flat_rr[:, : self.sections[1]].transpose(1, 2), gs[0])
+        for tj in range(1, self.ntypes):
+            g_t = torch.baddbmm(g_t, flat_rr[:, self.sections[tj]:self.sections[tj + 1]].transpose(1, 2), gs[tj])
         g_t = g_t / self.nnei
-        d = torch.matmul(g_t.transpose(1, 2), g_t[..., : self.axis_neuron])
+        d = torch.bmm(g_t.transpose(1, 2), g_t[..., : self.axis_neuron])
         return d.reshape(nf, nloc, -1), g_t, gs, ts
 
     def env_gradient(
@@ -199,14 +206,14 @@ class SeE2A(nn.Module):
         m = self.neuron[-1]
         a = self.axis_neuron
         d_bar = grad_d.reshape(n, m, a)
-        g_bar = torch.matmul(g_t[..., :a], d_bar.transpose(1, 2))
-        g_bar = g_bar + torch.nn.functional.pad(torch.matmul(g_t, d_bar), [0, m - a])
+        g_bar = torch.bmm(g_t[..., :a], d_bar.transpose(1, 2))
+        g_bar = g_bar + torch.nn.functional.pad(torch.bmm(g_t, d_bar), [0, m - a])
         g_bar = (g_bar / self.nnei).transpose(1, 2)  # (N, M, 4)
         flat_rr = rr.reshape(n, nnei, 4)
         parts: list[torch.Tensor] = []
         for tj in range(self.ntypes):
-            part = torch.matmul(gs[tj], g_bar)  # (N, sel[tj], 4)
-            ds = (flat_rr[:, self.sections[tj]:self.sections[tj + 1]] * torch.matmul(ts[tj], g_bar)).sum(-1, keepdim=True)
+            part = torch.bmm(gs[tj], g_bar)  # (N, sel[tj], 4)
+            ds = (flat_rr[:, self.sections[tj]:self.sections[tj + 1]] * torch.bmm(ts[tj], g_bar)).sum(-1, keepdim=True)
             parts.append(part + torch.nn.functional.pad(ds, [0, 3]))
         return torch.cat(parts, 1).reshape(nf, nloc, nnei, 4)
 

@@ -10,6 +10,7 @@ work. Numbers are identical to the plain path (tests compare both, values and pa
 from __future__ import annotations
 
 import torch
+from torch.autograd.function import once_differentiable
 
 
 def _fold(grad: torch.Tensor, kind: int, width: int) -> torch.Tensor | None:
@@ -66,6 +67,7 @@ class ValueAndTangent(torch.autograd.Function):
         return x, tx
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_g: torch.Tensor | None, grad_t: torch.Tensor | None):
         saved = ctx.saved_tensors
         params = saved[ctx.n_saved:]
