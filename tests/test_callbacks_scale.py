@@ -138,3 +138,24 @@ def test_scale_by_worker(tmp_path, mode, factor):
     assert opt.param_groups[0]["lr"] == pytest.approx(0.002 * factor)
     module.trainer = SimpleNamespace(world_size=1)
     assert module.configure_optimizers()["optimizer"].param_groups[0]["lr"] == pytest.approx(0.002)
+
+
+def test_step_timer_counts_fetch_and_excludes_validation(monkeypatch, tmp_path):
+    """Steps are timed end to end (batch fetch included), validation time is taken out."""
+    import time
+    from types import SimpleNamespace
+
+    from dpfit.training.callbacks import StepTimer
+
+    clock = iter([0.0, 1.0, 3.0, 3.5, 13.5, 15.5]).__next__
+    monkeypatch.setattr(time, "perf_counter", clock)
+    timer = StepTimer(skip=0)
+    trainer = SimpleNamespace(global_step=1, default_root_dir=str(tmp_path), is_global_zero=True)
+    timer.on_train_batch_end(trainer, None, None, None, 0)  # t=0: first end, nothing timed
+    timer.on_train_batch_end(trainer, None, None, None, 1)  # t=1: a 1 s step
+    timer.on_validation_start(trainer, None)  # t=3
+    timer.on_validation_end(trainer, None)  # t=3.5: 0.5 s of validation
+    timer.on_train_batch_end(trainer, None, None, None, 2)  # t=13.5: 12.5 s, less 0.5 s validation
+    timer.on_train_batch_end(trainer, None, None, None, 3)  # t=15.5: a 2 s step
+    assert timer.count == 3
+    assert abs(timer.total - (1.0 + 12.0 + 2.0)) < 1e-12

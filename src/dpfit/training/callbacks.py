@@ -62,26 +62,39 @@ def summary_rows(metrics: dict) -> list[tuple[str, str, str]]:
 
 
 class StepTimer(L.Callback):
-    """Wall time per training step (batch fetch + step), validation excluded, after ``skip`` warm-up
-    steps; printed at the end and written to ``<run>/timing.json`` (the benchmark scripts read it)."""
+    """Wall time per training step, batch fetch (neighbor lists) included and validation excluded: the
+    time between consecutive ends of training batches, less any validation in between, after ``skip``
+    warm-up steps; printed at the end and written to ``<run>/timing.json`` (the benchmark scripts read it)."""
 
     def __init__(self, skip: int = 10) -> None:
         self.skip = skip
         self.total = 0.0
         self.count = 0
-        self._start: float | None = None
+        self._last_end: float | None = None
+        self._val_start: float | None = None
+        self._val_time = 0.0
 
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+    def on_validation_start(self, trainer, pl_module) -> None:
         import time
 
-        self._start = time.perf_counter()
+        self._val_start = time.perf_counter()
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        import time
+
+        if self._val_start is not None:
+            self._val_time += time.perf_counter() - self._val_start
+            self._val_start = None
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         import time
 
-        if self._start is not None and trainer.global_step > self.skip:
-            self.total += time.perf_counter() - self._start
+        now = time.perf_counter()
+        if self._last_end is not None and trainer.global_step > self.skip:
+            self.total += now - self._last_end - self._val_time
             self.count += 1
+        self._last_end = now
+        self._val_time = 0.0
 
     @rank_zero_only
     def on_fit_end(self, trainer, pl_module) -> None:
