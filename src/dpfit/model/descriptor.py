@@ -118,14 +118,18 @@ class SeE2A(nn.Module):
         return rr
 
     def embed(
-        self, rr: torch.Tensor, atype: torch.Tensor, mask: torch.Tensor, tangent: bool = False
+        self, rr: torch.Tensor, atype: torch.Tensor, mask: torch.Tensor, tangent: bool = False,
+        partner: torch.Tensor | None = None,
     ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """Embedding of every neighbor slot, one (N = nf * nloc, sel[t], M) tensor per neighbor type t.
 
         The nets run only on occupied slots; a padded slot's input is the constant ``-davg/dstd`` of its
         (center type, slot), so its row comes from a small per-type table. Both are gathered into the
-        padded layout by one ``index_select``. With ``tangent`` the second list holds dg/ds (forward
-        mode through the net; zero on padded slots, whose input does not depend on the coordinates).
+        padded layout by one gather. With ``tangent`` the second list holds dg/ds (forward mode through
+        the net; zero on padded slots, whose input does not depend on the coordinates). ``partner``
+        (nf, nloc, nnei): flat slot of each slot's reverse pair or -1 (:func:`~dpfit.model.pairs.reverse_slots`);
+        of two reverse slots only the first is embedded and the second reuses its row (valid when
+        :meth:`reverse_pairs_share_input`).
         """
         nf, nloc, nnei, _ = rr.shape
         n = nf * nloc
@@ -143,6 +147,16 @@ class SeE2A(nn.Module):
             m_b = flat_mask[:, lo:hi]
             s_b = flat_s[:, lo:hi].reshape(-1)
             slot = torch.arange(width, device=rr.device)
+            computed = m_b
+            reuse = torch.zeros_like(m_b)
+            partner_local = torch.zeros(n, width, dtype=torch.long, device=rr.device)
+            if partner is not None:
+                p_b = partner.reshape(n, nnei)[:, lo:hi]
+                # the partner's block-local flat position (same block: both atoms have type tj)
+                partner_local = (p_b // nnei) * width + p_b % nnei - lo
+                local = torch.arange(n * width, device=rr.device).reshape(n, width)
+                reuse = (p_b >= 0) & (partner_local < local)
+                computed = m_b & ~reuse
             values: list[torch.Tensor] = []
             tangents: list[torch.Tensor] = []
             tables: list[torch.Tensor] = []
@@ -152,7 +166,7 @@ class SeE2A(nn.Module):
             for k, net in enumerate(self.embeddings):
                 ti = self.net_ti[k]
                 if self.net_tj[k] == tj:
-                    own = m_b if ti < 0 else m_b & (flat_type == ti).unsqueeze(-1)
+                    own = computed if ti < 0 else computed & (flat_type == ti).unsqueeze(-1)
                     flat_own = own.reshape(-1)
                     rows = torch.nonzero(flat_own).squeeze(-1)
                     s_rows = s_b.index_select(0, rows).unsqueeze(-1)
@@ -169,24 +183,42 @@ class SeE2A(nn.Module):
                     # padded rows, ordered (center type, slot)
                     tables.append(net((s_pad[:, lo:hi] if ti < 0 else s_pad[ti, lo:hi]).reshape(-1, 1)))
             index = torch.where(m_b, index, offset + flat_type.unsqueeze(-1) * width + slot)
+            if partner is not None:
+                index = torch.where(reuse, index.reshape(-1)[partner_local.clamp(min=0)].reshape(n, width), index)
             inverse = torch.cat(owned)
-            pad_slots = torch.nonzero(~m_b.reshape(-1)).squeeze(-1)
-            pad_rows = index.reshape(-1).index_select(0, pad_slots)
-            gs.append(gather_rows(torch.cat(values + tables), index, inverse, pad_slots, pad_rows))
+            other_slots = torch.nonzero(~computed.reshape(-1)).squeeze(-1)  # padded and reused slots
+            gs.append(gather_rows(torch.cat(values + tables), index, inverse, other_slots,
+                                  index.reshape(-1).index_select(0, other_slots)))
             if tangent:
                 t_index = torch.where(m_b, index, torch.full_like(index, offset))
                 source = torch.cat(tangents + [rr.new_zeros(1, m)])
-                ts.append(gather_rows(source, t_index, inverse, pad_slots[:0], pad_rows[:0]))
+                ts.append(gather_rows(source, t_index, inverse, other_slots,
+                                      t_index.reshape(-1).index_select(0, other_slots)))
         return gs, ts
 
+    def reverse_pairs_share_input(self) -> bool:
+        """True when ``davg``/``dstd`` of the radial column are the same over the slots of each neighbor
+        type block (as DeePMD's statistics make them): then s(r) of a same-type pair is the same from
+        both atoms, and the embedding can run once per pair."""
+        for tj in range(self.ntypes):
+            lo = self.sections[tj]
+            hi = self.sections[tj + 1]
+            if hi > lo:
+                avg = self.davg[:, lo:hi, 0]
+                std = self.dstd[:, lo:hi, 0]
+                if not bool(torch.all(avg == avg[:, :1])) or not bool(torch.all(std == std[:, :1])):
+                    return False
+        return True
+
     def descriptor_from_env(
-        self, rr: torch.Tensor, atype: torch.Tensor, mask: torch.Tensor, tangent: bool = False
+        self, rr: torch.Tensor, atype: torch.Tensor, mask: torch.Tensor, tangent: bool = False,
+        partner: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
         """Descriptor (nf, nloc, M * axis_neuron) from R~, with the pieces :meth:`env_gradient` needs:
         G^T / nnei (N, 4, M) and the embedding (and tangent) blocks of :meth:`embed`."""
         nf, nloc, nnei, _ = rr.shape
         n = nf * nloc
-        gs, ts = self.embed(rr, atype, mask, tangent)
+        gs, ts = self.embed(rr, atype, mask, tangent, partner)
         flat_rr = rr.reshape(n, nnei, 4)
         # (bmm, not matmul: matmul's broadcasting adds no-op expand nodes that cost time in backward)
         g_t = torch.bmm(flat_rr[:, : self.sections[1]].transpose(1, 2), gs[0])

@@ -9,6 +9,7 @@ from torch import nn
 
 from dpfit.model.descriptor import SeE2A
 from dpfit.model.fitting import EnergyFitting
+from dpfit.model.pairs import reverse_slots
 
 DTYPES = {"float64": torch.float64, "float32": torch.float32}
 
@@ -52,6 +53,8 @@ class EnergyModel(nn.Module):
         self.descriptor = descriptor
         self.fitting = fitting
         self.config = config or {}
+        #: embed each same-type pair once (both directions share the embedding row); False: every slot
+        self.share_reverse_pairs = True
 
     @classmethod
     @torch.jit.ignore
@@ -109,7 +112,10 @@ class EnergyModel(nn.Module):
         need_grad = do_force or do_virial or do_atomic_virial
         desc = self.descriptor
         rr = desc.normalized_env(diff, mask, atype)
-        descriptor, g_t, gs, ts = desc.descriptor_from_env(rr, atype, mask, need_grad)
+        partner: torch.Tensor | None = None
+        if self.share_reverse_pairs and desc.reverse_pairs_share_input():
+            partner = reverse_slots(nlist, shift, atype, desc.slot_type)
+        descriptor, g_t, gs, ts = desc.descriptor_from_env(rr, atype, mask, need_grad, partner)
         if not need_grad:
             atom_energy = self.fitting(descriptor, atype, fparam, aparam)
             return {"energy": atom_energy.sum(dim=-1), "atom_energy": atom_energy}

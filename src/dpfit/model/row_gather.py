@@ -1,8 +1,9 @@
 """Gather of embedding rows into the padded (atom, neighbor slot) layout, with a cheap backward.
 
-Each occupied slot takes its own row of the source (a one-to-one map), padded slots share a few table
-rows. The generic backward of a gather scatters every slot's gradient; here the occupied part is a
-plain gather with the inverse map and only the padded slots are summed into their table rows.
+Most slots take their own row of the source (a one-to-one map); padded slots share a few table rows
+and a reverse pair's second slot reuses its partner's row. The generic backward of a gather scatters
+every slot's gradient; here the one-to-one part is a plain gather with the inverse map and only the
+other slots are summed into their rows.
 """
 
 from __future__ import annotations
@@ -11,8 +12,8 @@ import torch
 
 
 class GatherRows(torch.autograd.Function):
-    """``out[i, j] = source[index[i, j]]`` where source rows ``[0, len(inverse))`` are each used once,
-    by flat slot ``inverse[r]``, and the other rows by the flat slots ``pad_slots`` (``pad_rows``)."""
+    """``out[i, j] = source[index[i, j]]`` where source row r < len(inverse) is used by flat slot
+    ``inverse[r]``, and the remaining flat slots ``pad_slots`` use rows ``pad_rows`` (any rows)."""
 
     @staticmethod
     def forward(ctx, source: torch.Tensor, index: torch.Tensor, inverse: torch.Tensor, pad_slots: torch.Tensor,
@@ -27,15 +28,15 @@ class GatherRows(torch.autograd.Function):
         flat = grad.reshape(-1, grad.shape[-1])
         n_own = inverse.shape[0]
         if torch.is_grad_enabled():  # create_graph: differentiable ops only (a second derivative)
-            tail = flat.new_zeros(ctx.n_source - n_own, flat.shape[1])
+            out = torch.cat([flat.index_select(0, inverse), flat.new_zeros(ctx.n_source - n_own, flat.shape[1])])
             if pad_slots.numel():
-                tail = tail.index_add(0, pad_rows - n_own, flat.index_select(0, pad_slots))
-            return torch.cat([flat.index_select(0, inverse), tail]), None, None, None, None
+                out = out.index_add(0, pad_rows, flat.index_select(0, pad_slots))
+            return out, None, None, None, None
         out = flat.new_empty(ctx.n_source, flat.shape[1])
         torch.index_select(flat, 0, inverse, out=out[:n_own])
-        tail = out[n_own:].zero_()
+        out[n_own:].zero_()
         if pad_slots.numel():
-            tail.index_add_(0, pad_rows - n_own, flat.index_select(0, pad_slots))
+            out.index_add_(0, pad_rows, flat.index_select(0, pad_slots))
         return out, None, None, None, None
 
 

@@ -1,0 +1,94 @@
+"""Reverse-pair sharing of the embedding: each same-type pair is embedded once, with the same results."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from dpfit.data.neighbor import build_neighbor_list
+from dpfit.model.pairs import reverse_slots
+
+pytestmark = pytest.mark.usefixtures("single_torch_thread")
+
+
+def _lists(frames, rcut, sel):
+    nls = [build_neighbor_list(c, a, b, rcut, sel, warn=False) for c, a, b in frames]
+    nlist = torch.from_numpy(np.stack([nl.nlist for nl in nls]))
+    shift = torch.from_numpy(np.stack([nl.shift for nl in nls])) if frames[0][2] is not None else None
+    atype = torch.from_numpy(np.stack([a for _, a, _ in frames]))
+    slot_type = torch.repeat_interleave(torch.arange(len(sel)), torch.tensor(sel))
+    return nlist, shift, atype, slot_type
+
+
+def _brute_force(nlist, shift, atype, slot_type):
+    nf, nloc, nnei = nlist.shape
+    where = {}
+    for f in range(nf):
+        for i in range(nloc):
+            for k in range(nnei):
+                j = int(nlist[f, i, k])
+                if j >= 0:
+                    s = tuple(int(v) for v in shift[f, i, k]) if shift is not None else (0, 0, 0)
+                    where[(f, i, j, s)] = (f * nloc + i) * nnei + k
+    expect = np.full(nf * nloc * nnei, -1)
+    for (f, i, j, s), p in where.items():
+        if int(atype[f, i]) == int(atype[f, j]):
+            expect[p] = where.get((f, j, i, tuple(-v for v in s)), -1)
+    return expect
+
+
+@pytest.mark.parametrize("case", ["triclinic", "small_cell_self_images", "nopbc", "truncated_sel"])
+def test_reverse_slots_match_brute_force(random_frame, case):
+    rcut, sel, box = 4.0, [30, 30], None
+    if case == "small_cell_self_images":  # rcut > half the cell: an atom neighbors its own images
+        box, sel = np.diag([3.1, 3.3, 3.6]) + np.array([[0, 0, 0], [0.6, 0, 0], [-0.4, 0.5, 0]]), [60, 60]
+    if case == "truncated_sel":  # reverse pairs cut by sel from one of the two lists stay unmatched
+        sel = [3, 4]
+    natoms = 4 if case == "small_cell_self_images" else 8
+    frames = [random_frame(seed=s, natoms=natoms, periodic=case != "nopbc", box=box) for s in (1, 2)]
+    nlist, shift, atype, slot_type = _lists(frames, rcut, sel)
+    got = reverse_slots(nlist, shift, atype, slot_type).reshape(-1).numpy()
+    expect = _brute_force(nlist, shift, atype, slot_type)
+    np.testing.assert_array_equal(got, expect)
+    matched = np.flatnonzero(got >= 0)
+    assert len(matched) > 0
+    np.testing.assert_array_equal(got[got[matched]], matched)  # an involution
+    if case == "small_cell_self_images":
+        nf, nloc, nnei = nlist.shape
+        atom = (matched // nnei) % nloc
+        assert np.any((got[matched] // nnei) % nloc == atom), "expected an atom paired with its own image"
+
+
+@pytest.mark.parametrize("periodic", [True, False], ids=["pbc", "nopbc"])
+@pytest.mark.parametrize("type_one_side", [True, False], ids=["one_side", "pair_nets"])
+def test_shared_reverse_pairs_give_the_same_model(tiny_model, random_frame, periodic, type_one_side):
+    """Energies, forces, virials and the training gradient with and without sharing."""
+    model = tiny_model("float64", type_one_side=type_one_side).train()
+    assert model.descriptor.reverse_pairs_share_input()
+    box = np.diag([3.4, 3.6, 3.9]) if periodic else None
+    coord, atype, box = random_frame(seed=5, natoms=10, periodic=periodic, box=box, min_dist=1.0)
+    nlist, shift, atypes, slot_type = _lists([(coord, atype, box)], model.rcut, model.sel)
+    assert (reverse_slots(nlist, shift, atypes, slot_type) >= 0).sum() > 0
+    inputs = dict(coord=torch.from_numpy(coord)[None], atype=atypes, nlist=nlist,
+                  box=None if box is None else torch.from_numpy(box)[None], shift=shift)
+    results = []
+    for share in (True, False):
+        model.share_reverse_pairs = share
+        out = model(**inputs, do_force=True, do_virial=True, do_atomic_virial=True, create_graph=True)
+        loss = out["energy"].sum() ** 2 + (out["force"] ** 2).sum() + (out["virial"] ** 2).sum()
+        grads = torch.autograd.grad(loss, [p for p in model.parameters()])
+        results.append(({k: v.detach() for k, v in out.items()}, grads))
+    (a, ga), (b, gb) = results
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-12)
+    for x, y in zip(ga, gb):
+        torch.testing.assert_close(x, y, rtol=1e-10, atol=1e-12)
+
+
+def test_sharing_needs_slot_independent_statistics(tiny_model):
+    model = tiny_model("float64")
+    assert model.descriptor.reverse_pairs_share_input()
+    with torch.no_grad():
+        model.descriptor.davg[0, 1, 0] += 0.1  # one slot normalised differently: s(r) no longer symmetric
+    assert not model.descriptor.reverse_pairs_share_input()
