@@ -120,8 +120,10 @@ class SeE2A(nn.Module):
     def embed(
         self, rr: torch.Tensor, atype: torch.Tensor, mask: torch.Tensor, tangent: bool = False,
         partner: torch.Tensor | None = None,
-    ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        """Embedding of every neighbor slot, one (N = nf * nloc, sel[t], M) tensor per neighbor type t.
+    ) -> tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor]:
+        """Embedding of the neighbor slots, one (N = nf * nloc, k[t], M) tensor per neighbor type t, and
+        the constant G^T (ntypes, 4, M) of the slots beyond: k[t] <= sel[t] ends at the last slot of
+        type t occupied in this batch (the slots after it are padding for every atom).
 
         The nets run only on occupied slots; a padded slot's input is the constant ``-davg/dstd`` of its
         (center type, slot), so its row comes from a small per-type table. Both are gathered into the
@@ -140,32 +142,38 @@ class SeE2A(nn.Module):
         s_pad = -self.davg[:, :, 0] / self.dstd[:, :, 0]  # embedding input of a padded slot (R = 0)
         gs: list[torch.Tensor] = []
         ts: list[torch.Tensor] = []
+        tail = rr.new_zeros(self.ntypes, 4, m)
         for tj in range(self.ntypes):
             lo = self.sections[tj]
             hi = self.sections[tj + 1]
             width = hi - lo
-            m_b = flat_mask[:, lo:hi]
-            s_b = flat_s[:, lo:hi].reshape(-1)
-            slot = torch.arange(width, device=rr.device)
+            # slots [lo, lo + kept) hold every neighbor of type tj in this batch
+            kept = 0
+            if width > 0:
+                kept = int((flat_mask[:, lo:hi].to(torch.long) * torch.arange(1, width + 1, device=rr.device)).max())
+            m_b = flat_mask[:, lo:lo + kept]
+            s_b = flat_s[:, lo:lo + kept].reshape(-1)
+            slot = torch.arange(kept, device=rr.device)
             computed = m_b
             reuse = torch.zeros_like(m_b)
-            partner_local = torch.zeros(n, width, dtype=torch.long, device=rr.device)
+            partner_local = torch.zeros(n, kept, dtype=torch.long, device=rr.device)
             if partner is not None:
-                p_b = partner.reshape(n, nnei)[:, lo:hi]
+                p_b = partner.reshape(n, nnei)[:, lo:lo + kept]
                 # the partner's block-local flat position (same block: both atoms have type tj)
-                partner_local = (p_b // nnei) * width + p_b % nnei - lo
-                local = torch.arange(n * width, device=rr.device).reshape(n, width)
-                reuse = (p_b >= 0) & (partner_local < local)
+                has_partner = p_b >= 0
+                partner_local = torch.where(has_partner, (p_b // nnei) * kept + p_b % nnei - lo, torch.zeros_like(p_b))
+                local = torch.arange(n * kept, device=rr.device).reshape(n, kept)
+                reuse = has_partner & (partner_local < local)
                 computed = m_b & ~reuse
             values: list[torch.Tensor] = []
             tangents: list[torch.Tensor] = []
             tables: list[torch.Tensor] = []
             owned: list[torch.Tensor] = []  # flat slot of each net output row, in source order
-            index = torch.zeros(n, width, dtype=torch.long, device=rr.device)
+            index = torch.zeros(n, kept, dtype=torch.long, device=rr.device)
             offset = 0
-            for k, net in enumerate(self.embeddings):
-                ti = self.net_ti[k]
-                if self.net_tj[k] == tj:
+            for net_index, net in enumerate(self.embeddings):
+                ti = self.net_ti[net_index]
+                if self.net_tj[net_index] == tj:
                     own = computed if ti < 0 else computed & (flat_type == ti).unsqueeze(-1)
                     flat_own = own.reshape(-1)
                     rows = torch.nonzero(flat_own).squeeze(-1)
@@ -177,24 +185,28 @@ class SeE2A(nn.Module):
                         g_rows = net(s_rows)
                     values.append(g_rows)
                     owned.append(rows)
-                    position = (torch.cumsum(flat_own, 0) - 1 + offset).reshape(n, width)
+                    position = (torch.cumsum(flat_own, 0) - 1 + offset).reshape(n, kept)
                     index = torch.where(own, position, index)
                     offset += rows.shape[0]
                     # padded rows, ordered (center type, slot)
                     tables.append(net((s_pad[:, lo:hi] if ti < 0 else s_pad[ti, lo:hi]).reshape(-1, 1)))
             index = torch.where(m_b, index, offset + flat_type.unsqueeze(-1) * width + slot)
             if partner is not None:
-                index = torch.where(reuse, index.reshape(-1)[partner_local.clamp(min=0)].reshape(n, width), index)
+                index = torch.where(reuse, index.reshape(-1)[partner_local].reshape(n, kept), index)
+            table = torch.cat(tables)  # (ntypes * width, M), rows (center type, slot)
+            if kept < width:  # the always-padded slots: R~ and g are constants per center type
+                rr_pad = -self.davg[:, lo + kept:hi] / self.dstd[:, lo + kept:hi]
+                tail = torch.baddbmm(tail, rr_pad.transpose(1, 2), table.reshape(self.ntypes, width, m)[:, kept:])
             inverse = torch.cat(owned)
             other_slots = torch.nonzero(~computed.reshape(-1)).squeeze(-1)  # padded and reused slots
-            gs.append(gather_rows(torch.cat(values + tables), index, inverse, other_slots,
+            gs.append(gather_rows(torch.cat(values + [table]), index, inverse, other_slots,
                                   index.reshape(-1).index_select(0, other_slots)))
             if tangent:
                 t_index = torch.where(m_b, index, torch.full_like(index, offset))
                 source = torch.cat(tangents + [rr.new_zeros(1, m)])
                 ts.append(gather_rows(source, t_index, inverse, other_slots,
                                       t_index.reshape(-1).index_select(0, other_slots)))
-        return gs, ts
+        return gs, ts, tail
 
     def reverse_pairs_share_input(self) -> bool:
         """True when ``davg``/``dstd`` of the radial column are the same over the slots of each neighbor
@@ -218,12 +230,13 @@ class SeE2A(nn.Module):
         G^T / nnei (N, 4, M) and the embedding (and tangent) blocks of :meth:`embed`."""
         nf, nloc, nnei, _ = rr.shape
         n = nf * nloc
-        gs, ts = self.embed(rr, atype, mask, tangent, partner)
+        gs, ts, tail = self.embed(rr, atype, mask, tangent, partner)
         flat_rr = rr.reshape(n, nnei, 4)
         # (bmm, not matmul: matmul's broadcasting adds no-op expand nodes that cost time in backward)
-        g_t = torch.bmm(flat_rr[:, : self.sections[1]].transpose(1, 2), gs[0])
-        for tj in range(1, self.ntypes):
-            g_t = torch.baddbmm(g_t, flat_rr[:, self.sections[tj]:self.sections[tj + 1]].transpose(1, 2), gs[tj])
+        g_t = tail.index_select(0, atype.reshape(-1))
+        for tj in range(self.ntypes):
+            lo = self.sections[tj]
+            g_t = torch.baddbmm(g_t, flat_rr[:, lo:lo + gs[tj].shape[1]].transpose(1, 2), gs[tj])
         g_t = g_t / self.nnei
         d = torch.bmm(g_t.transpose(1, 2), g_t[..., : self.axis_neuron])
         return d.reshape(nf, nloc, -1), g_t, gs, ts
@@ -244,9 +257,13 @@ class SeE2A(nn.Module):
         flat_rr = rr.reshape(n, nnei, 4)
         parts: list[torch.Tensor] = []
         for tj in range(self.ntypes):
-            part = torch.bmm(gs[tj], g_bar)  # (N, sel[tj], 4)
-            ds = (flat_rr[:, self.sections[tj]:self.sections[tj + 1]] * torch.bmm(ts[tj], g_bar)).sum(-1, keepdim=True)
-            parts.append(part + torch.nn.functional.pad(ds, [0, 3]))
+            lo = self.sections[tj]
+            k = gs[tj].shape[1]
+            part = torch.bmm(gs[tj], g_bar)  # (N, k[tj], 4)
+            ds = (flat_rr[:, lo:lo + k] * torch.bmm(ts[tj], g_bar)).sum(-1, keepdim=True)
+            # always-padded slots beyond k: no dependence on the coordinates
+            parts.append(torch.nn.functional.pad(part + torch.nn.functional.pad(ds, [0, 3]),
+                                                 [0, 0, 0, self.sections[tj + 1] - lo - k]))
         return torch.cat(parts, 1).reshape(nf, nloc, nnei, 4)
 
     def env_matrix_vjp(

@@ -1,4 +1,5 @@
-"""Reverse-pair sharing of the embedding: each same-type pair is embedded once, with the same results."""
+"""Embedding-row shortcuts: each same-type pair embedded once (reverse slots), and neighbor slots that
+are padding for every atom of the batch folded into a per-type constant."""
 
 from __future__ import annotations
 
@@ -92,3 +93,30 @@ def test_sharing_needs_slot_independent_statistics(tiny_model):
     with torch.no_grad():
         model.descriptor.davg[0, 1, 0] += 0.1  # one slot normalised differently: s(r) no longer symmetric
     assert not model.descriptor.reverse_pairs_share_input()
+
+
+def test_batch_without_one_neighbor_type(fd_forces, tiny_model, random_frame, run_model):
+    """A frame with atoms of one type only: the other type's block is padding everywhere (no slot
+    kept), its constant still enters the energy, and forces are still -dE/dr."""
+    model = tiny_model("float64")
+    coord, _, box = random_frame(seed=8, natoms=6, periodic=True)
+    atype = np.zeros(len(coord), dtype=np.int64)
+    ref = run_model(model, coord, atype, box)
+    fd = fd_forces(lambda c: run_model(model, c, atype, box, virial=False)["energy"], coord, 1e-5)
+    np.testing.assert_allclose(ref["force"], fd, rtol=0, atol=1e-7)
+    # reference: every slot embedded (no shortcuts), descriptor and fitting by hand
+    from dpfit.model.energy_model import pair_vectors
+
+    desc = model.descriptor
+    nl = build_neighbor_list(coord, atype, box, model.rcut, model.sel, warn=False)
+    at = torch.from_numpy(atype)[None]
+    diff, mask = pair_vectors(torch.from_numpy(coord)[None], torch.from_numpy(box)[None],
+                              torch.from_numpy(nl.nlist)[None], torch.from_numpy(nl.shift)[None], desc.rcut + 1.0)
+    rr = desc.normalized_env(diff, mask, at)[0]  # (nloc, nnei, 4)
+    g = torch.cat([net(rr[:, desc.sections[t]:desc.sections[t + 1], :1].reshape(-1, 1)).reshape(len(atype), -1, 8)
+                   for t, net in enumerate(desc.embeddings)], 1)
+    g_t = torch.bmm(rr.transpose(1, 2), g) / desc.nnei
+    d = torch.bmm(g_t.transpose(1, 2), g_t[..., : desc.axis_neuron]).reshape(1, len(atype), -1)
+    with torch.no_grad():
+        energy = model.fitting(d, at).sum()
+    assert abs(float(energy) - ref["energy"]) < 1e-10
