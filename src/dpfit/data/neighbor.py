@@ -104,7 +104,11 @@ def build_neighbor_list(
     tj = atype[j]
     # sort by center, neighbor type, distance; equal distances (e.g. an atom's own images) are ordered
     # by index and image, so every backend gives the same list
-    order = np.lexsort((s[:, 2], s[:, 1], s[:, 0], j, np.round(d, 10), tj, i))
+    # (keys packed into integers: the same order as sorting by i, tj, round(d, 10), j, S, but faster)
+    k = int(np.abs(s).max()) + 1 if len(s) else 1
+    b = 2 * k + 1
+    tie = ((j * b + s[:, 0] + k) * b + s[:, 1] + k) * b + s[:, 2] + k
+    order = np.lexsort((tie, np.rint(d * 1e10).astype(np.int64), i * ntypes + tj))
     i, j, s, tj = i[order], j[order], s[order], tj[order]
     group = i * ntypes + tj
     counts = np.bincount(group, minlength=nloc * ntypes)
