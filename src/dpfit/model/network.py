@@ -8,6 +8,16 @@ import torch
 from torch import nn
 
 
+def tanh_of_affine(bias: torch.Tensor, x: torch.Tensor, matrix: torch.Tensor) -> torch.Tensor:
+    """``tanh(x @ matrix + bias)`` as ``2 sigmoid(2 z) - 1``, in place on one buffer: the same values to
+    ~1e-16 (absolute), and on CPU several times faster than ``torch.tanh`` in float64 (whose kernel is
+    not vectorized there, while sigmoid's exp is). In place unless autograd records through it."""
+    z2 = torch.addmm(bias, x, matrix, beta=2.0, alpha=2.0)
+    if torch.is_grad_enabled() and z2.requires_grad:  # autograd records: no in-place on sigmoid's output
+        return torch.sigmoid(z2) * 2.0 - 1.0
+    return torch.sigmoid_(z2).mul_(2.0).sub_(1.0)
+
+
 def _residual(y: torch.Tensor, x: torch.Tensor, kind: int) -> torch.Tensor:
     """``y + x`` (kind 1), ``y + [x, x]`` (kind 2, without materialising the concatenation), or ``y``."""
     if kind == 1:
@@ -50,7 +60,7 @@ class DenseLayer(nn.Module):
 
     def value_and_tangent(self, x: torch.Tensor, tx: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         """Output and its derivative along the input's tangent ``tx`` (None: the input is a scalar s, dx/ds = 1)."""
-        y = torch.tanh(torch.addmm(self.bias, x, self.matrix))
+        y = tanh_of_affine(self.bias, x, self.matrix)
         dy = torch.addcmul(torch.ones_like(y), y, y, value=-1.0)  # 1 - tanh^2
         if tx is None:
             ty = dy * self.matrix[0]

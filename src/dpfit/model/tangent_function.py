@@ -12,6 +12,8 @@ from __future__ import annotations
 import torch
 from torch.autograd.function import once_differentiable
 
+from dpfit.model.network import tanh_of_affine
+
 
 def _fold(grad: torch.Tensor, kind: int, width: int) -> torch.Tensor | None:
     """Gradient reaching a residual input: ``grad`` (kind 1), both halves summed (kind 2), or None."""
@@ -45,7 +47,7 @@ class ValueAndTangent(torch.autograd.Function):
             matrix, bias = params[p], params[p + 1]
             idt = params[p + 2] if with_idt else None
             p += 3 if with_idt else 2
-            h = torch.tanh(torch.addmm(bias, x, matrix))
+            h = tanh_of_affine(bias, x, matrix)
             tz = matrix[0].expand_as(h) if tx is None else torch.mm(tx, matrix)  # d(x W)/ds
             ty = torch.addcmul(torch.ones_like(h), h, h, value=-1.0).mul_(tz)
             if idt is not None:
