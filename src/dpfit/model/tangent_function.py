@@ -49,13 +49,17 @@ class ValueAndTangent(torch.autograd.Function):
             p += 3 if with_idt else 2
             h = tanh_of_affine(bias, x, matrix)
             tz = matrix[0].expand_as(h) if tx is None else torch.mm(tx, matrix)  # d(x W)/ds
-            ty = torch.addcmul(torch.ones_like(h), h, h, value=-1.0).mul_(tz)
+            d = torch.rsub(h * h, 1.0)  # dtanh/dz (recomputed in the backward: saving it costs memory)
+            ty = d * tz
             if idt is not None:
-                y = h * idt
+                y = _add_residual(h * idt, x, kind)
                 ty.mul_(idt)
+            elif kind == 2:
+                y = (h.view(h.shape[0], 2, x.shape[1]) + x.unsqueeze(1)).view(h.shape)
+            elif kind == 1:
+                y = h + x
             else:
-                y = h.clone()
-            y = _add_residual(y, x, kind)
+                y = h  # (read-only from here on)
             if tx is None:
                 if kind:
                     ty.add_(1.0)
@@ -87,12 +91,12 @@ class ValueAndTangent(torch.autograd.Function):
         grad_s = None
         for k in range(n - 1, -1, -1):
             x, tx, h, tz = saved[4 * k: 4 * k + 4]
+            d = torch.rsub(h * h, 1.0)  # dtanh/dz
             first = k == 0
             matrix, idt = layers[k]
             kind = kinds[k]
             if first:
                 tz = matrix[0].expand_as(h)
-            d = torch.addcmul(torch.ones_like(h), h, h, value=-1.0)  # dtanh/dz
             a_gy = gy * idt if idt is not None else gy
             a_gty = gty * idt if idt is not None else gty
             g_d = a_gty * tz  # dL/d(d)
