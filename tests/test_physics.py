@@ -362,3 +362,32 @@ def test_training_gradient_equals_double_backward(tiny_model, random_frame, case
     names = [n for n, p in model.named_parameters() if p.requires_grad]
     for name, g, r in zip(names, grads, ref_grads):
         torch.testing.assert_close(g, r, rtol=1e-8, atol=1e-10, msg=lambda m, name=name: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("type_one_side", [True, False], ids=["one_side", "pair_nets"])
+def test_force_constants_are_symmetric_and_match_finite_differences(tiny_model, random_frame, type_one_side):
+    """Differentiating the closed-form forces with respect to the coordinates (force constants, as for
+    phonons) gives the symmetric Hessian -d2E/dr2, equal to finite differences of the forces."""
+    from dpfit.data.neighbor import build_neighbor_list
+
+    model = tiny_model("float64", type_one_side=type_one_side)
+    coord, atype, box = random_frame(seed=12, natoms=5, periodic=True)
+    nl = build_neighbor_list(coord, atype, box, model.rcut, model.sel, warn=False)
+    inputs = dict(atype=torch.from_numpy(atype)[None], nlist=torch.from_numpy(nl.nlist)[None],
+                  box=torch.from_numpy(box)[None], shift=torch.from_numpy(nl.shift)[None])
+
+    def forces(c: torch.Tensor) -> torch.Tensor:
+        return model(c[None], **inputs, do_force=True, create_graph=True)["force"][0].reshape(-1)
+
+    x = torch.from_numpy(coord).requires_grad_(True)
+    jac = torch.stack([torch.autograd.grad(f, x, retain_graph=True)[0].reshape(-1) for f in forces(x)])
+    assert jac.abs().max() > 0.05, "force constants too small for a meaningful check"
+    torch.testing.assert_close(jac, jac.T, rtol=0, atol=1e-10)
+    h = 1e-5
+    fd = torch.empty_like(jac)
+    with torch.no_grad():
+        for k in range(x.numel()):
+            step = torch.zeros(x.numel(), dtype=torch.float64)
+            step[k] = h
+            fd[:, k] = (forces(x.detach() + step.reshape(x.shape)) - forces(x.detach() - step.reshape(x.shape))) / (2 * h)
+    torch.testing.assert_close(jac, fd, rtol=0, atol=1e-6)
