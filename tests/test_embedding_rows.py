@@ -120,3 +120,32 @@ def test_batch_without_one_neighbor_type(fd_forces, tiny_model, random_frame, ru
     with torch.no_grad():
         energy = model.fitting(d, at).sum()
     assert abs(float(energy) - ref["energy"]) < 1e-10
+
+
+def test_each_reverse_pair_is_embedded_once(tiny_model, random_frame, monkeypatch):
+    """The shortcut is taken: the nets see one row per occupied slot, less one per matched pair."""
+    from dpfit.model.network import ResidualMLP
+
+    model = tiny_model("float64")
+    coord, atype, box = random_frame(seed=5, natoms=10, periodic=True, box=np.diag([3.4, 3.6, 3.9]), min_dist=1.0)
+    nlist, shift, atypes, slot_type = _lists([(coord, atype, box)], model.rcut, model.sel)
+    partner = reverse_slots(nlist, shift, atypes, slot_type)
+    rows = []
+    original = ResidualMLP.value_and_tangent
+
+    def counting(self, s):
+        rows.append(s.shape[0])
+        return original(self, s)
+
+    monkeypatch.setattr(ResidualMLP, "value_and_tangent", counting)
+    inputs = dict(coord=torch.from_numpy(coord)[None], atype=atypes, nlist=nlist, box=torch.from_numpy(box)[None],
+                  shift=shift)
+    model(**inputs, do_force=True)
+    occupied = int((nlist >= 0).sum())
+    pairs = int((partner >= 0).sum()) // 2
+    assert pairs > 0
+    assert sum(rows) == occupied - pairs
+    rows.clear()
+    model.share_reverse_pairs = False
+    model(**inputs, do_force=True)
+    assert sum(rows) == occupied
