@@ -149,3 +149,19 @@ def test_each_reverse_pair_is_embedded_once(tiny_model, random_frame, monkeypatc
     model.share_reverse_pairs = False
     model(**inputs, do_force=True)
     assert sum(rows) == occupied
+
+
+def test_slots_padded_for_the_whole_batch_are_not_embedded(tiny_model, random_frame):
+    """The embedding blocks end at the last slot any atom of the batch occupies."""
+    from dpfit.model.energy_model import pair_vectors
+
+    model = tiny_model("float64")
+    desc = model.descriptor
+    coord, atype, box = random_frame(seed=3, natoms=6, periodic=True)
+    nlist, shift, atypes, _ = _lists([(coord, atype, box)], model.rcut, model.sel)
+    diff, mask = pair_vectors(torch.from_numpy(coord)[None], torch.from_numpy(box)[None], nlist, shift, desc.rcut + 1)
+    gs, ts, _ = desc.embed(desc.normalized_env(diff, mask, atypes), atypes, mask, tangent=True)
+    for t in range(desc.ntypes):
+        most = int(mask[..., desc.sections[t]:desc.sections[t + 1]].sum(-1).max())
+        assert most < desc.sel[t]
+        assert gs[t].shape[1] == most and ts[t].shape[1] == most
