@@ -66,16 +66,7 @@ class EnergyFitting(nn.Module):
         aparam: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Atomic energies (nf, nloc) eV from descriptor (nf, nloc, dim), fparam (nf, nq), aparam (nf, nloc, np)."""
-        nf, nloc, _ = descriptor.shape
-        x = self._inputs(descriptor, fparam, aparam)
-        flat_x = x.reshape(nf * nloc, -1)
-        flat_type = atype.reshape(-1)
-        out = x.new_zeros(nf * nloc)
-        for t, net in enumerate(self.nets):
-            idx = torch.nonzero(flat_type == t).squeeze(-1)
-            if idx.numel():
-                out = out.index_add(0, idx, net(flat_x.index_select(0, idx)).squeeze(-1))
-        return out.reshape(nf, nloc) + self.bias_atom_e[atype]
+        return self._per_type(descriptor, atype, fparam, aparam, False)[0]
 
     def forward_with_grad(
         self,
@@ -86,17 +77,35 @@ class EnergyFitting(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Atomic energies (nf, nloc) and dE_i/dD_i (nf, nloc, dim_descrpt), the gradient written out
         explicitly (differentiable by one backward pass)."""
+        energy, grad = self._per_type(descriptor, atype, fparam, aparam, True)
+        assert grad is not None
+        return energy, grad
+
+    def _per_type(
+        self,
+        descriptor: torch.Tensor,
+        atype: torch.Tensor,
+        fparam: torch.Tensor | None,
+        aparam: torch.Tensor | None,
+        with_grad: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Each type's net on its atoms: energies (nf, nloc) and, ``with_grad``, dE/dD (nf, nloc, dim)."""
         nf, nloc, dim = descriptor.shape
         x = self._inputs(descriptor, fparam, aparam)
         flat_x = x.reshape(nf * nloc, -1)
         flat_type = atype.reshape(-1)
         out = x.new_zeros(nf * nloc)
-        grad = x.new_zeros(nf * nloc, dim)
+        grad = x.new_zeros(nf * nloc, dim) if with_grad else None
         one = x.new_ones(1)
         for t, net in enumerate(self.nets):
             idx = torch.nonzero(flat_type == t).squeeze(-1)
             if idx.numel():
-                value, g = net.value_and_input_grad(flat_x.index_select(0, idx), one)
+                rows = flat_x.index_select(0, idx)
+                if grad is not None:
+                    value, g = net.value_and_input_grad(rows, one)
+                    grad = grad.index_add(0, idx, g[:, :dim])
+                else:
+                    value = net(rows)
                 out = out.index_add(0, idx, value.squeeze(-1))
-                grad = grad.index_add(0, idx, g[:, :dim])
-        return out.reshape(nf, nloc) + self.bias_atom_e[atype], grad.reshape(nf, nloc, dim)
+        energy = out.reshape(nf, nloc) + self.bias_atom_e[atype]
+        return energy, grad.reshape(nf, nloc, dim) if grad is not None else None
