@@ -123,7 +123,8 @@ def test_batch_without_one_neighbor_type(fd_forces, tiny_model, random_frame, ru
 
 
 def test_each_reverse_pair_is_embedded_once(tiny_model, random_frame, monkeypatch):
-    """The shortcut is taken: the nets see one row per occupied slot, less one per matched pair."""
+    """The shortcut is taken: the nets see one row per occupied slot, less one per matched pair, plus
+    one row per distinct input of a padded slot (per center type here: slot-independent statistics)."""
     from dpfit.model.network import ResidualMLP
 
     model = tiny_model("float64")
@@ -144,11 +145,16 @@ def test_each_reverse_pair_is_embedded_once(tiny_model, random_frame, monkeypatc
     occupied = int((nlist >= 0).sum())
     pairs = int((partner >= 0).sum()) // 2
     assert pairs > 0
-    assert sum(rows) == occupied - pairs
+    desc = model.descriptor
+    s_pad = (-desc.davg[..., 0] / desc.dstd[..., 0]).tolist()  # (center type, slot)
+    padding_rows = sum(len({row[k] for row in s_pad for k in range(desc.sections[t], desc.sections[t + 1])})
+                       for t in range(desc.ntypes))
+    assert padding_rows == desc.ntypes * desc.ntypes
+    assert sum(rows) == occupied - pairs + padding_rows
     rows.clear()
     model.share_reverse_pairs = False
     model(**inputs, do_force=True)
-    assert sum(rows) == occupied
+    assert sum(rows) == occupied + padding_rows
 
 
 def test_slots_padded_for_the_whole_batch_are_not_embedded(tiny_model, random_frame):

@@ -39,6 +39,13 @@ def environment_matrix(
     return torch.cat([inv_r, diff * inv_r * inv_r], dim=-1) * w
 
 
+def _own_rows_first(outputs: list[torch.Tensor], n_own: list[int]) -> torch.Tensor:
+    """Rows of several nets' outputs reordered: each net's first ``n_own`` rows, then the rest of each."""
+    if len(outputs) == 1:
+        return outputs[0]
+    return torch.cat([out[:c] for out, c in zip(outputs, n_own)] + [out[c:] for out, c in zip(outputs, n_own)])
+
+
 class SeE2A(nn.Module):
     """DeePMD's ``se_e2_a`` (smooth edition, two-body embedding, all-angle) descriptor.
 
@@ -125,13 +132,14 @@ class SeE2A(nn.Module):
         the constant G^T (ntypes, 4, M) of the slots beyond: k[t] <= sel[t] ends at the last slot of
         type t occupied in this batch (the slots after it are padding for every atom).
 
-        The nets run only on occupied slots; a padded slot's input is the constant ``-davg/dstd`` of its
-        (center type, slot), so its row comes from a small per-type table. Both are gathered into the
-        padded layout by one gather. With ``tangent`` the second list holds dg/ds (forward mode through
-        the net; zero on padded slots, whose input does not depend on the coordinates). ``partner``
-        (nf, nloc, nnei): flat slot of each slot's reverse pair or -1 (:func:`~dpfit.model.pairs.reverse_slots`);
-        of two reverse slots only the first is embedded and the second reuses its row (valid when
-        :meth:`reverse_pairs_share_input`).
+        The nets run only on occupied slots, plus one row per distinct input of a padded slot (the
+        constant ``-davg/dstd`` of its center type and slot: with DeePMD's statistics one per center
+        type), in the same call. One gather puts the rows into the padded layout. With ``tangent`` the
+        second list holds dg/ds (forward mode through the net); on padded slots it is the tangent of the
+        padding row, which callers mask (a padded slot's input does not depend on the coordinates).
+        ``partner`` (nf, nloc, nnei): flat slot of each slot's reverse pair or -1
+        (:func:`~dpfit.model.pairs.reverse_slots`); of two reverse slots only the first is embedded and
+        the second reuses its row (valid when :meth:`reverse_pairs_share_input`).
         """
         nf, nloc, nnei, _ = rr.shape
         n = nf * nloc
@@ -153,7 +161,6 @@ class SeE2A(nn.Module):
                 kept = int((flat_mask[:, lo:hi].to(torch.long) * torch.arange(1, width + 1, device=rr.device)).max())
             m_b = flat_mask[:, lo:lo + kept]
             s_b = flat_s[:, lo:lo + kept].reshape(-1)
-            slot = torch.arange(kept, device=rr.device)
             computed = m_b
             reuse = torch.zeros_like(m_b)
             partner_local = torch.zeros(n, kept, dtype=torch.long, device=rr.device)
@@ -165,10 +172,13 @@ class SeE2A(nn.Module):
                 local = torch.arange(n * kept, device=rr.device).reshape(n, kept)
                 reuse = has_partner & (partner_local < local)
                 computed = m_b & ~reuse
+            n_own: list[int] = []
+            n_table: list[int] = []
+            center: list[int] = []
+            owned: list[torch.Tensor] = []  # flat slot of each own row, in source order
+            table_of: list[torch.Tensor] = []  # per net: (center types, width) table row of each padded slot
             values: list[torch.Tensor] = []
             tangents: list[torch.Tensor] = []
-            tables: list[torch.Tensor] = []
-            owned: list[torch.Tensor] = []  # flat slot of each net output row, in source order
             index = torch.zeros(n, kept, dtype=torch.long, device=rr.device)
             offset = 0
             for net_index, net in enumerate(self.embeddings):
@@ -177,35 +187,47 @@ class SeE2A(nn.Module):
                     own = computed if ti < 0 else computed & (flat_type == ti).unsqueeze(-1)
                     flat_own = own.reshape(-1)
                     rows = torch.nonzero(flat_own).squeeze(-1)
-                    s_rows = s_b.index_select(0, rows).unsqueeze(-1)
-                    if tangent:
-                        g_rows, t_rows = net.value_and_tangent(s_rows)
-                        tangents.append(t_rows)
-                    else:
-                        g_rows = net(s_rows)
-                    values.append(g_rows)
-                    owned.append(rows)
                     position = (torch.cumsum(flat_own, 0) - 1 + offset).reshape(n, kept)
                     index = torch.where(own, position, index)
                     offset += rows.shape[0]
-                    # padded rows, ordered (center type, slot)
-                    tables.append(net((s_pad[:, lo:hi] if ti < 0 else s_pad[ti, lo:hi]).reshape(-1, 1)))
-            index = torch.where(m_b, index, offset + flat_type.unsqueeze(-1) * width + slot)
+                    pad_in = s_pad[:, lo:hi] if ti < 0 else s_pad[ti:ti + 1, lo:hi]
+                    distinct, which = torch.unique(pad_in.reshape(-1), return_inverse=True)
+                    x = torch.cat([s_b.index_select(0, rows), distinct]).unsqueeze(-1)
+                    if tangent:
+                        g_x, t_x = net.value_and_tangent(x)
+                        tangents.append(t_x)
+                    else:
+                        g_x = net(x)
+                    values.append(g_x)
+                    n_own.append(rows.shape[0])
+                    n_table.append(distinct.shape[0])
+                    center.append(ti)
+                    owned.append(rows)
+                    table_of.append(which.reshape(pad_in.shape))
+            # source rows: every net's own rows, then every net's padding rows
+            pad_row = torch.zeros(self.ntypes, width, dtype=torch.long, device=rr.device)
+            for k in range(len(values)):
+                if center[k] < 0:
+                    pad_row = table_of[k] + offset
+                else:
+                    pad_row[center[k]] = table_of[k][0] + offset
+                offset += n_table[k]
+            slot = torch.arange(kept, device=rr.device)
+            index = torch.where(m_b, index, pad_row[flat_type.unsqueeze(-1), slot])
             if partner is not None:
                 index = torch.where(reuse, index.reshape(-1)[partner_local].reshape(n, kept), index)
-            table = torch.cat(tables)  # (ntypes * width, M), rows (center type, slot)
+            source = _own_rows_first(values, n_own)
+            t_source = _own_rows_first(tangents, n_own) if tangent else source
             if kept < width:  # the always-padded slots: R~ and g are constants per center type
                 rr_pad = -self.davg[:, lo + kept:hi] / self.dstd[:, lo + kept:hi]
-                tail = torch.baddbmm(tail, rr_pad.transpose(1, 2), table.reshape(self.ntypes, width, m)[:, kept:])
+                g_pad = source[pad_row[:, kept:]]  # (ntypes, width - kept, M)
+                tail = torch.baddbmm(tail, rr_pad.transpose(1, 2), g_pad)
             inverse = torch.cat(owned)
             other_slots = torch.nonzero(~computed.reshape(-1)).squeeze(-1)  # padded and reused slots
-            gs.append(gather_rows(torch.cat(values + [table]), index, inverse, other_slots,
-                                  index.reshape(-1).index_select(0, other_slots)))
+            other_rows = index.reshape(-1).index_select(0, other_slots)
+            gs.append(gather_rows(source, index, inverse, other_slots, other_rows))
             if tangent:
-                t_index = torch.where(m_b, index, torch.full_like(index, offset))
-                source = torch.cat(tangents + [rr.new_zeros(1, m)])
-                ts.append(gather_rows(source, t_index, inverse, other_slots,
-                                      t_index.reshape(-1).index_select(0, other_slots)))
+                ts.append(gather_rows(t_source, index, inverse, other_slots, other_rows))
         return gs, ts, tail
 
     def reverse_pairs_share_input(self) -> bool:
@@ -242,10 +264,12 @@ class SeE2A(nn.Module):
         return d.reshape(nf, nloc, -1), g_t, gs, ts
 
     def env_gradient(
-        self, grad_d: torch.Tensor, g_t: torch.Tensor, rr: torch.Tensor, gs: list[torch.Tensor], ts: list[torch.Tensor]
+        self, grad_d: torch.Tensor, g_t: torch.Tensor, rr: torch.Tensor, mask: torch.Tensor, gs: list[torch.Tensor],
+        ts: list[torch.Tensor],
     ) -> torch.Tensor:
         """dE/dR~ (nf, nloc, nnei, 4) from dE/dD (nf, nloc, M * axis_neuron), written out: through
-        D = G^T G<, G^T = R~^T g / nnei and, for the first column s of R~, the tangents dg/ds."""
+        D = G^T G<, G^T = R~^T g / nnei and, for the first column s of R~ on occupied slots, the
+        tangents dg/ds (a padded slot's s is a constant)."""
         nf, nloc, nnei, _ = rr.shape
         n = nf * nloc
         m = self.neuron[-1]
@@ -255,12 +279,14 @@ class SeE2A(nn.Module):
         g_bar = g_bar + torch.nn.functional.pad(torch.bmm(g_t, d_bar), [0, m - a])
         g_bar = (g_bar / self.nnei).transpose(1, 2)  # (N, M, 4)
         flat_rr = rr.reshape(n, nnei, 4)
+        flat_mask = mask.reshape(n, nnei)
         parts: list[torch.Tensor] = []
         for tj in range(self.ntypes):
             lo = self.sections[tj]
             k = gs[tj].shape[1]
             part = torch.bmm(gs[tj], g_bar)  # (N, k[tj], 4)
             ds = (flat_rr[:, lo:lo + k] * torch.bmm(ts[tj], g_bar)).sum(-1, keepdim=True)
+            ds = torch.where(flat_mask[:, lo:lo + k, None], ds, torch.zeros_like(ds))
             # always-padded slots beyond k: no dependence on the coordinates
             parts.append(torch.nn.functional.pad(part + torch.nn.functional.pad(ds, [0, 3]),
                                                  [0, 0, 0, self.sections[tj + 1] - lo - k]))

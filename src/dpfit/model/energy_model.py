@@ -121,7 +121,7 @@ class EnergyModel(nn.Module):
             return {"energy": atom_energy.sum(dim=-1), "atom_energy": atom_energy}
         atom_energy, grad_d = self.fitting.forward_with_grad(descriptor, atype, fparam, aparam)
         out = {"energy": atom_energy.sum(dim=-1), "atom_energy": atom_energy}
-        g = desc.env_matrix_vjp(diff, mask, atype, desc.env_gradient(grad_d, g_t, rr, gs, ts))
+        g = desc.env_matrix_vjp(diff, mask, atype, desc.env_gradient(grad_d, g_t, rr, mask, gs, ts))
         g = g * mask.unsqueeze(-1)
         if not create_graph:
             g = g.detach()
