@@ -1,11 +1,13 @@
 """Dense networks and model autograd Functions: the embedding nets' value + tangent, the fitting
-nets' written-out input gradient and the padded-layout row gather, against autograd."""
+nets' written-out input gradient, the padded-layout row gather and the tall-thin batched product,
+against autograd."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
+from dpfit.model.batched_product import TallThinProduct, tall_thin_bmm
 from dpfit.model.network import ResidualMLP
 from dpfit.model.tangent_function import ValueAndTangent
 
@@ -104,3 +106,16 @@ def test_gather_rows_gradient_equals_plain_gather():
     (g_ref,) = torch.autograd.grad((ref**3).sum(), source, create_graph=True)
     (gg_ref,) = torch.autograd.grad(g_ref.sum(), source)
     torch.testing.assert_close(gg, gg_ref, rtol=0, atol=1e-12)
+
+
+def test_tall_thin_product_gradients():
+    """Same values as bmm, and gradients (first and second order) equal to autograd's."""
+    gen = torch.Generator().manual_seed(3)
+    a = torch.randn(3, 7, 5, dtype=torch.float64, generator=gen, requires_grad=True)
+    b = torch.randn(3, 5, 4, dtype=torch.float64, generator=gen, requires_grad=True)
+    torch.testing.assert_close(tall_thin_bmm(a, b), torch.bmm(a, b), rtol=0, atol=0)
+    assert tall_thin_bmm(a, b).grad_fn.name() == "TallThinProductBackward"
+    assert torch.autograd.gradcheck(TallThinProduct.apply, (a, b))
+    assert torch.autograd.gradgradcheck(TallThinProduct.apply, (a, b))
+    with torch.no_grad():  # inference: the plain product, no graph
+        assert tall_thin_bmm(a, b).grad_fn is None

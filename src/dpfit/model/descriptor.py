@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from dpfit.model.batched_product import tall_thin_bmm
 from dpfit.model.network import ResidualMLP
 from dpfit.model.row_gather import gather_rows
 
@@ -284,8 +285,8 @@ class SeE2A(nn.Module):
         for tj in range(self.ntypes):
             lo = self.sections[tj]
             k = gs[tj].shape[1]
-            part = torch.bmm(gs[tj], g_bar)  # (N, k[tj], 4)
-            ds = (flat_rr[:, lo:lo + k] * torch.bmm(ts[tj], g_bar)).sum(-1, keepdim=True)
+            part = tall_thin_bmm(gs[tj], g_bar)  # (N, k[tj], 4)
+            ds = (flat_rr[:, lo:lo + k] * tall_thin_bmm(ts[tj], g_bar)).sum(-1, keepdim=True)
             ds = torch.where(flat_mask[:, lo:lo + k, None], ds, torch.zeros_like(ds))
             # always-padded slots beyond k: no dependence on the coordinates
             parts.append(torch.nn.functional.pad(part + torch.nn.functional.pad(ds, [0, 3]),
