@@ -1,10 +1,14 @@
 """An embedding net's value and ds-tangent as one autograd Function with a hand-written backward.
 
 Training differentiates g(s) and dg/ds of every neighbor row; autograd's generic backward of the
-forward-mode layers makes a dozen full-size temporaries per layer. Here the backward of each layer is
-written out with the fewest passes (the tanh derivative recomputed from the saved tanh, fused
-multiply-adds, the doubled-width residual folded by a view), which roughly halves the elementwise
-work. Numbers are identical to the plain path (tests compare both, values and parameter gradients).
+forward-mode layers makes a dozen full-size temporaries per layer, and on a CPU these (rows, width)
+passes, bound by memory bandwidth, are what costs time. The forward is the plain path's
+:func:`~dpfit.model.network.layer_value_and_tangent` (same values), which carries each layer by
+``sigma = sigmoid(2 z)``; the backward below is written in the same terms with one fused pass
+(``addcmul``, ``addmm``) per step: five full-width passes per layer besides the matmuls.
+
+Per layer, with ``W~ = 4 idt W`` (``idt`` = 1 without a timestep), ``q = sigma (1 - sigma)`` and
+``tz = tx W~``: ``y = idt (2 sigma - 1) + res(x)``, ``ty = q tz + res(tx)``.
 """
 
 from __future__ import annotations
@@ -12,7 +16,7 @@ from __future__ import annotations
 import torch
 from torch.autograd.function import once_differentiable
 
-from dpfit.model.network import tanh_of_affine
+from dpfit.model.network import layer_value_and_tangent
 
 
 def _fold(grad: torch.Tensor, kind: int, width: int) -> torch.Tensor | None:
@@ -22,15 +26,6 @@ def _fold(grad: torch.Tensor, kind: int, width: int) -> torch.Tensor | None:
     if kind == 2:
         return grad.reshape(grad.shape[0], 2, width).sum(1)
     return None
-
-
-def _add_residual(y: torch.Tensor, x: torch.Tensor, kind: int) -> torch.Tensor:
-    """In place: ``y += x`` (kind 1) or ``y += [x, x]`` (kind 2); returns y."""
-    if kind == 1:
-        y.add_(x)
-    elif kind == 2:
-        y.view(y.shape[0], 2, x.shape[1]).add_(x.unsqueeze(1))
-    return y
 
 
 class ValueAndTangent(torch.autograd.Function):
@@ -47,25 +42,8 @@ class ValueAndTangent(torch.autograd.Function):
             matrix, bias = params[p], params[p + 1]
             idt = params[p + 2] if with_idt else None
             p += 3 if with_idt else 2
-            h = tanh_of_affine(bias, x, matrix)
-            tz = matrix[0].expand_as(h) if tx is None else torch.mm(tx, matrix)  # d(x W)/ds
-            d = torch.rsub(h * h, 1.0)  # dtanh/dz (recomputed in the backward: saving it costs memory)
-            ty = d * tz
-            if idt is not None:
-                y = _add_residual(h * idt, x, kind)
-                ty.mul_(idt)
-            elif kind == 2:
-                y = (h.view(h.shape[0], 2, x.shape[1]) + x.unsqueeze(1)).view(h.shape)
-            elif kind == 1:
-                y = h + x
-            else:
-                y = h  # (read-only from here on)
-            if tx is None:
-                if kind:
-                    ty.add_(1.0)
-            else:
-                ty = _add_residual(ty, tx, kind)
-            saved += [x, empty if tx is None else tx, h, empty if tx is None else tz]
+            y, ty, sigma, tz = layer_value_and_tangent(x, tx, matrix, bias, idt, kind)
+            saved += [x, empty if tx is None else tx, sigma, tz]
             x, tx = y, ty
         ctx.kinds, ctx.has_idt = kinds, has_idt
         ctx.n_saved = len(saved)
@@ -84,45 +62,53 @@ class ValueAndTangent(torch.autograd.Function):
             layers.append((params[p], params[p + 2] if with_idt else None))
             p += 3 if with_idt else 2
         n = len(kinds)
-        h_last = saved[4 * (n - 1) + 2]
-        gy = grad_g if grad_g is not None else torch.zeros_like(h_last)
-        gty = grad_t if grad_t is not None else torch.zeros_like(h_last)
+        sigma_last = saved[4 * (n - 1) + 2]
+        gy = grad_g if grad_g is not None else torch.zeros_like(sigma_last)
+        gty = grad_t if grad_t is not None else torch.zeros_like(sigma_last)
         grads: list[torch.Tensor | None] = []
         grad_s = None
         for k in range(n - 1, -1, -1):
-            x, tx, h, tz = saved[4 * k: 4 * k + 4]
-            d = torch.rsub(h * h, 1.0)  # dtanh/dz
-            first = k == 0
+            x, tx, sigma, tz = saved[4 * k: 4 * k + 4]
             matrix, idt = layers[k]
             kind = kinds[k]
+            first = k == 0
+            scale = 4.0 * idt if idt is not None else 4.0
+            scaled = matrix * scale  # W~
             if first:
-                tz = matrix[0].expand_as(h)
-            a_gy = gy * idt if idt is not None else gy
-            a_gty = gty * idt if idt is not None else gty
-            g_d = a_gty * tz  # dL/d(d)
-            g_tz = a_gty * d if idt is None else a_gty.mul_(d)  # dL/d(tz)
-            grad_idt = None
-            if idt is not None:  # y = idt h + ..., ty = idt d tz + ...
-                grad_idt = (gy * h).sum(0) + (gty * d * tz).sum(0)
-            g_z = torch.addcmul(a_gy, h, g_d, value=-2.0).mul_(d)  # dL/dz
-            grad_bias = g_z.sum(0)
-            if first:
-                grad_matrix = torch.mm(x.t(), g_z)
-                grad_matrix[0].add_(g_tz.sum(0))
+                tz = scaled[0].expand_as(sigma)
+            q = torch.addcmul(sigma, sigma, sigma, value=-1.0)
+            g_tz = gty * q  # dL/d(tz)
+            # dL/dsigma / 2 = idt gy + gty tz (1 - 2 sigma) / 2;  dL/dz = 4 q (dL/dsigma / 2)
+            slope = torch.addcmul(tz, tz, sigma, value=-2.0)
+            if idt is None:
+                g_z = torch.addcmul(gy, gty, slope, value=0.5)
             else:
-                grad_matrix = torch.addmm(torch.mm(x.t(), g_z), tx.t(), g_tz)
+                g_z = torch.addcmul(gy * idt, gty, slope, value=0.5)
+            g_z.mul_(q)  # dL/dz / 4
+            grad_bias = 4.0 * g_z.sum(0)
+            # dL/dW~ (through tz = tx W~; the first layer's tz is row 0 of W~)
+            if first:
+                grad_scaled = torch.zeros_like(matrix)
+                grad_scaled[0] = g_tz.sum(0)
+            else:
+                grad_scaled = torch.mm(tx.t(), g_tz)
+            grad_matrix = torch.addmm(grad_scaled * scale, x.t(), g_z, alpha=4.0)
+            grad_idt = None
+            if idt is not None:  # y = idt (2 sigma - 1) + ...;  W~ = 4 idt W
+                grad_idt = (gy * (2.0 * sigma - 1.0)).sum(0) + 4.0 * (grad_scaled * matrix).sum(0)
             grads = [grad_matrix, grad_bias] + ([grad_idt] if idt is not None else []) + grads
             width = x.shape[1]
             fold_y = _fold(gy, kind, width)
             if not first:
-                gx = torch.mm(g_z, matrix.t())
-                gtx = torch.mm(g_tz, matrix.t())
                 if fold_y is not None:
-                    gx.add_(fold_y)
-                    gtx.add_(_fold(gty, kind, width))
+                    gx = torch.addmm(fold_y, g_z, matrix.t(), alpha=4.0)
+                    gtx = torch.addmm(_fold(gty, kind, width), g_tz, scaled.t())
+                else:
+                    gx = torch.mm(g_z, matrix.t()).mul_(4.0)
+                    gtx = torch.mm(g_tz, scaled.t())
                 gy, gty = gx, gtx
             elif ctx.needs_input_grad[2]:
-                grad_s = torch.mm(g_z, matrix.t())
+                grad_s = torch.mm(g_z, matrix.t()).mul_(4.0)
                 if fold_y is not None:
                     grad_s.add_(fold_y)
         return (None, None, grad_s, *grads)
