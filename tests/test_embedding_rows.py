@@ -95,12 +95,22 @@ def test_sharing_needs_slot_independent_statistics(tiny_model):
     assert not model.descriptor.reverse_pairs_share_input()
 
 
-def test_batch_without_one_neighbor_type(fd_forces, tiny_model, random_frame, run_model):
-    """A frame with atoms of one type only: the other type's block is padding everywhere (no slot
-    kept), its constant still enters the energy, and forces are still -dE/dr."""
+@pytest.mark.parametrize("case", ["one_type_only", "slot_dependent_stats"])
+def test_energy_equals_every_slot_embedded(fd_forces, tiny_model, random_frame, run_model, case):
+    """Against a by-hand model that embeds every slot, padding included. one_type_only: a frame with
+    atoms of one type only, so the other type's block is padding everywhere (no slot kept) and enters
+    through its constant. slot_dependent_stats: davg/dstd differ per slot, so padded slots have many
+    distinct inputs (one padding row each) and no pair is shared. Forces are still -dE/dr."""
     model = tiny_model("float64")
-    coord, _, box = random_frame(seed=8, natoms=6, periodic=True)
-    atype = np.zeros(len(coord), dtype=np.int64)
+    coord, atype, box = random_frame(seed=8, natoms=6, periodic=True)
+    if case == "one_type_only":
+        atype = np.zeros(len(coord), dtype=np.int64)
+    else:
+        gen = torch.Generator().manual_seed(0)
+        with torch.no_grad():
+            model.descriptor.davg.add_(0.05 * torch.randn(model.descriptor.davg.shape, generator=gen, dtype=torch.float64))
+            model.descriptor.dstd.mul_(1.0 + 0.1 * torch.rand(model.descriptor.dstd.shape, generator=gen, dtype=torch.float64))
+        assert not model.descriptor.reverse_pairs_share_input()
     ref = run_model(model, coord, atype, box)
     fd = fd_forces(lambda c: run_model(model, c, atype, box, virial=False)["energy"], coord, 1e-5)
     np.testing.assert_allclose(ref["force"], fd, rtol=0, atol=1e-7)
