@@ -159,3 +159,31 @@ def test_step_timer_counts_fetch_and_excludes_validation(monkeypatch, tmp_path):
     timer.on_train_batch_end(trainer, None, None, None, 3)  # t=15.5: a 2 s step
     assert timer.count == 3
     assert abs(timer.total - (1.0 + 12.0 + 2.0)) < 1e-12
+
+
+# ----------------------------------------------------------------------------- data loader workers
+@pytest.mark.parametrize(("device", "devices", "cores", "expect"), [
+    ("cpu", 1, 16, (0, False)),    # a CPU run: the model's threads use the cores
+    ("cuda", 1, 16, (4, True)),    # one GPU: up to 4 workers, pinned memory
+    ("cuda", 4, 8, (1, True)),     # 4 GPU processes share 8 cores: 2 each, one kept for the process
+    ("cuda", 8, 8, (0, True)),
+])
+def test_auto_loader_workers(monkeypatch, device, devices, cores, expect):
+    from dpfit.data.datamodule import DeepmdDataModule
+
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(cores)), raising=False)
+    dm = DeepmdDataModule(train_systems=["x"], type_map=["O", "H"])
+    assert dm.loader_settings() == (0, False)  # no trainer
+    dm.trainer = SimpleNamespace(strategy=SimpleNamespace(root_device=torch.device(device)), num_devices=devices)
+    assert dm.loader_settings() == expect
+    dm = DeepmdDataModule(train_systems=["x"], type_map=["O", "H"], num_workers=2, pin_memory=False)
+    dm.trainer = SimpleNamespace(strategy=SimpleNamespace(root_device=torch.device(device)), num_devices=devices)
+    assert dm.loader_settings() == (2, False)  # explicit values win
+
+
+@pytest.mark.parametrize(("key", "value"), [("num_workers", -1), ("num_workers", "many"), ("pin_memory", "yes")])
+def test_bad_loader_settings_are_refused(key, value):
+    from dpfit.data.datamodule import DeepmdDataModule
+
+    with pytest.raises(ValueError, match=f"data.{key}"):
+        DeepmdDataModule(train_systems=["x"], type_map=["O", "H"], **{key: value})

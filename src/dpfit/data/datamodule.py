@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -74,8 +75,8 @@ class DeepmdDataModule(L.LightningDataModule):
         sys_probs: Sequence[float] | None = None,
         val_fraction: float = 0.1,
         data_stat_nbatch: int = 10,
-        num_workers: int = 0,
-        pin_memory: bool = False,
+        num_workers: int | str = "auto",
+        pin_memory: bool | str = "auto",
         seed: int = 1,
         epoch_length: int | None = None,
         neighbor_backend: str = "vesin",
@@ -94,7 +95,11 @@ class DeepmdDataModule(L.LightningDataModule):
         self.sys_probs = list(sys_probs) if sys_probs is not None else None
         self.val_fraction = float(val_fraction)
         self.data_stat_nbatch = int(data_stat_nbatch)
-        self.num_workers = int(num_workers)
+        if num_workers != "auto" and not (isinstance(num_workers, int) and num_workers >= 0):
+            raise ValueError(f"data.num_workers must be a count >= 0 or 'auto', got {num_workers!r}")
+        if pin_memory != "auto" and not isinstance(pin_memory, bool):
+            raise ValueError(f"data.pin_memory must be true, false or 'auto', got {pin_memory!r}")
+        self.num_workers = num_workers
         self.pin_memory = pin_memory
         self.seed = int(seed)
         self.epoch_length = epoch_length
@@ -151,14 +156,31 @@ class DeepmdDataModule(L.LightningDataModule):
             return 0, 1
         return trainer.global_rank, trainer.world_size
 
+    def loader_settings(self) -> tuple[int, bool]:
+        """DataLoader workers and pinned memory, resolving ``auto``: a run on GPUs builds neighbor lists
+        in up to 4 workers per GPU process (the CPU cores of this node shared among its processes, one
+        left to each process) into pinned memory; a CPU run builds them in the training process, whose
+        threads already use every core."""
+        trainer = self.trainer
+        on_gpu = trainer is not None and trainer.strategy.root_device.type == "cuda"
+        workers = self.num_workers
+        if workers == "auto":
+            workers = 0
+            if on_gpu:
+                cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+                workers = max(0, min(4, cores // max(int(trainer.num_devices), 1) - 1))
+        pin = on_gpu if self.pin_memory == "auto" else bool(self.pin_memory)
+        return int(workers), pin
+
     def _loader(self, views, batch_sampler) -> DataLoader:
+        workers, pin = self.loader_settings()
         return DataLoader(
             FrameDataset(views, self.rcut, self.sel, self.neighbor_backend),
             batch_sampler=batch_sampler,
             collate_fn=collate,
-            num_workers=self.num_workers,
-            pin_memory=self.pin_memory,
-            persistent_workers=self.num_workers > 0,
+            num_workers=workers,
+            pin_memory=pin,
+            persistent_workers=workers > 0,
         )
 
     def train_dataloader(self) -> DataLoader:
