@@ -51,7 +51,9 @@ def layer_value_and_tangent(
     row 0 of W~ for every row). sigmoid's exp is vectorized on CPU where float64 tanh is not.
     """
     width = x.shape[1]
-    sigma = torch.sigmoid(torch.addmm(bias, x, matrix, beta=2.0, alpha=2.0))
+    z2 = torch.addmm(bias, x, matrix, beta=2.0, alpha=2.0)
+    # in place unless autograd records through it (inference, or inside the fused Function's forward)
+    sigma = torch.sigmoid(z2) if torch.is_grad_enabled() and z2.requires_grad else z2.sigmoid_()
     if idt is None:
         scaled = matrix * 4.0
         y = torch.add(_residual_input(x, kind) - 1.0, _split(sigma, kind, width), alpha=2.0)
