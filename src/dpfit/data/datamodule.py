@@ -162,13 +162,14 @@ class DeepmdDataModule(L.LightningDataModule):
         left to each process) into pinned memory; a CPU run builds them in the training process, whose
         threads already use every core."""
         trainer = self.trainer
-        on_gpu = trainer is not None and trainer.strategy.root_device.type == "cuda"
+        device = getattr(getattr(trainer, "strategy", None), "root_device", None)
+        on_gpu = device is not None and device.type == "cuda"
         workers = self.num_workers
         if workers == "auto":
             workers = 0
             if on_gpu:
                 cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-                workers = max(0, min(4, cores // max(int(trainer.num_devices), 1) - 1))
+                workers = max(0, min(4, cores // max(int(getattr(trainer, "num_devices", 1)), 1) - 1))
         pin = on_gpu if self.pin_memory == "auto" else bool(self.pin_memory)
         return int(workers), pin
 
