@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import time
 from collections.abc import Callable
@@ -23,6 +24,7 @@ from dpfit.data.batch import batch_to_device, collate, make_sample, model_inputs
 from dpfit.data.system import load_systems
 from dpfit.io.checkpoint import load_model
 from dpfit.model import EnergyModel
+from dpfit.model.kernels import set_compiled_kernels
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
@@ -209,6 +211,7 @@ import numpy as np, torch
 from dpfit.data.neighbor import build_neighbor_list
 from dpfit.io.checkpoint import load_model
 from dpfit.model import EnergyModel
+from dpfit.model.kernels import set_compiled_kernels
 ckpt, data, reps, precision, train = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4], sys.argv[5] == "1"
 from dpfit.data.system import load_systems
 model = (EnergyModel.from_config(json.loads(sys.argv[6])) if ckpt == "fresh" else load_model(ckpt, precision=precision))
@@ -257,6 +260,7 @@ import json, resource, sys
 import torch
 from dpfit.data.datamodule import DeepmdDataModule
 from dpfit.model import EnergyModel
+from dpfit.model.kernels import set_compiled_kernels
 from dpfit.training.loss import EnergyLoss
 from dpfit.data.batch import model_inputs
 root, steps, config = sys.argv[1], int(sys.argv[2]), json.loads(sys.argv[3])
@@ -306,6 +310,8 @@ def run(args: argparse.Namespace) -> dict:
     device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
     if args.threads:
         torch.set_num_threads(args.threads)
+    os.environ["DPFIT_KERNELS"] = args.kernels  # also for the measurements in child processes
+    kernels = set_compiled_kernels(args.kernels) if device.type == "cpu" else False
     if args.ckpt == "fresh":
         ckpt = None
     else:
@@ -317,6 +323,7 @@ def run(args: argparse.Namespace) -> dict:
         "setup": {"data": str(args.data), "ckpt": str(ckpt) if ckpt else "fresh water model (random weights)",
                   "frames": len(frames), "natoms": natoms, "batch_size": args.batch_size, "device": str(device),
                   "torch": torch.__version__, "threads": torch.get_num_threads(), "python": platform.python_version(),
+                  "kernels": "compiled" if kernels else "pytorch",
                   "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None},
     }
     nl_result, samples = bench_neighbor_list(frames, probe.rcut, probe.sel)
@@ -344,7 +351,8 @@ def print_table(results: dict) -> None:
     setup = results["setup"]
     print(f"# data {setup['data']}  ckpt {setup['ckpt']}")
     print(f"# {setup['frames']} frames of {setup['natoms']} atoms, batch {setup['batch_size']}, device "
-          f"{setup['gpu'] or setup['device']}, torch {setup['torch']}, {setup['threads']} threads")
+          f"{setup['gpu'] or setup['device']}, torch {setup['torch']}, {setup['threads']} threads, "
+          f"{setup.get('kernels', 'pytorch')} kernels")
     for name, res in results.items():
         if name.startswith("matmul_"):
             print(f"# {name}: {res['gflops']:.1f} GFLOP/s")
@@ -382,6 +390,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed batches before timing (default 2)")
     parser.add_argument("--repeat", type=int, default=1, help="timed passes over the frames (averaged)")
+    parser.add_argument("--kernels", default="auto", choices=["off", "auto", "on"],
+                        help="compiled CPU kernels (dpfit.model.kernels; default auto, as training)")
     parser.add_argument("--json", default=None, help="also write the results to this JSON file")
     parser.add_argument("--no-train", action="store_true", help="skip the training-step measurement")
     parser.add_argument("--scaling", type=int, nargs="*", default=[],

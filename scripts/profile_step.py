@@ -17,6 +17,7 @@ import torch
 from benchmark import WATER_CKPT, WATER_DATA, build_model, pick_frames, train_step_fn
 
 from dpfit.data.batch import collate, make_sample
+from dpfit.model.kernels import set_compiled_kernels
 
 
 def main() -> None:
@@ -27,11 +28,13 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=30, help="rows of the table (default 30)")
     parser.add_argument("--shapes", action="store_true", help="group the ops by input shapes")
     parser.add_argument("--backward", action="store_true", help="only the autograd backward nodes")
+    parser.add_argument("--kernels", default="auto", choices=["off", "auto", "on"], help="compiled CPU kernels")
     args = parser.parse_args()
 
     from torch.profiler import ProfilerActivity, profile
 
     torch.set_num_threads(args.threads)
+    set_compiled_kernels(args.kernels)
     ckpt = WATER_CKPT if WATER_CKPT.exists() else None
     model = build_model(ckpt, args.precision, torch.device("cpu"))
     (system, index), = pick_frames(WATER_DATA, model.type_map, 1)

@@ -35,6 +35,7 @@ def build(cfg: DictConfig, wandb_id: str | None = None):
         loss=instantiate(cfg.loss),
         schedule=instantiate(cfg.schedule),
         scale_by_worker=cfg.get("scale_by_worker", "none"),
+        kernels=cfg.get("kernels", "off"),
     )
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c]
     loggers = []

@@ -144,7 +144,7 @@ class ResidualMLP(nn.Module):
         as one :class:`~dpfit.model.tangent_function.ValueAndTangent` with a hand-written backward.
         """
         if not torch.jit.is_scripting():
-            if torch.is_grad_enabled() and self.fused_tangent:
+            if self.fused_tangent and (torch.is_grad_enabled() or self._compiled_kernel(s) is not None):
                 return self._value_and_tangent_fused(s)
         x = s
         tx: torch.Tensor | None = None
@@ -155,7 +155,19 @@ class ResidualMLP(nn.Module):
         return x, tx
 
     @torch.jit.unused
+    def _compiled_kernel(self, s: torch.Tensor):
+        """The compiled embedding kernel's extension when it is in use and applies to ``s``, else None."""
+        from dpfit.model.kernels import embedding_extension
+        from dpfit.model.kernels.embedding import kernel_applies
+
+        ext = embedding_extension()
+        return ext if ext is not None and kernel_applies(s, self.layers[0].matrix.shape[0]) else None
+
+    @torch.jit.unused
     def _value_and_tangent_fused(self, s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The whole net at once: the compiled kernel when in use (:mod:`dpfit.model.kernels`), else
+        :class:`~dpfit.model.tangent_function.ValueAndTangent` (autograd recording)."""
+        from dpfit.model.kernels.embedding import compiled_value_and_tangent
         from dpfit.model.tangent_function import ValueAndTangent
 
         params: list[torch.Tensor] = []
@@ -163,6 +175,9 @@ class ResidualMLP(nn.Module):
             params += [layer.matrix, layer.bias] + ([layer.idt] if layer.idt is not None else [])
         kinds = tuple(layer.kind for layer in self.layers)
         has_idt = tuple(layer.idt is not None for layer in self.layers)
+        ext = self._compiled_kernel(s)
+        if ext is not None:
+            return compiled_value_and_tangent(ext, kinds, has_idt, s, params)
         return ValueAndTangent.apply(kinds, has_idt, s, *params)
 
     def value_and_input_grad(self, x: torch.Tensor, grad_out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -13,6 +13,8 @@ from torchmetrics import MeanMetric
 from dpfit.data.batch import model_inputs
 from dpfit.io.checkpoint import MODEL_CONFIG_KEY
 from dpfit.model import EnergyModel
+from dpfit.model.kernels import set_compiled_kernels
+from dpfit.model.kernels.build import MODES
 from dpfit.training.loss import EnergyLoss
 from dpfit.training.metrics import error_metrics, update_error_metrics
 from dpfit.training.schedule import ExponentialDecay, worker_scale
@@ -25,7 +27,8 @@ class DeepPotentialModule(L.LightningModule):
     """Trains an :class:`EnergyModel` (built from the plain ``model`` config) with an :class:`EnergyLoss`.
 
     Forces (and the virial when a virial term is on) are written out in closed form by the model and
-    differentiated with the loss in one backward pass. Data statistics are computed once on the first fit and kept in the
+    differentiated with the loss in one backward pass. ``kernels`` (off / auto / on): compiled CPU
+    kernels for the embedding nets (:mod:`dpfit.model.kernels`) on CPU runs. Data statistics are computed once on the first fit and kept in the
     checkpoint (``stats_ready`` buffer), never recomputed on resume.
     """
 
@@ -37,8 +40,11 @@ class DeepPotentialModule(L.LightningModule):
         scale_by_worker: str = "none",
         data_stat_protect: float = 1e-2,
         weight_decay: float = 0.0,
+        kernels: str = "off",
     ) -> None:
         super().__init__()
+        if kernels not in MODES:
+            raise ValueError(f"kernels={kernels!r}: choose one of {', '.join(MODES)}")
         model = _plain(model)
         self.save_hyperparameters({MODEL_CONFIG_KEY: model, "scale_by_worker": scale_by_worker,
                                    "data_stat_protect": data_stat_protect})
@@ -48,11 +54,23 @@ class DeepPotentialModule(L.LightningModule):
         self.scale_by_worker = scale_by_worker
         self.data_stat_protect = data_stat_protect
         self.weight_decay = weight_decay
+        self.kernels = kernels
         self.register_buffer("stats_ready", torch.zeros((), dtype=torch.bool))
         self.metrics = torch.nn.ModuleDict({f"{s}_": error_metrics() for s in ("val", "test")})
         # frame-weighted mean of the loss over the evaluation set, summed over DDP ranks
         self.eval_loss = torch.nn.ModuleDict({f"{s}_": MeanMetric() for s in ("val", "test")})
         self.last_train: dict[str, float] = {}
+
+    def setup(self, stage: str) -> None:
+        """Compiled CPU kernels (``kernels``) in this process, for CPU runs (the kernels are CPU-only:
+        GPU runs skip the build)."""
+        strategy = getattr(self.trainer, "strategy", None) if self._trainer is not None else None
+        device = getattr(strategy, "root_device", self.device)
+        if self.kernels != "off" and device.type == "cpu":
+            if set_compiled_kernels(self.kernels):
+                log.info("compiled CPU kernels in use for the embedding nets")
+        else:
+            set_compiled_kernels("off")
 
     # ------------------------------------------------------------ statistics
     def on_fit_start(self) -> None:

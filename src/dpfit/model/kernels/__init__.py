@@ -1,0 +1,9 @@
+"""Compiled CPU kernels (optional): built on first use with the system's C++ compiler.
+
+``set_compiled_kernels("auto" | "on" | "off")`` chooses them for this process; the models then use
+them wherever they apply (embedding nets on CPU tensors) and the PyTorch path elsewhere.
+"""
+
+from dpfit.model.kernels.build import compiled_kernels_mode, embedding_extension, set_compiled_kernels
+
+__all__ = ["compiled_kernels_mode", "embedding_extension", "set_compiled_kernels"]

@@ -1,0 +1,427 @@
+// An embedding net's value and ds-tangent (forward) and their backward, in blocks of rows that stay in
+// the core's cache. Layers: y = idt * tanh(x W + b) + res(x); the tangent along the scalar input s:
+// ty = idt * (1 - h^2) * (tx W) + res(tx), with res: none (kind 0), x (kind 1) or [x, x] (kind 2).
+// The first layer's input is s (rows, 1) with tx = 1. The forward keeps each layer's activations
+// h = tanh(x W + b) and u = tx W; the backward rebuilds the layers' inputs from them block by block. Matrix products go to the BLAS that torch links
+// (sgemm_/dgemm_, one thread each: the blocks are spread over the threads).
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+#include <type_traits>
+#include <vector>
+
+extern "C" {
+void sgemm_(const char*, const char*, const int*, const int*, const int*, const float*, const float*, const int*,
+            const float*, const int*, const float*, float*, const int*);
+void dgemm_(const char*, const char*, const int*, const int*, const int*, const double*, const double*, const int*,
+            const double*, const int*, const double*, double*, const int*);
+}
+
+namespace {
+
+inline void gemm(char ta, char tb, int m, int n, int k, float alpha, const float* a, int lda, const float* b, int ldb,
+                 float beta, float* c, int ldc) {
+  sgemm_(&ta, &tb, &m, &n, &k, &alpha, a, &lda, b, &ldb, &beta, c, &ldc);
+}
+inline void gemm(char ta, char tb, int m, int n, int k, double alpha, const double* a, int lda, const double* b,
+                 int ldb, double beta, double* c, int ldc) {
+  dgemm_(&ta, &tb, &m, &n, &k, &alpha, a, &lda, b, &ldb, &beta, c, &ldc);
+}
+
+// Row-major products: C (r x o) = X (r x a) W (a x o) + beta C, and C (r x a) = D (r x o) W^T.
+template <typename T>
+inline void rows_times(const T* x, const T* w, T* c, int r, int a, int o, T beta) {
+  gemm('N', 'N', o, r, a, T(1), w, o, x, a, beta, c, o);
+}
+template <typename T>
+inline void rows_times_t(const T* d, const T* w, T* c, int r, int a, int o) {
+  gemm('T', 'N', a, r, o, T(1), w, o, d, o, T(0), c, a);
+}
+// G (a x o) += X^T (a x r) D (r x o)
+template <typename T>
+inline void accumulate_xt_d(const T* x, const T* d, T* g, int r, int a, int o) {
+  gemm('N', 'T', o, a, r, T(1), d, o, x, a, T(1), g, o);
+}
+
+struct Layer {
+  int in, out, kind;
+  bool has_idt;
+};
+
+template <typename T>
+struct Net {
+  std::vector<Layer> layers;
+  std::vector<const T*> w, b, idt;
+  int widest = 1;
+};
+
+template <typename T>
+Net<T> make_net(const std::vector<at::Tensor>& matrices, const std::vector<at::Tensor>& biases,
+                const std::vector<at::Tensor>& idts, const std::vector<int64_t>& kinds) {
+  Net<T> net;
+  for (size_t k = 0; k < matrices.size(); ++k) {
+    Layer l{static_cast<int>(matrices[k].size(0)), static_cast<int>(matrices[k].size(1)), static_cast<int>(kinds[k]),
+            idts[k].numel() > 0};
+    net.layers.push_back(l);
+    net.w.push_back(matrices[k].data_ptr<T>());
+    net.b.push_back(biases[k].data_ptr<T>());
+    net.idt.push_back(l.has_idt ? idts[k].data_ptr<T>() : nullptr);
+    net.widest = std::max(net.widest, l.out);
+  }
+  return net;
+}
+
+// tanh in place: float32 through the vectorized tanhf; float64 as 1 - 2 / (1 + exp(2 z)), since the
+// vectorized exp is several times faster than tanh there (|z| <= 40 keeps exp finite; tanh(40) is 1).
+template <typename T>
+inline void tanh_inplace(T* h, size_t n) {
+  if constexpr (std::is_same_v<T, double>) {
+#pragma omp simd
+    for (size_t e = 0; e < n; ++e) {
+      const T z = std::min(std::max(h[e], T(-40)), T(40));
+      h[e] = T(1) - T(2) / (T(1) + std::exp(T(2) * z));
+    }
+  } else {
+#pragma omp simd
+    for (size_t e = 0; e < n; ++e) h[e] = std::tanh(h[e]);
+  }
+}
+
+// A layer's activation on r rows: h = tanh(x W + b) and u = tx W (tx == nullptr: first layer, x = s,
+// tx = 1, u = row 0 of W).
+template <typename T>
+void layer_activation(const Layer& l, const T* w, const T* b, const T* x, const T* tx, T* h, T* u, int r) {
+  const int a = l.in, o = l.out;
+  if (tx == nullptr) {
+    for (int i = 0; i < r; ++i) {
+      const T si = x[i];
+      T* hi = h + (size_t)i * o;
+#pragma omp simd
+      for (int j = 0; j < o; ++j) hi[j] = si * w[j] + b[j];
+    }
+    for (int i = 0; i < r; ++i) std::copy(w, w + o, u + (size_t)i * o);
+  } else {
+    rows_times(x, w, h, r, a, o, T(0));
+    rows_times(tx, w, u, r, a, o, T(0));
+    for (int i = 0; i < r; ++i) {
+      T* hi = h + (size_t)i * o;
+#pragma omp simd
+      for (int j = 0; j < o; ++j) hi[j] += b[j];
+    }
+  }
+  tanh_inplace(h, (size_t)r * o);
+}
+
+// A layer's output and tangent from its activation: y = idt h + res(x), ty = idt (1 - h^2) u + res(tx).
+template <typename T>
+void layer_output(const Layer& l, const T* idt, const T* x, const T* tx, const T* h, const T* u, T* y, T* ty, int r) {
+  const int a = l.in, o = l.out;
+  for (int i = 0; i < r; ++i) {
+    const T* hi = h + (size_t)i * o;
+    const T* ui = u + (size_t)i * o;
+    T* yi = y + (size_t)i * o;
+    T* tyi = ty + (size_t)i * o;
+    if (idt != nullptr) {
+#pragma omp simd
+      for (int j = 0; j < o; ++j) {
+        yi[j] = idt[j] * hi[j];
+        tyi[j] = idt[j] * (T(1) - hi[j] * hi[j]) * ui[j];
+      }
+    } else {
+#pragma omp simd
+      for (int j = 0; j < o; ++j) {
+        yi[j] = hi[j];
+        tyi[j] = (T(1) - hi[j] * hi[j]) * ui[j];
+      }
+    }
+    if (l.kind == 0) continue;
+    const T* xi = x + (size_t)i * a;
+    for (int half = 0; half < l.kind; ++half) {
+      T* yh = yi + half * a;
+      T* tyh = tyi + half * a;
+      if (tx == nullptr) {
+        for (int c = 0; c < a; ++c) {
+          yh[c] += xi[c];
+          tyh[c] += T(1);
+        }
+      } else {
+        const T* txi = tx + (size_t)i * a;
+#pragma omp simd
+        for (int c = 0; c < a; ++c) {
+          yh[c] += xi[c];
+          tyh[c] += txi[c];
+        }
+      }
+    }
+  }
+}
+
+template <typename T>
+struct Scratch {
+  // per layer: the input x, tx (layer 0: s and 1, not stored) and, when the pass keeps none, h and u;
+  // gradient buffers of the widest layer
+  std::vector<std::vector<T>> x, tx, h, u;
+  std::vector<T> gy, gty, gx, gtx, dz, du;
+  Scratch(const Net<T>& net, int block, bool with_activations) {
+    const size_t L = net.layers.size();
+    x.resize(L);
+    tx.resize(L);
+    h.resize(L);
+    u.resize(L);
+    for (size_t k = 0; k < L; ++k) {
+      const auto& l = net.layers[k];
+      if (k > 0) {
+        x[k].resize((size_t)block * l.in);
+        tx[k].resize((size_t)block * l.in);
+      }
+      if (with_activations) {
+        h[k].resize((size_t)block * l.out);
+        u[k].resize((size_t)block * l.out);
+      }
+    }
+    const size_t wide = (size_t)block * net.widest;
+    for (auto* v : {&gy, &gty, &gx, &gtx, &dz, &du}) v->resize(wide);
+  }
+};
+
+// Row r0's place in layer k's kept activations (nullptr when none are kept).
+template <typename T>
+inline T* kept_rows(const std::vector<at::Tensor>& kept, size_t k, int64_t r0) {
+  return kept.empty() ? nullptr : kept[k].data_ptr<T>() + r0 * kept[k].size(1);
+}
+
+template <typename T>
+void forward_impl(const at::Tensor& s, const Net<T>& net, at::Tensor& g, at::Tensor& t,
+                  const std::vector<at::Tensor>& kept_h, const std::vector<at::Tensor>& kept_u, int block) {
+  const int64_t rows = s.size(0);
+  const int64_t nblocks = (rows + block - 1) / block;
+  const size_t L = net.layers.size();
+  const int o_last = net.layers.back().out;
+  const T* sp = s.data_ptr<T>();
+  T* gp = g.data_ptr<T>();
+  T* tp = t.data_ptr<T>();
+  const bool keep = !kept_h.empty();
+  at::parallel_for(0, nblocks, 1, [&](int64_t begin, int64_t end) {
+    Scratch<T> sc(net, block, !keep);
+    for (int64_t blk = begin; blk < end; ++blk) {
+      const int64_t r0 = blk * block;
+      const int r = static_cast<int>(std::min<int64_t>(block, rows - r0));
+      const T* x = sp + r0;
+      const T* tx = nullptr;
+      for (size_t k = 0; k < L; ++k) {
+        const bool last = k + 1 == L;
+        T* h = keep ? kept_rows<T>(kept_h, k, r0) : sc.h[k].data();
+        T* u = keep ? kept_rows<T>(kept_u, k, r0) : sc.u[k].data();
+        T* y = last ? gp + r0 * o_last : sc.x[k + 1].data();
+        T* ty = last ? tp + r0 * o_last : sc.tx[k + 1].data();
+        layer_activation(net.layers[k], net.w[k], net.b[k], x, tx, h, u, r);
+        layer_output(net.layers[k], net.idt[k], x, tx, h, u, y, ty, r);
+        x = y;
+        tx = ty;
+      }
+    }
+  });
+}
+
+template <typename T>
+void backward_impl(const at::Tensor& s, const at::Tensor& grad_g, const at::Tensor& grad_t, const Net<T>& net,
+                   const std::vector<at::Tensor>& kept_h, const std::vector<at::Tensor>& kept_u,
+                   std::vector<at::Tensor>& grads, at::Tensor& grad_s, int block) {
+  const int64_t rows = s.size(0);
+  const int64_t nblocks = (rows + block - 1) / block;
+  const size_t L = net.layers.size();
+  const int o_last = net.layers.back().out;
+  const T* sp = s.data_ptr<T>();
+  const T* ggp = grad_g.data_ptr<T>();
+  const T* gtp = grad_t.data_ptr<T>();
+  T* gsp = grad_s.defined() ? grad_s.data_ptr<T>() : nullptr;
+  // per thread accumulators of dW, db, didt (layer k at offset[k])
+  std::vector<size_t> offset(L + 1, 0);
+  for (size_t k = 0; k < L; ++k) {
+    const auto& l = net.layers[k];
+    offset[k + 1] = offset[k] + (size_t)l.in * l.out + (size_t)l.out * (l.has_idt ? 2 : 1);
+  }
+  const int nthreads = at::get_num_threads();
+  std::vector<std::vector<T>> acc(nthreads, std::vector<T>(offset[L], T(0)));
+  at::parallel_for(0, nblocks, 1, [&](int64_t begin, int64_t end) {
+    Scratch<T> sc(net, block, false);
+    std::vector<T>& my = acc[at::get_thread_num()];
+    for (int64_t blk = begin; blk < end; ++blk) {
+      const int64_t r0 = blk * block;
+      const int r = static_cast<int>(std::min<int64_t>(block, rows - r0));
+      // the layers' inputs, from the kept activations
+      for (size_t k = 0; k + 1 < L; ++k) {
+        const T* x = k == 0 ? sp + r0 : sc.x[k].data();
+        const T* tx = k == 0 ? nullptr : sc.tx[k].data();
+        layer_output(net.layers[k], net.idt[k], x, tx, kept_rows<T>(kept_h, k, r0), kept_rows<T>(kept_u, k, r0),
+                     sc.x[k + 1].data(), sc.tx[k + 1].data(), r);
+      }
+      std::copy(ggp + r0 * o_last, ggp + (r0 + r) * o_last, sc.gy.data());
+      std::copy(gtp + r0 * o_last, gtp + (r0 + r) * o_last, sc.gty.data());
+      for (size_t kk = L; kk-- > 0;) {
+        const auto& l = net.layers[kk];
+        const int a = l.in, o = l.out;
+        const T* h = kept_rows<T>(kept_h, kk, r0);
+        const T* u = kept_rows<T>(kept_u, kk, r0);
+        const T* idt = net.idt[kk];
+        T* gw = my.data() + offset[kk];
+        T* gb = gw + (size_t)a * o;
+        T* gi = gb + o;  // didt when the layer has one
+        T* dz = sc.dz.data();
+        T* du = sc.du.data();
+        const T* gy = sc.gy.data();
+        const T* gty = sc.gty.data();
+        for (int i = 0; i < r; ++i) {
+          const T* hi = h + (size_t)i * o;
+          const T* ui = u + (size_t)i * o;
+          const T* gyi = gy + (size_t)i * o;
+          const T* gtyi = gty + (size_t)i * o;
+          T* dzi = dz + (size_t)i * o;
+          T* dui = du + (size_t)i * o;
+          if (idt != nullptr) {
+#pragma omp simd
+            for (int j = 0; j < o; ++j) {
+              const T dh = T(1) - hi[j] * hi[j];
+              dui[j] = idt[j] * dh * gtyi[j];
+              dzi[j] = idt[j] * dh * (gyi[j] - T(2) * hi[j] * ui[j] * gtyi[j]);
+              gb[j] += dzi[j];
+              gi[j] += gyi[j] * hi[j] + gtyi[j] * dh * ui[j];
+            }
+          } else {
+#pragma omp simd
+            for (int j = 0; j < o; ++j) {
+              const T dh = T(1) - hi[j] * hi[j];
+              dui[j] = dh * gtyi[j];
+              dzi[j] = dh * (gyi[j] - T(2) * hi[j] * ui[j] * gtyi[j]);
+              gb[j] += dzi[j];
+            }
+          }
+        }
+        if (kk > 0) {
+          accumulate_xt_d(sc.x[kk].data(), dz, gw, r, a, o);
+          accumulate_xt_d(sc.tx[kk].data(), du, gw, r, a, o);
+          rows_times_t(dz, net.w[kk], sc.gx.data(), r, a, o);
+          rows_times_t(du, net.w[kk], sc.gtx.data(), r, a, o);
+          for (int i = 0; i < r && l.kind > 0; ++i) {
+            T* gxi = sc.gx.data() + (size_t)i * a;
+            T* gtxi = sc.gtx.data() + (size_t)i * a;
+            for (int half = 0; half < l.kind; ++half) {
+              const T* gyh = gy + (size_t)i * o + half * a;
+              const T* gtyh = gty + (size_t)i * o + half * a;
+#pragma omp simd
+              for (int c = 0; c < a; ++c) {
+                gxi[c] += gyh[c];
+                gtxi[c] += gtyh[c];
+              }
+            }
+          }
+          std::swap(sc.gy, sc.gx);
+          std::swap(sc.gty, sc.gtx);
+        } else {  // input s (r x 1) with tx = 1: dW[0] collects both paths
+          const T* s_blk = sp + r0;
+          const T* w = net.w[0];
+          for (int i = 0; i < r; ++i) {
+            const T* dzi = dz + (size_t)i * o;
+            const T* dui = du + (size_t)i * o;
+            T sum = T(0);
+            const T si = s_blk[i];
+#pragma omp simd reduction(+ : sum)
+            for (int j = 0; j < o; ++j) {
+              gw[j] += si * dzi[j] + dui[j];
+              sum += dzi[j] * w[j];
+            }
+            if (gsp != nullptr) {
+              for (int half = 0; half < l.kind; ++half) sum += gy[(size_t)i * o + half];
+              gsp[r0 + i] = sum;
+            }
+          }
+        }
+      }
+    }
+  });
+  for (size_t k = 0; k < L; ++k) {
+    const auto& l = net.layers[k];
+    T* gw = grads[k * 3].data_ptr<T>();
+    T* gb = grads[k * 3 + 1].data_ptr<T>();
+    T* gi = l.has_idt ? grads[k * 3 + 2].data_ptr<T>() : nullptr;
+    const size_t nw = (size_t)l.in * l.out;
+    for (const auto& my : acc) {
+      const T* src = my.data() + offset[k];
+      for (size_t e = 0; e < nw; ++e) gw[e] += src[e];
+      for (int j = 0; j < l.out; ++j) gb[j] += src[nw + j];
+      if (gi != nullptr)
+        for (int j = 0; j < l.out; ++j) gi[j] += src[nw + l.out + j];
+    }
+  }
+}
+
+void check(const at::Tensor& s, const std::vector<at::Tensor>& matrices, const std::vector<at::Tensor>& biases,
+           const std::vector<at::Tensor>& idts, const std::vector<int64_t>& kinds) {
+  TORCH_CHECK(s.device().is_cpu() && s.is_contiguous() && s.dim() == 2 && s.size(1) == 1, "s: contiguous (rows, 1) CPU");
+  TORCH_CHECK(!matrices.empty() && matrices.size() == biases.size() && matrices.size() == idts.size() &&
+                  matrices.size() == kinds.size(), "one matrix, bias, idt and kind per layer");
+  TORCH_CHECK(matrices[0].size(0) == 1, "the first layer's input is the scalar s");
+  for (size_t k = 0; k < matrices.size(); ++k) {
+    TORCH_CHECK(matrices[k].is_contiguous() && biases[k].is_contiguous() && idts[k].is_contiguous(), "contiguous parameters");
+    TORCH_CHECK(matrices[k].scalar_type() == s.scalar_type() && biases[k].scalar_type() == s.scalar_type(), "one dtype");
+    if (k > 0) TORCH_CHECK(matrices[k].size(0) == matrices[k - 1].size(1), "layer widths chain");
+  }
+}
+
+}  // namespace
+
+// (g, dg/ds) of every row; with ``keep`` also each layer's activations h and u (for the backward).
+// Returns g, t, then h and u of each layer (none without keep).
+std::vector<at::Tensor> value_and_tangent(const at::Tensor& s, const std::vector<at::Tensor>& matrices,
+                                          const std::vector<at::Tensor>& biases, const std::vector<at::Tensor>& idts,
+                                          const std::vector<int64_t>& kinds, int64_t block, bool keep) {
+  check(s, matrices, biases, idts, kinds);
+  const int64_t o = matrices.back().size(1);
+  std::vector<at::Tensor> out{at::empty({s.size(0), o}, s.options()), at::empty({s.size(0), o}, s.options())};
+  std::vector<at::Tensor> kept_h, kept_u;
+  for (size_t k = 0; k < matrices.size() && keep; ++k) {
+    kept_h.push_back(at::empty({s.size(0), matrices[k].size(1)}, s.options()));
+    kept_u.push_back(at::empty({s.size(0), matrices[k].size(1)}, s.options()));
+  }
+  AT_DISPATCH_FLOATING_TYPES(s.scalar_type(), "value_and_tangent", [&] {
+    forward_impl<scalar_t>(s, make_net<scalar_t>(matrices, biases, idts, kinds), out[0], out[1], kept_h, kept_u,
+                           static_cast<int>(block));
+  });
+  out.insert(out.end(), kept_h.begin(), kept_h.end());
+  out.insert(out.end(), kept_u.begin(), kept_u.end());
+  return out;
+}
+
+// Returns grad_s (empty unless need_s) followed by dW, db, didt (empty when none) per layer.
+std::vector<at::Tensor> value_and_tangent_backward(const at::Tensor& s, const at::Tensor& grad_g,
+                                                   const at::Tensor& grad_t, const std::vector<at::Tensor>& kept_h,
+                                                   const std::vector<at::Tensor>& kept_u,
+                                                   const std::vector<at::Tensor>& matrices,
+                                                   const std::vector<at::Tensor>& biases,
+                                                   const std::vector<at::Tensor>& idts,
+                                                   const std::vector<int64_t>& kinds, int64_t block, bool need_s) {
+  check(s, matrices, biases, idts, kinds);
+  TORCH_CHECK(grad_g.is_contiguous() && grad_t.is_contiguous(), "contiguous gradients");
+  TORCH_CHECK(kept_h.size() == matrices.size() && kept_u.size() == matrices.size(), "kept activations per layer");
+  std::vector<at::Tensor> grads;
+  for (size_t k = 0; k < matrices.size(); ++k) {
+    grads.push_back(at::zeros_like(matrices[k]));
+    grads.push_back(at::zeros_like(biases[k]));
+    grads.push_back(at::zeros_like(idts[k]));
+  }
+  at::Tensor grad_s = need_s ? at::empty_like(s) : at::Tensor();
+  AT_DISPATCH_FLOATING_TYPES(s.scalar_type(), "value_and_tangent_backward", [&] {
+    backward_impl<scalar_t>(s, grad_g, grad_t, make_net<scalar_t>(matrices, biases, idts, kinds), kept_h, kept_u,
+                            grads, grad_s, static_cast<int>(block));
+  });
+  std::vector<at::Tensor> out{need_s ? grad_s : at::empty({0}, s.options())};
+  out.insert(out.end(), grads.begin(), grads.end());
+  return out;
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("value_and_tangent", &value_and_tangent, "embedding net value and ds-tangent, in row blocks");
+  m.def("value_and_tangent_backward", &value_and_tangent_backward, "their backward from the kept activations");
+}

@@ -1,0 +1,192 @@
+"""The compiled CPU embedding kernel (dpfit.model.kernels): the same values and gradients as the PyTorch
+path, for single nets and whole models (the DeePMD-kit fixture and a training loss), and its switch.
+
+The kernel is built on first use (~30 s, then cached). Outside CI a machine without a C++ compiler
+skips these tests; in CI (``CI`` set) the build must succeed.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from dpfit.data.neighbor import build_neighbor_list
+from dpfit.model.kernels import build as kernel_build
+from dpfit.model.kernels import compiled_kernels_mode, embedding_extension, set_compiled_kernels
+from dpfit.model.kernels.embedding import BLOCK_ROWS, CompiledValueAndTangent
+from dpfit.model.network import ResidualMLP
+from dpfit.training.module import DeepPotentialModule
+
+pytestmark = pytest.mark.usefixtures("single_torch_thread")
+
+NETS = {"deepmd_25_50_100": ([25, 50, 100], False), "resnet_dt": ([6, 12, 12], True),
+        "first_layer_residual": ([2, 4, 3], True), "first_layer_equal": ([1, 1], False), "one_layer": ([7], False)}
+
+
+@pytest.fixture(scope="module")
+def kernels():
+    """Compiled kernels on for the test, off afterwards (the library default)."""
+    try:
+        set_compiled_kernels("on")
+    except RuntimeError as exc:
+        if os.environ.get("CI"):
+            raise
+        pytest.skip(f"compiled kernels unavailable here: {exc}")
+    yield embedding_extension()
+    set_compiled_kernels("off")
+
+
+def _switch(mode: str) -> None:
+    set_compiled_kernels(mode)
+
+
+def _params(net: ResidualMLP) -> list[torch.Tensor]:
+    return [p for layer in net.layers for p in (layer.matrix, layer.bias, layer.idt) if p is not None]
+
+
+def _value_tangent_grads(net: ResidualMLP, s: torch.Tensor, mode: str):
+    _switch(mode)
+    s = s.detach().clone().requires_grad_(True)
+    g, t = net.value_and_tangent(s)
+    gen = torch.Generator().manual_seed(5)
+    w1 = torch.randn(g.shape, dtype=g.dtype, generator=gen)
+    w2 = torch.randn(t.shape, dtype=t.dtype, generator=gen)
+    loss = (g * w1).sum() + ((t * w2) ** 2).sum()
+    grads = torch.autograd.grad(loss, [s, *_params(net)]) if g.numel() else []
+    return g.detach(), t.detach(), grads, type(g.grad_fn).__name__
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+@pytest.mark.parametrize("rows", [0, 1, BLOCK_ROWS - 1, 2 * BLOCK_ROWS + 3])
+@pytest.mark.parametrize("name", list(NETS), ids=list(NETS))
+def test_kernel_equals_pytorch_path(kernels, name, rows, dtype):
+    """Values, tangents and every gradient (parameters and s), for row counts around the block size."""
+    neuron, resnet_dt = NETS[name]
+    net = ResidualMLP(1, neuron, resnet_dt, dtype=dtype, generator=torch.Generator().manual_seed(0))
+    s = torch.linspace(-1.5, 2.5, rows, dtype=dtype).unsqueeze(-1)
+    g, t, grads, fn = _value_tangent_grads(net, s, "on")
+    g_ref, t_ref, ref, fn_ref = _value_tangent_grads(net, s, "off")
+    _switch("on")
+    assert fn == "CompiledValueAndTangentBackward" and fn_ref == "ValueAndTangentBackward"
+    # float32: rounding differs (summation order, tanh), so errors relative to each tensor's scale
+    eps = 1e-12 if dtype == torch.float64 else 1e-4
+    assert len(grads) == len(ref)
+    for a, b in zip([g, t, *grads], [g_ref, t_ref, *ref]):
+        scale = float(b.abs().max()) if b.numel() else 1.0
+        torch.testing.assert_close(a, b, rtol=eps, atol=eps * max(scale, 1.0))
+
+
+def test_kernel_gradcheck(kernels):
+    net = ResidualMLP(1, [3, 6], True, generator=torch.Generator().manual_seed(1))
+    s = torch.randn(9, 1, dtype=torch.float64, requires_grad=True)
+    params = _params(net)
+    kinds = tuple(layer.kind for layer in net.layers)
+    has_idt = tuple(layer.idt is not None for layer in net.layers)
+    assert torch.autograd.gradcheck(
+        lambda s, *p: CompiledValueAndTangent.apply(kernels, kinds, has_idt, s, *p), (s, *params))
+
+
+def test_kernel_without_autograd_equals_plain_path(kernels):
+    net = ResidualMLP(1, [25, 50, 100], False, generator=torch.Generator().manual_seed(2))
+    s = torch.rand(300, 1, dtype=torch.float64)
+    with torch.no_grad():
+        g, t = net.value_and_tangent(s)
+        _switch("off")
+        g_ref, t_ref = net.value_and_tangent(s)
+        _switch("on")
+    torch.testing.assert_close(g, g_ref, rtol=1e-13, atol=1e-13)
+    torch.testing.assert_close(t, t_ref, rtol=1e-13, atol=1e-13)
+
+
+def test_kernel_reproduces_deepmd_fixture(kernels, cho_fixture, run_model):
+    """The C/H/O DeePMD-kit model (type_one_side false, fparam + aparam, non-periodic) with the kernel:
+    energy, forces and virials equal the reference."""
+    from dpfit.io.deepmd_checkpoint import load_deepmd_checkpoint
+
+    model = load_deepmd_checkpoint(cho_fixture / "model.ckpt.pt")
+    with np.load(cho_fixture / "reference_C3H3O4.npz") as data:
+        ref = {k: data[k] for k in data.files}
+    with torch.enable_grad():  # the fused path (as in training) and the kernel's forward alone
+        out = run_model(model, ref["coord"], ref["atype"], None, ref["fparam"], ref["aparam"])
+    for key in ("energy", "force", "virial"):
+        np.testing.assert_allclose(out[key], ref[key].reshape(out[key].shape), rtol=1e-10, atol=1e-12)
+
+
+def _training_gradients(model, inputs: dict, mode: str) -> list[torch.Tensor]:
+    _switch(mode)
+    model.zero_grad()
+    out = model(**inputs, do_force=True, do_virial=True, create_graph=True)
+    loss = out["energy"].sum() + 3.0 * out["force"].square().sum() + 0.1 * out["virial"].square().sum()
+    loss.backward()
+    return [p.grad.clone() for p in model.parameters()]
+
+
+@pytest.mark.parametrize("type_one_side", [True, False])
+def test_training_gradients_equal_with_kernel(kernels, tiny_model, random_frame, type_one_side):
+    """The gradient of an energy + force + virial loss for every parameter: kernel vs PyTorch path."""
+    model = tiny_model(type_one_side=type_one_side, resnet_dt=True)
+    coord, atype, box = random_frame(seed=3, natoms=10)
+    nl = build_neighbor_list(coord, atype, box, model.rcut, model.sel)
+    inputs = {"coord": torch.from_numpy(coord[None].copy()), "atype": torch.from_numpy(atype[None].copy()),
+              "nlist": torch.from_numpy(nl.nlist[None].copy()), "box": torch.from_numpy(box[None].copy()),
+              "shift": torch.from_numpy(nl.shift[None].copy())}
+    grads = _training_gradients(model, inputs, "on")
+    ref = _training_gradients(model, inputs, "off")
+    _switch("on")
+    for a, b in zip(grads, ref):
+        torch.testing.assert_close(a, b, rtol=1e-11, atol=1e-12)
+    assert any(float(g.abs().max()) > 0 for g in grads)
+
+
+def test_kernel_skipped_where_it_does_not_apply(kernels):
+    """A net whose input is wider than one channel (the fitting net) keeps the PyTorch path."""
+    net = ResidualMLP(3, [4, 8], False, generator=torch.Generator().manual_seed(4))
+    assert net._compiled_kernel(torch.zeros(2, 3, dtype=torch.float64)) is None
+    net1 = ResidualMLP(1, [4, 8], False, generator=torch.Generator().manual_seed(4))
+    assert net1._compiled_kernel(torch.zeros(2, 1, dtype=torch.float64)) is kernels
+
+
+def test_mode_is_validated():
+    before = compiled_kernels_mode()
+    with pytest.raises(ValueError, match="kernels='fast'"):
+        set_compiled_kernels("fast")
+    with pytest.raises(ValueError, match="kernels='fast'"):
+        DeepPotentialModule(model={}, loss=None, schedule=None, kernels="fast")
+    assert compiled_kernels_mode() == before
+
+
+def test_failed_build_falls_back_or_raises(monkeypatch, caplog):
+    """``auto``: a failed build leaves the PyTorch path with a warning naming the cause; ``on`` raises."""
+
+    def broken():
+        raise OSError("no C++ compiler found")
+
+    monkeypatch.setattr(kernel_build, "_build", broken)
+    monkeypatch.setattr(kernel_build, "_extension", None)
+    monkeypatch.setattr(kernel_build, "_failure", None)
+    try:
+        with caplog.at_level("WARNING", logger="dpfit.model.kernels.build"):
+            assert set_compiled_kernels("auto") is False
+        assert "no C++ compiler found" in caplog.text
+        assert embedding_extension() is None
+        with pytest.raises(RuntimeError, match=r"could not be built \(OSError: no C\+\+ compiler found\)"):
+            set_compiled_kernels("on")
+    finally:
+        kernel_build._mode = "off"
+
+
+@pytest.mark.parametrize("mode", ["auto", "off"])
+def test_module_setup_sets_the_mode(kernels, tiny_model, mode):
+    """``kernels`` of the training module (train.yaml's ``kernels``) takes effect in setup, per process."""
+    from dpfit.training.loss import EnergyLoss
+    from dpfit.training.schedule import ExponentialDecay
+
+    config = tiny_model().config
+    module = DeepPotentialModule(model=config, loss=EnergyLoss(), schedule=ExponentialDecay(), kernels=mode)
+    _switch("on" if mode == "off" else "off")
+    module.setup("fit")
+    assert compiled_kernels_mode() == mode
+    _switch("on")
