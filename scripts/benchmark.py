@@ -164,11 +164,19 @@ def train_step_fn(model: EnergyModel, batch: dict):
 
 
 def count_flops(step) -> int:
-    """FLOPs of one call of ``step`` (torch.utils.flop_counter: matmuls and convolutions)."""
+    """FLOPs of one call of ``step`` (torch.utils.flop_counter: matmuls and convolutions), counted on
+    the PyTorch path (the counter does not see inside the compiled kernels; the arithmetic is the same)."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    with FlopCounterMode(display=False) as counter:
-        step()
+    from dpfit.model.kernels import compiled_kernels_mode
+
+    mode = compiled_kernels_mode()
+    set_compiled_kernels("off")
+    try:
+        with FlopCounterMode(display=False) as counter:
+            step()
+    finally:
+        set_compiled_kernels(mode)
     return int(counter.get_total_flops())
 
 
