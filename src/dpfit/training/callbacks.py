@@ -42,11 +42,11 @@ class LCurveWriter(L.Callback):
         m = trainer.callback_metrics
         trn = pl_module.last_train
         val_loss = m.get("val/loss")
-        row = [float(val_loss) ** 0.5 if val_loss is not None else float("nan"), trn.get("rmse", float("nan"))]
+        row = [float(val_loss) ** 0.5 if val_loss is not None else float("nan"), float(trn.get("rmse", float("nan")))]
         for c in self._columns(pl_module):
             v = m.get(f"val/rmse_{c}")
-            row += [float(v) if v is not None else float("nan"), trn.get(f"rmse_{c}", float("nan"))]
-        row.append(trn.get("lr", float("nan")))
+            row += [float(v) if v is not None else float("nan"), float(trn.get(f"rmse_{c}", float("nan")))]
+        row.append(float(trn.get("lr", float("nan"))))
         with open(self.path, "a") as fh:
             fh.write(f"{trainer.global_step:7d}  " + " ".join(f"{x:11.2e}" for x in row) + "\n")
 

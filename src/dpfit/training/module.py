@@ -59,7 +59,7 @@ class DeepPotentialModule(L.LightningModule):
         self.metrics = torch.nn.ModuleDict({f"{s}_": error_metrics() for s in ("val", "test")})
         # frame-weighted mean of the loss over the evaluation set, summed over DDP ranks
         self.eval_loss = torch.nn.ModuleDict({f"{s}_": MeanMetric() for s in ("val", "test")})
-        self.last_train: dict[str, float] = {}
+        self.last_train: dict[str, float | torch.Tensor] = {}
 
     def setup(self, stage: str) -> None:
         """Compiled CPU kernels (``kernels``) in this process, for CPU runs (the kernels are CPU-only:
@@ -118,8 +118,9 @@ class DeepPotentialModule(L.LightningModule):
         self.log("lr", lr, batch_size=nf)
         for k, v in logs.items():
             self.log(f"train/{k}", v, batch_size=nf, prog_bar=k == "rmse_f")
-        self.last_train = {"rmse": float(loss.detach().sqrt()), "lr": lr,
-                           **{k: float(v) for k, v in logs.items() if k.startswith("rmse_")}}
+        # tensors, read (float) only when a validation row is written: no device sync per step on GPUs
+        self.last_train = {"rmse": loss.detach().sqrt(), "lr": lr,
+                           **{k: v.detach() if torch.is_tensor(v) else v for k, v in logs.items() if k.startswith("rmse_")}}
         if batch.get("n_dropped"):
             self.log("train/neighbors_dropped", float(batch["n_dropped"]), batch_size=nf, reduce_fx="sum")
         return loss
