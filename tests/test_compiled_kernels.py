@@ -141,6 +141,71 @@ def test_training_gradients_equal_with_kernel(kernels, tiny_model, random_frame,
     assert any(float(g.abs().max()) > 0 for g in grads)
 
 
+def _graph_nodes(tensor: torch.Tensor) -> set[str]:
+    seen, names, stack = set(), set(), [tensor.grad_fn]
+    while stack:
+        fn = stack.pop()
+        if fn is None or fn in seen:
+            continue
+        seen.add(fn)
+        names.add(type(fn).__name__)
+        stack.extend(f for f, _ in fn.next_functions)
+    return names
+
+
+@pytest.mark.parametrize("case", ["periodic", "one_type_absent", "single_atom"])
+def test_slot_contractions_on_rows_equal_padded_path(kernels, tiny_model, random_frame, case):
+    """With the kernels the descriptor contracts the embedding rows directly (SlotGT / SlotEnv, no padded
+    gather): energy, forces, virial and a loss's parameter gradients as on the padded PyTorch path,
+    also when a neighbor-type block is empty."""
+    model = tiny_model(type_one_side=False)
+    if case == "periodic":
+        coord, atype, box = random_frame(seed=5, natoms=12)
+    elif case == "one_type_absent":
+        coord, atype, box = random_frame(seed=6, natoms=5, periodic=False)
+        atype = np.zeros_like(atype)
+    else:
+        coord, atype, box = np.zeros((1, 3)), np.zeros(1, dtype=np.int64), None
+    nl = build_neighbor_list(coord, atype, box, model.rcut, model.sel)
+    inputs = {"coord": torch.from_numpy(coord[None].copy()), "atype": torch.from_numpy(atype[None].copy()),
+              "nlist": torch.from_numpy(nl.nlist[None].copy())}
+    if box is not None:
+        inputs.update(box=torch.from_numpy(box[None].copy()), shift=torch.from_numpy(nl.shift[None].copy()))
+    outs, grads = {}, {}
+    for mode in ("on", "off"):
+        _switch(mode)
+        model.zero_grad()
+        out = model(**inputs, do_force=True, do_virial=True, create_graph=True)
+        nodes = _graph_nodes(out["force"])
+        assert ("SlotEnvBackward" in nodes) == (mode == "on") and ("SlotGTBackward" in nodes) == (mode == "on")
+        (out["energy"].sum() + out["force"].square().sum() + out["virial"].square().sum()).backward()
+        outs[mode] = {k: v.detach() for k, v in out.items()}
+        grads[mode] = [torch.zeros_like(p) if p.grad is None else p.grad.clone() for p in model.parameters()]
+    _switch("on")
+    for key in outs["off"]:
+        torch.testing.assert_close(outs["on"][key], outs["off"][key], rtol=1e-12, atol=1e-12)
+    for a, b in zip(grads["on"], grads["off"]):
+        torch.testing.assert_close(a, b, rtol=1e-11, atol=1e-12)
+
+
+def test_slot_contraction_gradcheck(kernels):
+    """SlotGT and SlotEnv against finite differences, with rows shared by several slots."""
+    from dpfit.model.kernels.slot_contraction import SlotEnv, SlotGT, slots_of_rows
+
+    gen = torch.Generator().manual_seed(8)
+    rows, n, k, m = 5, 3, 4, 6
+    g = torch.randn(rows, m, dtype=torch.float64, generator=gen, requires_grad=True)
+    t = torch.randn(rows, m, dtype=torch.float64, generator=gen, requires_grad=True)
+    index = torch.tensor([[0, 1, 4, 4], [2, 0, 4, 4], [3, 1, 4, 2]])
+    r = torch.randn(n, k, 4, dtype=torch.float64, generator=gen)
+    gbar = torch.randn(n, 4, m, dtype=torch.float64, generator=gen, requires_grad=True)
+    order, ptr = slots_of_rows(index, rows)
+    assert torch.autograd.gradcheck(lambda g: SlotGT.apply(kernels, g, index, r, order, ptr), (g,))
+    assert torch.autograd.gradcheck(lambda g, t, b: SlotEnv.apply(kernels, g, t, index, b, order, ptr), (g, t, gbar))
+    padded = g[index]  # the padded layout: the same contraction
+    torch.testing.assert_close(SlotGT.apply(kernels, g, index, r, order, ptr), r.transpose(1, 2) @ padded)
+
+
 def test_kernel_skipped_where_it_does_not_apply(kernels):
     """A net whose input is wider than one channel (the fitting net) keeps the PyTorch path."""
     net = ResidualMLP(3, [4, 8], False, generator=torch.Generator().manual_seed(4))

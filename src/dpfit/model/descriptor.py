@@ -127,7 +127,7 @@ class SeE2A(nn.Module):
 
     def embed(
         self, rr: torch.Tensor, atype: torch.Tensor, mask: torch.Tensor, tangent: bool = False,
-        partner: torch.Tensor | None = None,
+        partner: torch.Tensor | None = None, as_rows: bool = False,
     ) -> tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor]:
         """Embedding of the neighbor slots, one (N = nf * nloc, k[t], M) tensor per neighbor type t, and
         the constant G^T (ntypes, 4, M) of the slots beyond: k[t] <= sel[t] ends at the last slot of
@@ -141,6 +141,8 @@ class SeE2A(nn.Module):
         ``partner`` (nf, nloc, nnei): flat slot of each slot's reverse pair or -1
         (:func:`~dpfit.model.pairs.reverse_slots`); of two reverse slots only the first is embedded and
         the second reuses its row (valid when :meth:`reverse_pairs_share_input`).
+        ``as_rows``: the lists hold the nets' rows (R[t], M) instead, followed by each block's row index
+        (N, k[t]) in the first list (for :mod:`dpfit.model.kernels.slot_contraction`).
         """
         nf, nloc, nnei, _ = rr.shape
         n = nf * nloc
@@ -151,6 +153,7 @@ class SeE2A(nn.Module):
         s_pad = -self.davg[:, :, 0] / self.dstd[:, :, 0]  # embedding input of a padded slot (R = 0)
         gs: list[torch.Tensor] = []
         ts: list[torch.Tensor] = []
+        indices: list[torch.Tensor] = []
         tail = rr.new_zeros(self.ntypes, 4, m)
         for tj in range(self.ntypes):
             lo = self.sections[tj]
@@ -223,13 +226,18 @@ class SeE2A(nn.Module):
                 rr_pad = -self.davg[:, lo + kept:hi] / self.dstd[:, lo + kept:hi]
                 g_pad = source[pad_row[:, kept:]]  # (ntypes, width - kept, M)
                 tail = torch.baddbmm(tail, rr_pad.transpose(1, 2), g_pad)
+            if as_rows:
+                gs.append(source)
+                ts.append(t_source)
+                indices.append(index)
+                continue
             inverse = torch.cat(owned)
             other_slots = torch.nonzero(~computed.reshape(-1)).squeeze(-1)  # padded and reused slots
             other_rows = index.reshape(-1).index_select(0, other_slots)
             gs.append(gather_rows(source, index, inverse, other_slots, other_rows))
             if tangent:
                 ts.append(gather_rows(t_source, index, inverse, other_slots, other_rows))
-        return gs, ts, tail
+        return gs + indices, ts, tail
 
     def reverse_pairs_share_input(self) -> bool:
         """True when ``davg``/``dstd`` of the radial column are the same over the slots of each neighbor
@@ -251,6 +259,9 @@ class SeE2A(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
         """Descriptor (nf, nloc, M * axis_neuron) from R~, with the pieces :meth:`env_gradient` needs:
         G^T / nnei (N, 4, M) and the embedding (and tangent) blocks of :meth:`embed`."""
+        if not torch.jit.is_scripting():
+            if self._rows_mode(rr, tangent):
+                return self._descriptor_from_rows(rr, atype, mask, partner)
         nf, nloc, nnei, _ = rr.shape
         n = nf * nloc
         gs, ts, tail = self.embed(rr, atype, mask, tangent, partner)
@@ -263,6 +274,45 @@ class SeE2A(nn.Module):
         g_t = g_t / self.nnei
         d = torch.bmm(g_t.transpose(1, 2), g_t[..., : self.axis_neuron])
         return d.reshape(nf, nloc, -1), g_t, gs, ts
+
+    @torch.jit.unused
+    def _rows_mode(self, rr: torch.Tensor, tangent: bool) -> bool:
+        """Whether the slot contractions run on the embedding rows through the compiled kernels: when
+        they are in use (:mod:`dpfit.model.kernels`), on CPU, for the forces' pass, and with R~ a
+        constant (its own gradient is not written there)."""
+        from dpfit.model.kernels import embedding_extension
+
+        return (tangent and rr.device.type == "cpu" and rr.dtype in (torch.float32, torch.float64)
+                and not rr.requires_grad and embedding_extension() is not None)
+
+    @torch.jit.unused
+    def _descriptor_from_rows(
+        self, rr: torch.Tensor, atype: torch.Tensor, mask: torch.Tensor, partner: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
+        """:meth:`descriptor_from_env` with the contractions on the rows (compiled kernels). The lists
+        returned: rows G per type then each block's index; rows T per type then each block's
+        (order, ptr) of :func:`~dpfit.model.kernels.slot_contraction.slots_of_rows`."""
+        from dpfit.model.kernels import embedding_extension
+        from dpfit.model.kernels.slot_contraction import SlotGT, slots_of_rows
+
+        ext = embedding_extension()
+        nf, nloc, nnei, _ = rr.shape
+        n = nf * nloc
+        out, ts, tail = self.embed(rr, atype, mask, True, partner, as_rows=True)
+        gs, indices = out[: self.ntypes], out[self.ntypes:]
+        flat_rr = rr.reshape(n, nnei, 4)
+        g_t = tail.index_select(0, atype.reshape(-1))
+        csr: list[torch.Tensor] = []
+        for tj in range(self.ntypes):
+            lo = self.sections[tj]
+            index = indices[tj]
+            order, ptr = slots_of_rows(index, gs[tj].shape[0])
+            r_block = flat_rr[:, lo:lo + index.shape[1]].contiguous()
+            g_t = g_t + SlotGT.apply(ext, gs[tj], index, r_block, order, ptr)
+            csr += [order, ptr]
+        g_t = g_t / self.nnei
+        d = torch.bmm(g_t.transpose(1, 2), g_t[..., : self.axis_neuron])
+        return d.reshape(nf, nloc, -1), g_t, gs + indices, ts + csr
 
     def env_gradient(
         self, grad_d: torch.Tensor, g_t: torch.Tensor, rr: torch.Tensor, mask: torch.Tensor, gs: list[torch.Tensor],
@@ -278,9 +328,12 @@ class SeE2A(nn.Module):
         d_bar = grad_d.reshape(n, m, a)
         g_bar = torch.bmm(g_t[..., :a], d_bar.transpose(1, 2))
         g_bar = g_bar + torch.nn.functional.pad(torch.bmm(g_t, d_bar), [0, m - a])
-        g_bar = (g_bar / self.nnei).transpose(1, 2)  # (N, M, 4)
         flat_rr = rr.reshape(n, nnei, 4)
         flat_mask = mask.reshape(n, nnei)
+        if not torch.jit.is_scripting():
+            if len(gs) > self.ntypes:  # rows of _descriptor_from_rows
+                return self._env_gradient_rows(g_bar / self.nnei, flat_rr, flat_mask, gs, ts).reshape(nf, nloc, nnei, 4)
+        g_bar = (g_bar / self.nnei).transpose(1, 2)  # (N, M, 4)
         parts: list[torch.Tensor] = []
         for tj in range(self.ntypes):
             lo = self.sections[tj]
@@ -292,6 +345,30 @@ class SeE2A(nn.Module):
             parts.append(torch.nn.functional.pad(part + torch.nn.functional.pad(ds, [0, 3]),
                                                  [0, 0, 0, self.sections[tj + 1] - lo - k]))
         return torch.cat(parts, 1).reshape(nf, nloc, nnei, 4)
+
+    @torch.jit.unused
+    def _env_gradient_rows(
+        self, g_bar: torch.Tensor, flat_rr: torch.Tensor, flat_mask: torch.Tensor, gs: list[torch.Tensor],
+        ts: list[torch.Tensor],
+    ) -> torch.Tensor:
+        """:meth:`env_gradient`'s slot products on the rows (compiled kernels); g_bar (N, 4, M)."""
+        from dpfit.model.kernels import embedding_extension
+        from dpfit.model.kernels.slot_contraction import SlotEnv
+
+        ext = embedding_extension()
+        g_bar = g_bar.contiguous()
+        parts: list[torch.Tensor] = []
+        for tj in range(self.ntypes):
+            lo = self.sections[tj]
+            index = gs[self.ntypes + tj]
+            order, ptr = ts[self.ntypes + 2 * tj], ts[self.ntypes + 2 * tj + 1]
+            k = index.shape[1]
+            part, tds = SlotEnv.apply(ext, gs[tj], ts[tj], index, g_bar, order, ptr)
+            ds = (flat_rr[:, lo:lo + k] * tds).sum(-1, keepdim=True)
+            ds = torch.where(flat_mask[:, lo:lo + k, None], ds, torch.zeros_like(ds))
+            parts.append(torch.nn.functional.pad(part + torch.nn.functional.pad(ds, [0, 3]),
+                                                 [0, 0, 0, self.sections[tj + 1] - lo - k]))
+        return torch.cat(parts, 1)
 
     def env_matrix_vjp(
         self, diff: torch.Tensor, mask: torch.Tensor, atype: torch.Tensor, grad_rr: torch.Tensor

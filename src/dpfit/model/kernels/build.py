@@ -19,7 +19,7 @@ import torch
 log = logging.getLogger(__name__)
 
 MODES = ("off", "auto", "on")
-SOURCE = Path(__file__).with_name("embedding_net.cpp")
+SOURCES = [Path(__file__).with_name(name) for name in ("embedding_net.cpp", "slot_contraction.cpp")]
 _ISA_FLAGS = {
     "AVX512": ["-mavx512f", "-mavx512dq", "-mavx512vl", "-mavx512bw", "-mavx2", "-mfma"],
     "AVX2": ["-mavx2", "-mfma"],
@@ -40,7 +40,7 @@ def _build() -> ModuleType:
 
     capability = torch.backends.cpu.get_cpu_capability()
     flags = ["-O3", "-ffast-math", "-fopenmp", *_ISA_FLAGS.get(capability, [])]
-    return load(name=f"dpfit_embedding_net_{capability.lower()}", sources=[str(SOURCE)], extra_cflags=flags,
+    return load(name=f"dpfit_cpu_kernels_{capability.lower()}", sources=[str(p) for p in SOURCES], extra_cflags=flags,
                 extra_ldflags=["-fopenmp"], verbose=False)
 
 

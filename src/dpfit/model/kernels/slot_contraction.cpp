@@ -1,0 +1,170 @@
+// The descriptor's contractions over neighbor slots, read straight from the embedding rows.
+//
+// One neighbor-type block: N atoms x k slots; slot (n, j) uses embedding row index[n, j] (its own row,
+// its reverse pair's, or a padding row shared by many slots). Forward products read the rows through
+// the index; backward products sum each row's slots in row order (CSR: the slots of row r are
+// order[ptr[r] .. ptr[r + 1]), flat slot s = n * k + j), so no padded (N, k, M) tensor is written.
+//
+//   slot_gt:   out[n, c, :] = sum_j R[n, j, c] G[index[n, j], :]                  (N, 4, M)
+//   slot_env:  part[n, j, c] = G[index[n, j], :] . gbar[n, c, :], tds likewise with T   (N, k, 4)
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+
+#include <vector>
+
+namespace {
+
+void check_block(const at::Tensor& rows, const at::Tensor& index) {
+  TORCH_CHECK(rows.device().is_cpu() && rows.is_contiguous() && rows.dim() == 2, "rows: contiguous (R, M) on CPU");
+  TORCH_CHECK(index.scalar_type() == at::kLong && index.is_contiguous() && index.dim() == 2, "index: contiguous (N, k) int64");
+}
+
+template <typename T>
+void gt_forward(const T* g, const int64_t* index, const T* r, T* out, int64_t n_atoms, int64_t k, int64_t m) {
+  at::parallel_for(0, n_atoms, 8, [&](int64_t begin, int64_t end) {
+    for (int64_t n = begin; n < end; ++n) {
+      T* o = out + n * 4 * m;
+      std::fill(o, o + 4 * m, T(0));
+      for (int64_t j = 0; j < k; ++j) {
+        const T* row = g + index[n * k + j] * m;
+        const T* rc = r + (n * k + j) * 4;
+        for (int c = 0; c < 4; ++c) {
+          const T w = rc[c];
+          T* oc = o + c * m;
+#pragma omp simd
+          for (int64_t e = 0; e < m; ++e) oc[e] += w * row[e];
+        }
+      }
+    }
+  });
+}
+
+// grad_rows[r] = sum over the slots s of row r of sum_c coef[s, c] * per_atom[n(s), c, :]
+template <typename T>
+void rows_from_slots(const T* coef, const T* per_atom, const int64_t* order, const int64_t* ptr, T* out,
+                     int64_t n_rows, int64_t k, int64_t m) {
+  at::parallel_for(0, n_rows, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t row = begin; row < end; ++row) {
+      T* o = out + row * m;
+      std::fill(o, o + m, T(0));
+      for (int64_t q = ptr[row]; q < ptr[row + 1]; ++q) {
+        const int64_t s = order[q];
+        const T* cs = coef + s * 4;
+        const T* pa = per_atom + (s / k) * 4 * m;
+#pragma omp simd
+        for (int64_t e = 0; e < m; ++e) o[e] += cs[0] * pa[e] + cs[1] * pa[m + e] + cs[2] * pa[2 * m + e] + cs[3] * pa[3 * m + e];
+      }
+    }
+  });
+}
+
+template <typename T>
+void env_forward(const T* g, const T* t, const int64_t* index, const T* gbar, T* part, T* tds, int64_t n_atoms,
+                 int64_t k, int64_t m) {
+  at::parallel_for(0, n_atoms, 8, [&](int64_t begin, int64_t end) {
+    for (int64_t n = begin; n < end; ++n) {
+      const T* gb = gbar + n * 4 * m;
+      for (int64_t j = 0; j < k; ++j) {
+        const int64_t row = index[n * k + j];
+        const T* gr = g + row * m;
+        const T* tr = t + row * m;
+        T* p = part + (n * k + j) * 4;
+        T* d = tds + (n * k + j) * 4;
+        for (int c = 0; c < 4; ++c) {
+          const T* gbc = gb + c * m;
+          T sp = T(0), sd = T(0);
+#pragma omp simd reduction(+ : sp, sd)
+          for (int64_t e = 0; e < m; ++e) {
+            sp += gr[e] * gbc[e];
+            sd += tr[e] * gbc[e];
+          }
+          p[c] = sp;
+          d[c] = sd;
+        }
+      }
+    }
+  });
+}
+
+// grad_gbar[n, c, :] = sum_j grad_part[n, j, c] G[index[n, j], :] + grad_tds[n, j, c] T[index[n, j], :]
+template <typename T>
+void env_backward_gbar(const T* g, const T* t, const int64_t* index, const T* grad_part, const T* grad_tds, T* out,
+                       int64_t n_atoms, int64_t k, int64_t m) {
+  at::parallel_for(0, n_atoms, 8, [&](int64_t begin, int64_t end) {
+    for (int64_t n = begin; n < end; ++n) {
+      T* o = out + n * 4 * m;
+      std::fill(o, o + 4 * m, T(0));
+      for (int64_t j = 0; j < k; ++j) {
+        const int64_t row = index[n * k + j];
+        const T* gr = g + row * m;
+        const T* tr = t + row * m;
+        const T* gp = grad_part + (n * k + j) * 4;
+        const T* gd = grad_tds + (n * k + j) * 4;
+        for (int c = 0; c < 4; ++c) {
+          const T a = gp[c], b = gd[c];
+          T* oc = o + c * m;
+#pragma omp simd
+          for (int64_t e = 0; e < m; ++e) oc[e] += a * gr[e] + b * tr[e];
+        }
+      }
+    }
+  });
+}
+
+}  // namespace
+
+// (N, 4, M): sum over the block's slots of R[n, j, :]^T G[index[n, j]]. r: (N, k, 4) contiguous.
+at::Tensor slot_gt(const at::Tensor& g, const at::Tensor& index, const at::Tensor& r) {
+  check_block(g, index);
+  const int64_t n = index.size(0), k = index.size(1), m = g.size(1);
+  TORCH_CHECK(r.is_contiguous() && r.sizes() == at::IntArrayRef({n, k, 4}) && r.scalar_type() == g.scalar_type(), "r: (N, k, 4)");
+  at::Tensor out = at::empty({n, 4, m}, g.options());
+  AT_DISPATCH_FLOATING_TYPES(g.scalar_type(), "slot_gt", [&] {
+    gt_forward<scalar_t>(g.data_ptr<scalar_t>(), index.data_ptr<int64_t>(), r.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), n, k, m);
+  });
+  return out;
+}
+
+// (R, M): each row's sum over its slots of sum_c coef[s, c] per_atom[n(s), c, :] (the backward of
+// slot_gt with coef = R and per_atom = its output's gradient; of slot_env with coef = grad_part).
+at::Tensor slot_rows(const at::Tensor& coef, const at::Tensor& per_atom, const at::Tensor& order,
+                     const at::Tensor& ptr, int64_t n_rows, int64_t k) {
+  TORCH_CHECK(coef.is_contiguous() && per_atom.is_contiguous() && order.is_contiguous() && ptr.is_contiguous(), "contiguous inputs");
+  TORCH_CHECK(ptr.numel() == n_rows + 1 && per_atom.dim() == 3 && per_atom.size(1) == 4, "ptr (R + 1), per_atom (N, 4, M)");
+  const int64_t m = per_atom.size(2);
+  at::Tensor out = at::empty({n_rows, m}, per_atom.options());
+  AT_DISPATCH_FLOATING_TYPES(per_atom.scalar_type(), "slot_rows", [&] {
+    rows_from_slots<scalar_t>(coef.data_ptr<scalar_t>(), per_atom.data_ptr<scalar_t>(), order.data_ptr<int64_t>(),
+                              ptr.data_ptr<int64_t>(), out.data_ptr<scalar_t>(), n_rows, k, m);
+  });
+  return out;
+}
+
+// part, tds (N, k, 4) from the rows G, T and gbar (N, 4, M).
+std::vector<at::Tensor> slot_env(const at::Tensor& g, const at::Tensor& t, const at::Tensor& index, const at::Tensor& gbar) {
+  check_block(g, index);
+  check_block(t, index);
+  const int64_t n = index.size(0), k = index.size(1), m = g.size(1);
+  TORCH_CHECK(gbar.is_contiguous() && gbar.sizes() == at::IntArrayRef({n, 4, m}), "gbar: (N, 4, M)");
+  at::Tensor part = at::empty({n, k, 4}, g.options());
+  at::Tensor tds = at::empty({n, k, 4}, g.options());
+  AT_DISPATCH_FLOATING_TYPES(g.scalar_type(), "slot_env", [&] {
+    env_forward<scalar_t>(g.data_ptr<scalar_t>(), t.data_ptr<scalar_t>(), index.data_ptr<int64_t>(), gbar.data_ptr<scalar_t>(),
+                          part.data_ptr<scalar_t>(), tds.data_ptr<scalar_t>(), n, k, m);
+  });
+  return {part, tds};
+}
+
+// grad of gbar (N, 4, M) for slot_env.
+at::Tensor slot_env_gbar(const at::Tensor& g, const at::Tensor& t, const at::Tensor& index, const at::Tensor& grad_part,
+                         const at::Tensor& grad_tds) {
+  check_block(g, index);
+  const int64_t n = index.size(0), k = index.size(1), m = g.size(1);
+  TORCH_CHECK(grad_part.is_contiguous() && grad_tds.is_contiguous(), "contiguous gradients");
+  at::Tensor out = at::empty({n, 4, m}, g.options());
+  AT_DISPATCH_FLOATING_TYPES(g.scalar_type(), "slot_env_gbar", [&] {
+    env_backward_gbar<scalar_t>(g.data_ptr<scalar_t>(), t.data_ptr<scalar_t>(), index.data_ptr<int64_t>(),
+                                grad_part.data_ptr<scalar_t>(), grad_tds.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), n, k, m);
+  });
+  return out;
+}

@@ -1,0 +1,67 @@
+"""The descriptor's slot contractions on embedding rows, through the compiled kernels
+(``slot_contraction.cpp``): same values as gathering the rows into the padded (atom, slot) layout and
+contracting there (:meth:`~dpfit.model.descriptor.SeE2A.descriptor_from_env`), without writing the
+padded tensors or their gradients.
+
+A block's slots point at rows with ``index`` (N, k); :func:`slots_of_rows` lists each row's slots for
+the backward passes, which sum over them row by row (no two threads write one row).
+"""
+
+from __future__ import annotations
+
+from types import ModuleType
+
+import torch
+from torch.autograd.function import once_differentiable
+
+
+def slots_of_rows(index: torch.Tensor, n_rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """CSR of rows -> flat slots: row r's slots are ``order[ptr[r]:ptr[r + 1]]``."""
+    flat = index.reshape(-1)
+    order = torch.argsort(flat, stable=True)
+    ptr = torch.zeros(n_rows + 1, dtype=torch.long, device=index.device)
+    torch.cumsum(torch.bincount(flat, minlength=n_rows), 0, out=ptr[1:])
+    return order, ptr
+
+
+class SlotGT(torch.autograd.Function):
+    """``out[n] = sum_j R[n, j]^T G[index[n, j]]`` (N, 4, M); R (N, k, 4) carries no gradient."""
+
+    @staticmethod
+    def forward(ctx, ext: ModuleType, g: torch.Tensor, index: torch.Tensor, r: torch.Tensor, order: torch.Tensor,
+                ptr: torch.Tensor) -> torch.Tensor:
+        ctx.ext, ctx.n_rows, ctx.k = ext, g.shape[0], index.shape[1]
+        ctx.save_for_backward(r, order, ptr)
+        return ext.slot_gt(g, index, r)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad: torch.Tensor):
+        r, order, ptr = ctx.saved_tensors
+        grad_g = ctx.ext.slot_rows(r, grad.contiguous(), order, ptr, ctx.n_rows, ctx.k)
+        return None, grad_g, None, None, None, None
+
+
+class SlotEnv(torch.autograd.Function):
+    """``part[n, j, c] = G[index[n, j]] . gbar[n, c]`` and ``tds`` likewise with T (N, k, 4 each);
+    gbar (N, 4, M)."""
+
+    @staticmethod
+    def forward(ctx, ext: ModuleType, g: torch.Tensor, t: torch.Tensor, index: torch.Tensor, gbar: torch.Tensor,
+                order: torch.Tensor, ptr: torch.Tensor):
+        ctx.ext, ctx.n_rows, ctx.k = ext, g.shape[0], index.shape[1]
+        ctx.save_for_backward(g, t, index, gbar, order, ptr)
+        part, tds = ext.slot_env(g, t, index, gbar)
+        return part, tds
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_part: torch.Tensor | None, grad_tds: torch.Tensor | None):
+        g, t, index, gbar, order, ptr = ctx.saved_tensors
+        grad_part = torch.zeros(index.shape + (4,), dtype=g.dtype) if grad_part is None else grad_part.contiguous()
+        grad_tds = torch.zeros(index.shape + (4,), dtype=g.dtype) if grad_tds is None else grad_tds.contiguous()
+        ext, n_rows, k = ctx.ext, ctx.n_rows, ctx.k
+        grad_g = ext.slot_rows(grad_part, gbar, order, ptr, n_rows, k) if ctx.needs_input_grad[1] else None
+        grad_t = ext.slot_rows(grad_tds, gbar, order, ptr, n_rows, k) if ctx.needs_input_grad[2] else None
+        grad_gbar = ext.slot_env_gbar(g, t, index, grad_part, grad_tds) if ctx.needs_input_grad[4] else None
+        return None, grad_g, grad_t, None, grad_gbar, None, None
