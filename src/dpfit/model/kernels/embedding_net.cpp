@@ -35,8 +35,8 @@ inline void rows_times(const T* x, const T* w, T* c, int r, int a, int o, T beta
   gemm('N', 'N', o, r, a, T(1), w, o, x, a, beta, c, o);
 }
 template <typename T>
-inline void rows_times_t(const T* d, const T* w, T* c, int r, int a, int o) {
-  gemm('T', 'N', a, r, o, T(1), w, o, d, o, T(0), c, a);
+inline void rows_times_t(const T* d, const T* w, T* c, int r, int a, int o, T beta) {
+  gemm('T', 'N', a, r, o, T(1), w, o, d, o, beta, c, a);
 }
 // G (a x o) += X^T (a x r) D (r x o)
 template <typename T>
@@ -92,14 +92,11 @@ void layer_activation(const Layer& l, const T* w, const T* b, const T* x, const 
       for (int j = 0; j < o; ++j) hi[j] = si * w[j] + b[j];
     }
     for (int i = 0; i < r; ++i) std::copy(w, w + o, u + (size_t)i * o);
-  } else {
-    rows_times(x, w, h, r, a, o, T(0));
-    rows_times(tx, w, u, r, a, o, T(0));
-    for (int i = 0; i < r; ++i) {
-      T* hi = h + (size_t)i * o;
-#pragma omp simd
-      for (int j = 0; j < o; ++j) hi[j] += b[j];
-    }
+  } else {  // C = X W + C with C preset (the bias; zeros): BLAS skips its own pass over C for beta = 1
+    for (int i = 0; i < r; ++i) std::copy(b, b + o, h + (size_t)i * o);
+    std::fill(u, u + (size_t)r * o, T(0));
+    rows_times(x, w, h, r, a, o, T(1));
+    rows_times(tx, w, u, r, a, o, T(1));
   }
   tanh_inplace(h, (size_t)r * o);
 }
@@ -292,8 +289,9 @@ void backward_impl(const at::Tensor& s, const at::Tensor& grad_g, const at::Tens
         if (kk > 0) {
           accumulate_xt_d(sc.x[kk].data(), dz, gw, r, a, o);
           accumulate_xt_d(sc.tx[kk].data(), du, gw, r, a, o);
-          rows_times_t(dz, net.w[kk], sc.gx.data(), r, a, o);
-          rows_times_t(du, net.w[kk], sc.gtx.data(), r, a, o);
+          // the residual's share first, then += D W^T (beta = 1)
+          std::fill(sc.gx.data(), sc.gx.data() + (size_t)r * a, T(0));
+          std::fill(sc.gtx.data(), sc.gtx.data() + (size_t)r * a, T(0));
           for (int i = 0; i < r && l.kind > 0; ++i) {
             T* gxi = sc.gx.data() + (size_t)i * a;
             T* gtxi = sc.gtx.data() + (size_t)i * a;
@@ -307,6 +305,8 @@ void backward_impl(const at::Tensor& s, const at::Tensor& grad_g, const at::Tens
               }
             }
           }
+          rows_times_t(dz, net.w[kk], sc.gx.data(), r, a, o, T(1));
+          rows_times_t(du, net.w[kk], sc.gtx.data(), r, a, o, T(1));
           std::swap(sc.gy, sc.gx);
           std::swap(sc.gty, sc.gtx);
         } else {  // input s (r x 1) with tx = 1: dW[0] collects both paths
