@@ -415,6 +415,8 @@ std::vector<at::Tensor> value_and_tangent_backward(const at::Tensor& s, const at
 at::Tensor slot_gt(const at::Tensor& g, const at::Tensor& index, const at::Tensor& r);
 at::Tensor slot_rows(const at::Tensor& coef, const at::Tensor& per_atom, const at::Tensor& order, const at::Tensor& ptr,
                      int64_t n_rows, int64_t k);
+std::vector<at::Tensor> slot_rows2(const at::Tensor& coef_a, const at::Tensor& coef_b, const at::Tensor& per_atom,
+                                   const at::Tensor& order, const at::Tensor& ptr, int64_t n_rows, int64_t k);
 std::vector<at::Tensor> slot_env(const at::Tensor& g, const at::Tensor& t, const at::Tensor& index, const at::Tensor& gbar);
 at::Tensor slot_env_gbar(const at::Tensor& g, const at::Tensor& t, const at::Tensor& index, const at::Tensor& grad_part,
                          const at::Tensor& grad_tds);
@@ -422,6 +424,7 @@ at::Tensor slot_env_gbar(const at::Tensor& g, const at::Tensor& t, const at::Ten
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("slot_gt", &slot_gt, "sum_j R[n, j]^T G[index[n, j]] per atom");
   m.def("slot_rows", &slot_rows, "per-row sums over slots of coef[s] . per_atom[n(s)]");
+  m.def("slot_rows2", &slot_rows2, "slot_rows for two coefficient sets sharing per_atom");
   m.def("slot_env", &slot_env, "G[index] . gbar and T[index] . gbar per slot");
   m.def("slot_env_gbar", &slot_env_gbar, "the gradient of slot_env for gbar");
   m.def("value_and_tangent", &value_and_tangent, "embedding net value and ds-tangent, in row blocks");

@@ -58,6 +58,32 @@ void rows_from_slots(const T* coef, const T* per_atom, const int64_t* order, con
   });
 }
 
+// rows_from_slots for two coefficient sets at once (one pass over the slot lists and per-atom data)
+template <typename T>
+void rows_from_slots2(const T* coef_a, const T* coef_b, const T* per_atom, const int64_t* order, const int64_t* ptr,
+                      T* out_a, T* out_b, int64_t n_rows, int64_t k, int64_t m) {
+  at::parallel_for(0, n_rows, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t row = begin; row < end; ++row) {
+      T* oa = out_a + row * m;
+      T* ob = out_b + row * m;
+      std::fill(oa, oa + m, T(0));
+      std::fill(ob, ob + m, T(0));
+      for (int64_t q = ptr[row]; q < ptr[row + 1]; ++q) {
+        const int64_t s = order[q];
+        const T* ca = coef_a + s * 4;
+        const T* cb = coef_b + s * 4;
+        const T* pa = per_atom + (s / k) * 4 * m;
+#pragma omp simd
+        for (int64_t e = 0; e < m; ++e) {
+          const T p0 = pa[e], p1 = pa[m + e], p2 = pa[2 * m + e], p3 = pa[3 * m + e];
+          oa[e] += ca[0] * p0 + ca[1] * p1 + ca[2] * p2 + ca[3] * p3;
+          ob[e] += cb[0] * p0 + cb[1] * p1 + cb[2] * p2 + cb[3] * p3;
+        }
+      }
+    }
+  });
+}
+
 template <typename T>
 void env_forward(const T* g, const T* t, const int64_t* index, const T* gbar, T* part, T* tds, int64_t n_atoms,
                  int64_t k, int64_t m) {
@@ -138,6 +164,23 @@ at::Tensor slot_rows(const at::Tensor& coef, const at::Tensor& per_atom, const a
                               ptr.data_ptr<int64_t>(), out.data_ptr<scalar_t>(), n_rows, k, m);
   });
   return out;
+}
+
+// slot_rows for two coefficient sets (N, k, 4) sharing per_atom: the rows' gradients of G and T.
+std::vector<at::Tensor> slot_rows2(const at::Tensor& coef_a, const at::Tensor& coef_b, const at::Tensor& per_atom,
+                                   const at::Tensor& order, const at::Tensor& ptr, int64_t n_rows, int64_t k) {
+  TORCH_CHECK(coef_a.is_contiguous() && coef_b.is_contiguous() && per_atom.is_contiguous() && order.is_contiguous() &&
+                  ptr.is_contiguous(), "contiguous inputs");
+  TORCH_CHECK(ptr.numel() == n_rows + 1 && per_atom.dim() == 3 && per_atom.size(1) == 4, "ptr (R + 1), per_atom (N, 4, M)");
+  const int64_t m = per_atom.size(2);
+  at::Tensor out_a = at::empty({n_rows, m}, per_atom.options());
+  at::Tensor out_b = at::empty({n_rows, m}, per_atom.options());
+  AT_DISPATCH_FLOATING_TYPES(per_atom.scalar_type(), "slot_rows2", [&] {
+    rows_from_slots2<scalar_t>(coef_a.data_ptr<scalar_t>(), coef_b.data_ptr<scalar_t>(), per_atom.data_ptr<scalar_t>(),
+                               order.data_ptr<int64_t>(), ptr.data_ptr<int64_t>(), out_a.data_ptr<scalar_t>(),
+                               out_b.data_ptr<scalar_t>(), n_rows, k, m);
+  });
+  return {out_a, out_b};
 }
 
 // part, tds (N, k, 4) from the rows G, T and gbar (N, 4, M).

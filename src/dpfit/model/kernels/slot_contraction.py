@@ -61,7 +61,8 @@ class SlotEnv(torch.autograd.Function):
         grad_part = torch.zeros(index.shape + (4,), dtype=g.dtype) if grad_part is None else grad_part.contiguous()
         grad_tds = torch.zeros(index.shape + (4,), dtype=g.dtype) if grad_tds is None else grad_tds.contiguous()
         ext, n_rows, k = ctx.ext, ctx.n_rows, ctx.k
-        grad_g = ext.slot_rows(grad_part, gbar, order, ptr, n_rows, k) if ctx.needs_input_grad[1] else None
-        grad_t = ext.slot_rows(grad_tds, gbar, order, ptr, n_rows, k) if ctx.needs_input_grad[2] else None
+        grad_g, grad_t = ext.slot_rows2(grad_part, grad_tds, gbar, order, ptr, n_rows, k)
+        grad_g = grad_g if ctx.needs_input_grad[1] else None
+        grad_t = grad_t if ctx.needs_input_grad[2] else None
         grad_gbar = ext.slot_env_gbar(g, t, index, grad_part, grad_tds) if ctx.needs_input_grad[4] else None
         return None, grad_g, grad_t, None, grad_gbar, None, None
