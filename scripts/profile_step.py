@@ -3,6 +3,7 @@
     python scripts/profile_step.py                          # float64, ops sorted by self CPU time
     python scripts/profile_step.py --precision float32 --shapes --rows 40
     python scripts/profile_step.py --backward               # the autograd backward nodes only
+    python scripts/profile_step.py --kernels off            # without the compiled CPU kernels
 
 Uses the same step as ``scripts/benchmark.py`` (energy + force loss, Adam) on the first water frame
 (the DeePMD-kit fixture's model when ../shared is there, else a fresh water model).
