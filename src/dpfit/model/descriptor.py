@@ -320,7 +320,8 @@ class SeE2A(nn.Module):
     ) -> torch.Tensor:
         """dE/dR~ (nf, nloc, nnei, 4) from dE/dD (nf, nloc, M * axis_neuron), written out: through
         D = G^T G<, G^T = R~^T g / nnei and, for the first column s of R~ on occupied slots, the
-        tangents dg/ds (a padded slot's s is a constant)."""
+        tangents dg/ds (a padded slot's s is a constant). ``gs``/``ts`` as :meth:`descriptor_from_env`
+        returned them (padded blocks, or rows with their indices on the compiled path)."""
         nf, nloc, nnei, _ = rr.shape
         n = nf * nloc
         m = self.neuron[-1]
@@ -334,17 +335,26 @@ class SeE2A(nn.Module):
             if len(gs) > self.ntypes:  # rows of _descriptor_from_rows
                 return self._env_gradient_rows(g_bar / self.nnei, flat_rr, flat_mask, gs, ts).reshape(nf, nloc, nnei, 4)
         g_bar = (g_bar / self.nnei).transpose(1, 2)  # (N, M, 4)
-        parts: list[torch.Tensor] = []
+        blocks: list[tuple[torch.Tensor, torch.Tensor]] = []
         for tj in range(self.ntypes):
+            blocks.append((tall_thin_bmm(gs[tj], g_bar), tall_thin_bmm(ts[tj], g_bar)))  # (N, k[tj], 4) each
+        return self._slot_gradient(blocks, flat_rr, flat_mask).reshape(nf, nloc, nnei, 4)
+
+    def _slot_gradient(
+        self, blocks: list[tuple[torch.Tensor, torch.Tensor]], flat_rr: torch.Tensor, flat_mask: torch.Tensor
+    ) -> torch.Tensor:
+        """dE/dR~ (N, nnei, 4) from each block's ``g . g_bar`` and ``t . g_bar`` (N, k[t], 4): the first
+        directly, the second through s = R~[..., 0] on occupied slots; zero beyond k[t] (always-padded
+        slots do not depend on the coordinates)."""
+        parts: list[torch.Tensor] = []
+        for tj, (part, tds) in enumerate(blocks):
             lo = self.sections[tj]
-            k = gs[tj].shape[1]
-            part = tall_thin_bmm(gs[tj], g_bar)  # (N, k[tj], 4)
-            ds = (flat_rr[:, lo:lo + k] * tall_thin_bmm(ts[tj], g_bar)).sum(-1, keepdim=True)
+            k = part.shape[1]
+            ds = (flat_rr[:, lo:lo + k] * tds).sum(-1, keepdim=True)
             ds = torch.where(flat_mask[:, lo:lo + k, None], ds, torch.zeros_like(ds))
-            # always-padded slots beyond k: no dependence on the coordinates
             parts.append(torch.nn.functional.pad(part + torch.nn.functional.pad(ds, [0, 3]),
                                                  [0, 0, 0, self.sections[tj + 1] - lo - k]))
-        return torch.cat(parts, 1).reshape(nf, nloc, nnei, 4)
+        return torch.cat(parts, 1)
 
     @torch.jit.unused
     def _env_gradient_rows(
@@ -357,18 +367,12 @@ class SeE2A(nn.Module):
 
         ext = embedding_extension()
         g_bar = g_bar.contiguous()
-        parts: list[torch.Tensor] = []
+        blocks: list[tuple[torch.Tensor, torch.Tensor]] = []
         for tj in range(self.ntypes):
-            lo = self.sections[tj]
             index = gs[self.ntypes + tj]
             order, ptr = ts[self.ntypes + 2 * tj], ts[self.ntypes + 2 * tj + 1]
-            k = index.shape[1]
-            part, tds = SlotEnv.apply(ext, gs[tj], ts[tj], index, g_bar, order, ptr)
-            ds = (flat_rr[:, lo:lo + k] * tds).sum(-1, keepdim=True)
-            ds = torch.where(flat_mask[:, lo:lo + k, None], ds, torch.zeros_like(ds))
-            parts.append(torch.nn.functional.pad(part + torch.nn.functional.pad(ds, [0, 3]),
-                                                 [0, 0, 0, self.sections[tj + 1] - lo - k]))
-        return torch.cat(parts, 1)
+            blocks.append(SlotEnv.apply(ext, gs[tj], ts[tj], index, g_bar, order, ptr))
+        return self._slot_gradient(blocks, flat_rr, flat_mask)
 
     def env_matrix_vjp(
         self, diff: torch.Tensor, mask: torch.Tensor, atype: torch.Tensor, grad_rr: torch.Tensor
