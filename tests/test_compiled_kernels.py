@@ -206,6 +206,25 @@ def test_slot_contraction_gradcheck(kernels):
     torch.testing.assert_close(SlotGT.apply(kernels, g, index, r, order, ptr), r.transpose(1, 2) @ padded)
 
 
+def test_ase_calculator_with_kernels(kernels, tiny_model, random_frame):
+    """DPCalculator(kernels=...) switches the process's kernels; energies, forces and stress as without."""
+    from ase import Atoms
+
+    from dpfit.calculators.ase import DPCalculator
+
+    model = tiny_model(sel=[24, 24])
+    model.type_map = ["Cu", "Ni"]
+    coord, atype, box = random_frame(seed=9, natoms=10)
+    results = {}
+    for mode in ("off", "on"):
+        atoms = Atoms(symbols=[model.type_map[t] for t in atype], positions=coord, cell=box, pbc=True)
+        atoms.calc = DPCalculator(model, kernels=mode)
+        assert compiled_kernels_mode() == mode
+        results[mode] = (atoms.get_potential_energy(), atoms.get_forces(), atoms.get_stress())
+    for a, b in zip(results["on"], results["off"]):
+        np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-12)
+
+
 def test_kernel_skipped_where_it_does_not_apply(kernels):
     """A net whose input is wider than one channel (the fitting net) keeps the PyTorch path."""
     net = ResidualMLP(3, [4, 8], False, generator=torch.Generator().manual_seed(4))

@@ -70,6 +70,10 @@ def run(cfg: DictConfig, out_dir: Path | None = None) -> dict:
     ckpt = _abspath(cfg.ckpt_path)
     model = load_model(ckpt, precision=cfg.get("precision"))
     device = _device(cfg.get("device", "auto"))
+    if device.type == "cpu":
+        from dpfit.model.kernels import set_compiled_kernels
+
+        set_compiled_kernels(cfg.get("kernels", "auto"))
     model.to(device)
     systems = load_systems([_abspath(p) for p in _paths(cfg.systems)], type_map=model.type_map)
     detail = cfg.get("detail_file")
