@@ -67,6 +67,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--skin", type=float, default=1.0, help="neighbor-list skin, Å")
     p.add_argument("--device", default="cpu")
     p.add_argument("--precision", default=None, choices=[None, "float64", "float32"])
+    p.add_argument("--kernels", default="auto", choices=["off", "auto", "on"], help="compiled CPU kernels")
     p.add_argument("--threads", type=int, default=None, help="torch threads")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--traj", default=None, help="write the NVE trajectory to this ASE .traj file")
@@ -77,7 +78,8 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    calc = DPCalculator(args.ckpt, device=args.device, skin=args.skin, precision=args.precision)
+    calc = DPCalculator(args.ckpt, device=args.device, skin=args.skin, precision=args.precision,
+                        kernels=args.kernels)
     needed = {"Cu", "Ni"} if args.ni_fraction > 0 else {"Cu"}
     missing = needed - set(calc.type_map)
     if missing:
