@@ -245,8 +245,6 @@ void backward_impl(const at::Tensor& s, const at::Tensor& grad_g, const at::Tens
         layer_output(net.layers[k], net.idt[k], x, tx, kept_rows<T>(kept_h, k, r0), kept_rows<T>(kept_u, k, r0),
                      sc.x[k + 1].data(), sc.tx[k + 1].data(), r);
       }
-      std::copy(ggp + r0 * o_last, ggp + (r0 + r) * o_last, sc.gy.data());
-      std::copy(gtp + r0 * o_last, gtp + (r0 + r) * o_last, sc.gty.data());
       for (size_t kk = L; kk-- > 0;) {
         const auto& l = net.layers[kk];
         const int a = l.in, o = l.out;
@@ -258,8 +256,9 @@ void backward_impl(const at::Tensor& s, const at::Tensor& grad_g, const at::Tens
         T* gi = gb + o;  // didt when the layer has one
         T* dz = sc.dz.data();
         T* du = sc.du.data();
-        const T* gy = sc.gy.data();
-        const T* gty = sc.gty.data();
+        // the last layer reads the incoming gradients in place; the others, the scratch
+        const T* gy = kk + 1 == L ? ggp + r0 * o_last : sc.gy.data();
+        const T* gty = kk + 1 == L ? gtp + r0 * o_last : sc.gty.data();
         for (int i = 0; i < r; ++i) {
           const T* hi = h + (size_t)i * o;
           const T* ui = u + (size_t)i * o;
