@@ -1,10 +1,11 @@
 """Building and loading the compiled kernels (``torch.utils.cpp_extension``, cached per CPU capability).
 
-The mode starts from the environment variable ``DPFIT_KERNELS`` (``off`` when unset). The build takes about 30 s the first time on 2 cores and needs a C++ compiler (g++), the Python headers
-and ninja; the result is cached under ``TORCH_EXTENSIONS_DIR`` (default ``~/.cache/torch_extensions``)
-and rebuilt when the source changes. The instruction set is the one PyTorch dispatches to on this
-machine (AVX512, AVX2 or none), named in the extension, so a cache shared between different nodes
-never hands a node code it cannot run.
+The mode starts from the environment variable ``DPFIT_KERNELS`` (``off`` when unset). The build
+takes about 30 s the first time on 2 cores and needs a C++ compiler (g++), the Python headers and
+ninja; the result is cached under ``TORCH_EXTENSIONS_DIR`` (default ``~/.cache/torch_extensions``)
+and rebuilt when the source changes. The instruction set PyTorch dispatches to on this machine
+(AVX512, AVX2 or none) and the torch version are named in the extension, so a cache shared between
+different nodes never hands a node code it cannot run, and a torch upgrade rebuilds it.
 """
 
 from __future__ import annotations
@@ -40,8 +41,11 @@ def _build() -> ModuleType:
 
     capability = torch.backends.cpu.get_cpu_capability()
     flags = ["-O3", "-ffast-math", "-fopenmp", *_ISA_FLAGS.get(capability, [])]
-    return load(name=f"dpfit_cpu_kernels_{capability.lower()}", sources=[str(p) for p in SOURCES], extra_cflags=flags,
-                extra_ldflags=["-fopenmp"], verbose=False)
+    # the name keys the cache: one build per instruction set and torch version (a build against other
+    # torch headers must never be loaded)
+    version = torch.__version__.split("+")[0].replace(".", "_")
+    return load(name=f"dpfit_cpu_kernels_{capability.lower()}_torch{version}", sources=[str(p) for p in SOURCES],
+                extra_cflags=flags, extra_ldflags=["-fopenmp"], verbose=False)
 
 
 def _load() -> ModuleType | None:
