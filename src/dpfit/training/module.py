@@ -28,8 +28,9 @@ class DeepPotentialModule(L.LightningModule):
 
     Forces (and the virial when a virial term is on) are written out in closed form by the model and
     differentiated with the loss in one backward pass. ``kernels`` (off / auto / on): compiled CPU
-    kernels for the embedding nets (:mod:`dpfit.model.kernels`) on CPU runs. Data statistics are computed once on the first fit and kept in the
-    checkpoint (``stats_ready`` buffer), never recomputed on resume.
+    kernels for the embedding nets and the descriptor's slot contractions (:mod:`dpfit.model.kernels`)
+    on CPU runs. Data statistics are computed once on the first fit and kept in the checkpoint
+    (``stats_ready`` buffer), never recomputed on resume.
     """
 
     def __init__(
@@ -68,7 +69,7 @@ class DeepPotentialModule(L.LightningModule):
         device = getattr(strategy, "root_device", self.device)
         if self.kernels != "off" and device.type == "cpu":
             if set_compiled_kernels(self.kernels):
-                log.info("compiled CPU kernels in use for the embedding nets")
+                log.info("compiled CPU kernels in use (embedding nets, slot contractions)")
         else:
             set_compiled_kernels("off")
 
