@@ -153,13 +153,14 @@ def _graph_nodes(tensor: torch.Tensor) -> set[str]:
     return names
 
 
-@pytest.mark.parametrize("case", ["periodic", "one_type_absent", "single_atom"])
+@pytest.mark.parametrize("case", ["periodic", "excluded_pair", "one_type_absent", "single_atom"])
 def test_slot_contractions_on_rows_equal_padded_path(kernels, tiny_model, random_frame, case):
     """With the kernels the descriptor contracts the embedding rows directly (SlotGT / SlotEnv, no padded
-    gather): energy, forces, virial and a loss's parameter gradients as on the padded PyTorch path,
-    also when a neighbor-type block is empty."""
-    model = tiny_model(type_one_side=False)
-    if case == "periodic":
+    gather) and the environment matrix and its Jacobian come from one compiled pass (EnvJacobian):
+    energy, forces, virial and a loss's parameter gradients as on the PyTorch path, also with an
+    excluded type pair and when a neighbor-type block is empty."""
+    model = tiny_model(type_one_side=False, exclude_types=[[0, 1]] if case == "excluded_pair" else [])
+    if case in ("periodic", "excluded_pair"):
         coord, atype, box = random_frame(seed=5, natoms=12)
     elif case == "one_type_absent":
         coord, atype, box = random_frame(seed=6, natoms=5, periodic=False)
@@ -177,7 +178,8 @@ def test_slot_contractions_on_rows_equal_padded_path(kernels, tiny_model, random
         model.zero_grad()
         out = model(**inputs, do_force=True, do_virial=True, create_graph=True)
         nodes = _graph_nodes(out["force"])
-        assert ("SlotEnvBackward" in nodes) == (mode == "on") and ("SlotGTBackward" in nodes) == (mode == "on")
+        for node in ("SlotEnvBackward", "SlotGTBackward", "EnvJacobianBackward"):
+            assert (node in nodes) == (mode == "on"), node
         (out["energy"].sum() + out["force"].square().sum() + out["virial"].square().sum()).backward()
         outs[mode] = {k: v.detach() for k, v in out.items()}
         grads[mode] = [torch.zeros_like(p) if p.grad is None else p.grad.clone() for p in model.parameters()]

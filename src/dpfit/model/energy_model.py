@@ -81,6 +81,53 @@ class EnergyModel(nn.Module):
     def sel(self) -> list[int]:
         return self.descriptor.sel
 
+    def _environment(
+        self, coord: torch.Tensor, box: torch.Tensor | None, nlist: torch.Tensor, shift: torch.Tensor | None,
+        atype: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Pair vectors, slot mask, R~ and (compiled kernels only) the Jacobian dE/dd = J dE/dR~."""
+        if not torch.jit.is_scripting():
+            if self._compiled_geometry(coord):
+                return self._geometry(coord, box, nlist, shift, atype)
+        diff, mask = pair_vectors(coord, box, nlist, shift, far=self.descriptor.rcut + 1.0)
+        return diff, mask, self.descriptor.normalized_env(diff, mask, atype), None
+
+    def _pair_gradient(
+        self, diff: torch.Tensor, mask: torch.Tensor, atype: torch.Tensor, grad_rr: torch.Tensor,
+        jac: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """dE/dd (nf, nloc, nnei, 3) from dE/dR~, zero on padded slots."""
+        if not torch.jit.is_scripting():
+            if jac is not None:
+                return self._apply_jacobian(jac, grad_rr)
+        return self.descriptor.env_matrix_vjp(diff, mask, atype, grad_rr) * mask.unsqueeze(-1)
+
+    @torch.jit.unused
+    def _compiled_geometry(self, coord: torch.Tensor) -> bool:
+        """Whether the pair vectors, R~ and its Jacobian come from the compiled kernels: when they are
+        in use (:mod:`dpfit.model.kernels`), on CPU, for coordinates that carry no gradient."""
+        from dpfit.model.kernels import embedding_extension
+
+        return (coord.device.type == "cpu" and coord.dtype in (torch.float32, torch.float64)
+                and not coord.requires_grad and embedding_extension() is not None)
+
+    @torch.jit.unused
+    def _geometry(self, coord: torch.Tensor, box: torch.Tensor | None, nlist: torch.Tensor,
+                  shift: torch.Tensor | None, atype: torch.Tensor
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        from dpfit.model.kernels import embedding_extension
+        from dpfit.model.kernels.environment import compiled_geometry
+
+        return compiled_geometry(embedding_extension(), self.descriptor, coord, box, nlist, shift, atype,
+                                 self.descriptor.rcut + 1.0)
+
+    @torch.jit.unused
+    def _apply_jacobian(self, jac: torch.Tensor, grad_rr: torch.Tensor) -> torch.Tensor:
+        from dpfit.model.kernels import embedding_extension
+        from dpfit.model.kernels.environment import EnvJacobian
+
+        return EnvJacobian.apply(embedding_extension(), jac, grad_rr)
+
     def forward(
         self,
         coord: torch.Tensor,
@@ -108,10 +155,9 @@ class EnergyModel(nn.Module):
         shift = shift.to(dtype) if shift is not None else None
         fparam = fparam.to(dtype) if fparam is not None else None
         aparam = aparam.to(dtype) if aparam is not None else None
-        diff, mask = pair_vectors(coord, box, nlist, shift, far=self.descriptor.rcut + 1.0)
         need_grad = do_force or do_virial or do_atomic_virial
         desc = self.descriptor
-        rr = desc.normalized_env(diff, mask, atype)
+        diff, mask, rr, jac = self._environment(coord, box, nlist, shift, atype)
         partner: torch.Tensor | None = None
         if self.share_reverse_pairs and desc.reverse_pairs_share_input():
             partner = reverse_slots(nlist, shift, atype, desc.slot_type)
@@ -121,8 +167,7 @@ class EnergyModel(nn.Module):
             return {"energy": atom_energy.sum(dim=-1), "atom_energy": atom_energy}
         atom_energy, grad_d = self.fitting.forward_with_grad(descriptor, atype, fparam, aparam)
         out = {"energy": atom_energy.sum(dim=-1), "atom_energy": atom_energy}
-        g = desc.env_matrix_vjp(diff, mask, atype, desc.env_gradient(grad_d, g_t, rr, mask, gs, ts))
-        g = g * mask.unsqueeze(-1)
+        g = self._pair_gradient(diff, mask, atype, desc.env_gradient(grad_d, g_t, rr, mask, gs, ts), jac)
         if not create_graph:
             g = g.detach()
         nf, nloc, nnei, _ = g.shape

@@ -420,7 +420,16 @@ std::vector<at::Tensor> slot_env(const at::Tensor& g, const at::Tensor& t, const
 at::Tensor slot_env_gbar(const at::Tensor& g, const at::Tensor& t, const at::Tensor& index, const at::Tensor& grad_part,
                          const at::Tensor& grad_tds);
 
+// environment.cpp
+std::vector<at::Tensor> env_geometry(const at::Tensor& coord, const at::Tensor& nlist, const at::Tensor& shift,
+                                     const at::Tensor& box, const at::Tensor& atype, const at::Tensor& davg,
+                                     const at::Tensor& dstd, const at::Tensor& keep, const at::Tensor& slot_type,
+                                     double rcut_smth, double rcut, double far);
+at::Tensor env_jacobian_apply(const at::Tensor& jac, const at::Tensor& v, bool transpose);
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("env_geometry", &env_geometry, "pair vectors, normalized environment matrix and its Jacobian");
+  m.def("env_jacobian_apply", &env_jacobian_apply, "J v per slot (or J^T v)");
   m.def("slot_gt", &slot_gt, "sum_j R[n, j]^T G[index[n, j]] per atom");
   m.def("slot_rows", &slot_rows, "per-row sums over slots of coef[s] . per_atom[n(s)]");
   m.def("slot_rows2", &slot_rows2, "slot_rows for two coefficient sets sharing per_atom");
