@@ -190,6 +190,28 @@ def test_slot_contractions_on_rows_equal_padded_path(kernels, tiny_model, random
         torch.testing.assert_close(a, b, rtol=1e-11, atol=1e-12)
 
 
+@pytest.mark.parametrize("periodic", [True, False])
+def test_compiled_reverse_slots_equal_python(kernels, tiny_model, random_frame, periodic):
+    """The compiled reverse-pair search gives the flat partner slots of dpfit.model.pairs.reverse_slots,
+    on a small triclinic cell (atoms see their own images) and a cluster; some pairs are cut by sel."""
+    from dpfit.model.pairs import reverse_slots
+
+    model = tiny_model()
+    frames = [random_frame(seed=s, natoms=14 if periodic else 8, periodic=periodic) for s in (11, 12)]
+    nls = [build_neighbor_list(c, t, b, model.rcut, [6, 7], warn=False) for c, t, b in frames]
+    nlist = torch.from_numpy(np.stack([nl.nlist for nl in nls]))
+    atype = torch.from_numpy(np.stack([np.asarray(t) for _, t, _ in frames]))
+    shift = torch.from_numpy(np.stack([nl.shift for nl in nls])) if periodic else None
+    slot_type = torch.repeat_interleave(torch.arange(2), torch.tensor([6, 7]))
+    ref = reverse_slots(nlist, shift, atype, slot_type)
+    sections = [0, 6, 13]
+    got = kernels.reverse_slots(nlist.long().contiguous(),
+                                torch.empty(0, dtype=torch.long) if shift is None else shift.long().contiguous(),
+                                atype.long().contiguous(), sections)
+    assert torch.equal(got, ref)
+    assert int((ref >= 0).sum()) > 10
+
+
 def test_slot_contraction_gradcheck(kernels):
     """SlotGT and SlotEnv against finite differences, with rows shared by several slots."""
     from dpfit.model.kernels.slot_contraction import SlotEnv, SlotGT, slots_of_rows

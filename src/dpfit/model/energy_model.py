@@ -102,6 +102,24 @@ class EnergyModel(nn.Module):
                 return self._apply_jacobian(jac, grad_rr)
         return self.descriptor.env_matrix_vjp(diff, mask, atype, grad_rr) * mask.unsqueeze(-1)
 
+    def _reverse_slots(self, nlist: torch.Tensor, shift: torch.Tensor | None, atype: torch.Tensor,
+                       compiled: bool) -> torch.Tensor:
+        """:func:`~dpfit.model.pairs.reverse_slots`, by the compiled kernels when they run this pass."""
+        if not torch.jit.is_scripting():
+            if compiled:
+                return self._reverse_slots_compiled(nlist, shift, atype)
+        return reverse_slots(nlist, shift, atype, self.descriptor.slot_type)
+
+    @torch.jit.unused
+    def _reverse_slots_compiled(self, nlist: torch.Tensor, shift: torch.Tensor | None,
+                                atype: torch.Tensor) -> torch.Tensor:
+        from dpfit.model.kernels import embedding_extension
+
+        empty = torch.empty(0, dtype=torch.long)
+        return embedding_extension().reverse_slots(
+            nlist.long().contiguous(), empty if shift is None else shift.long().contiguous(), atype.long().contiguous(),
+            list(self.descriptor.sections))
+
     @torch.jit.unused
     def _compiled_geometry(self, coord: torch.Tensor) -> bool:
         """Whether the pair vectors, R~ and its Jacobian come from the compiled kernels: when they are
@@ -160,7 +178,7 @@ class EnergyModel(nn.Module):
         diff, mask, rr, jac = self._environment(coord, box, nlist, shift, atype)
         partner: torch.Tensor | None = None
         if self.share_reverse_pairs and desc.reverse_pairs_share_input():
-            partner = reverse_slots(nlist, shift, atype, desc.slot_type)
+            partner = self._reverse_slots(nlist, shift, atype, jac is not None)
         descriptor, g_t, gs, ts = desc.descriptor_from_env(rr, atype, mask, need_grad, partner)
         if not need_grad:
             atom_energy = self.fitting(descriptor, atype, fparam, aparam)

@@ -426,10 +426,13 @@ std::vector<at::Tensor> env_geometry(const at::Tensor& coord, const at::Tensor& 
                                      const at::Tensor& dstd, const at::Tensor& keep, const at::Tensor& slot_type,
                                      double rcut_smth, double rcut, double far);
 at::Tensor env_jacobian_apply(const at::Tensor& jac, const at::Tensor& v, bool transpose);
+at::Tensor reverse_slots(const at::Tensor& nlist, const at::Tensor& shift, const at::Tensor& atype,
+                         const std::vector<int64_t>& sections);
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("env_geometry", &env_geometry, "pair vectors, normalized environment matrix and its Jacobian");
   m.def("env_jacobian_apply", &env_jacobian_apply, "J v per slot (or J^T v)");
+  m.def("reverse_slots", &reverse_slots, "flat slot of each slot's reverse pair, or -1");
   m.def("slot_gt", &slot_gt, "sum_j R[n, j]^T G[index[n, j]] per atom");
   m.def("slot_rows", &slot_rows, "per-row sums over slots of coef[s] . per_atom[n(s)]");
   m.def("slot_rows2", &slot_rows2, "slot_rows for two coefficient sets sharing per_atom");

@@ -127,3 +127,44 @@ at::Tensor env_jacobian_apply(const at::Tensor& jac, const at::Tensor& v, bool t
   });
   return out;
 }
+
+// Flat slot of each slot's reverse pair (same frame; i -> j with image S  <->  j -> i with image -S),
+// -1 where there is none; only pairs of two atoms of the same type (the slot's neighbor type equals
+// the center's). sections (ntypes + 1): slot ranges per neighbor type. shift: (nf, nloc, nnei, 3) int64
+// or empty (no periodicity). Same result as dpfit.model.pairs.reverse_slots.
+at::Tensor reverse_slots(const at::Tensor& nlist, const at::Tensor& shift, const at::Tensor& atype,
+                         const std::vector<int64_t>& sections) {
+  TORCH_CHECK(nlist.is_contiguous() && atype.is_contiguous() && nlist.scalar_type() == at::kLong &&
+                  atype.scalar_type() == at::kLong, "contiguous int64 nlist and atype");
+  const int64_t nf = nlist.size(0), nloc = nlist.size(1), nnei = nlist.size(2);
+  const bool periodic = shift.numel() > 0;
+  TORCH_CHECK(!periodic || (shift.is_contiguous() && shift.scalar_type() == at::kLong), "contiguous int64 shift");
+  at::Tensor out = at::empty({nf, nloc, nnei}, nlist.options());
+  const int64_t* nl = nlist.data_ptr<int64_t>();
+  const int64_t* at_ = atype.data_ptr<int64_t>();
+  const int64_t* sh = periodic ? shift.data_ptr<int64_t>() : nullptr;
+  int64_t* o = out.data_ptr<int64_t>();
+  at::parallel_for(0, nf * nloc, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t a = begin; a < end; ++a) {
+      const int64_t f = a / nloc, i = a % nloc, t = at_[a];
+      std::fill(o + a * nnei, o + (a + 1) * nnei, int64_t(-1));
+      for (int64_t p = sections[t]; p < sections[t + 1]; ++p) {  // slots of i's own type
+        const int64_t j = nl[a * nnei + p];
+        if (j < 0) continue;
+        const int64_t b = f * nloc + j;  // the neighbor, of type t too
+        if (at_[b] != t) continue;
+        for (int64_t q = sections[t]; q < sections[t + 1]; ++q) {
+          if (nl[b * nnei + q] != i) continue;
+          if (sh != nullptr) {
+            const int64_t* s1 = sh + (a * nnei + p) * 3;
+            const int64_t* s2 = sh + (b * nnei + q) * 3;
+            if (s1[0] != -s2[0] || s1[1] != -s2[1] || s1[2] != -s2[2]) continue;
+          }
+          o[a * nnei + p] = b * nnei + q;
+          break;
+        }
+      }
+    }
+  });
+  return out;
+}
