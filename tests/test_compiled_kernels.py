@@ -39,16 +39,12 @@ def kernels():
     set_compiled_kernels("off")
 
 
-def _switch(mode: str) -> None:
-    set_compiled_kernels(mode)
-
-
 def _params(net: ResidualMLP) -> list[torch.Tensor]:
     return [p for layer in net.layers for p in (layer.matrix, layer.bias, layer.idt) if p is not None]
 
 
 def _value_tangent_grads(net: ResidualMLP, s: torch.Tensor, mode: str):
-    _switch(mode)
+    set_compiled_kernels(mode)
     s = s.detach().clone().requires_grad_(True)
     g, t = net.value_and_tangent(s)
     gen = torch.Generator().manual_seed(5)
@@ -69,7 +65,7 @@ def test_kernel_equals_pytorch_path(kernels, name, rows, dtype):
     s = torch.linspace(-1.5, 2.5, rows, dtype=dtype).unsqueeze(-1)
     g, t, grads, fn = _value_tangent_grads(net, s, "on")
     g_ref, t_ref, ref, fn_ref = _value_tangent_grads(net, s, "off")
-    _switch("on")
+    set_compiled_kernels("on")
     assert fn == "CompiledValueAndTangentBackward" and fn_ref == "ValueAndTangentBackward"
     # float32: rounding differs (summation order, tanh), so errors relative to each tensor's scale
     eps = 1e-12 if dtype == torch.float64 else 1e-4
@@ -94,9 +90,9 @@ def test_kernel_without_autograd_equals_plain_path(kernels):
     s = torch.rand(300, 1, dtype=torch.float64)
     with torch.no_grad():
         g, t = net.value_and_tangent(s)
-        _switch("off")
+        set_compiled_kernels("off")
         g_ref, t_ref = net.value_and_tangent(s)
-        _switch("on")
+        set_compiled_kernels("on")
     torch.testing.assert_close(g, g_ref, rtol=1e-13, atol=1e-13)
     torch.testing.assert_close(t, t_ref, rtol=1e-13, atol=1e-13)
 
@@ -116,7 +112,7 @@ def test_kernel_reproduces_deepmd_fixture(kernels, cho_fixture, run_model):
 
 
 def _training_gradients(model, inputs: dict, mode: str) -> list[torch.Tensor]:
-    _switch(mode)
+    set_compiled_kernels(mode)
     model.zero_grad()
     out = model(**inputs, do_force=True, do_virial=True, create_graph=True)
     loss = out["energy"].sum() + 3.0 * out["force"].square().sum() + 0.1 * out["virial"].square().sum()
@@ -135,7 +131,7 @@ def test_training_gradients_equal_with_kernel(kernels, tiny_model, random_frame,
               "shift": torch.from_numpy(nl.shift[None].copy())}
     grads = _training_gradients(model, inputs, "on")
     ref = _training_gradients(model, inputs, "off")
-    _switch("on")
+    set_compiled_kernels("on")
     for a, b in zip(grads, ref):
         torch.testing.assert_close(a, b, rtol=1e-11, atol=1e-12)
     assert any(float(g.abs().max()) > 0 for g in grads)
@@ -174,7 +170,7 @@ def test_slot_contractions_on_rows_equal_padded_path(kernels, tiny_model, random
         inputs.update(box=torch.from_numpy(box[None].copy()), shift=torch.from_numpy(nl.shift[None].copy()))
     outs, grads = {}, {}
     for mode in ("on", "off"):
-        _switch(mode)
+        set_compiled_kernels(mode)
         model.zero_grad()
         out = model(**inputs, do_force=True, do_virial=True, create_graph=True)
         nodes = _graph_nodes(out["force"])
@@ -183,7 +179,7 @@ def test_slot_contractions_on_rows_equal_padded_path(kernels, tiny_model, random
         (out["energy"].sum() + out["force"].square().sum() + out["virial"].square().sum()).backward()
         outs[mode] = {k: v.detach() for k, v in out.items()}
         grads[mode] = [torch.zeros_like(p) if p.grad is None else p.grad.clone() for p in model.parameters()]
-    _switch("on")
+    set_compiled_kernels("on")
     for key in outs["off"]:
         torch.testing.assert_close(outs["on"][key], outs["off"][key], rtol=1e-12, atol=1e-12)
     for a, b in zip(grads["on"], grads["off"]):
@@ -294,7 +290,7 @@ def test_module_setup_sets_the_mode(kernels, tiny_model, mode):
 
     config = tiny_model().config
     module = DeepPotentialModule(model=config, loss=EnergyLoss(), schedule=ExponentialDecay(), kernels=mode)
-    _switch("on" if mode == "off" else "off")
+    set_compiled_kernels("on" if mode == "off" else "off")
     module.setup("fit")
     assert compiled_kernels_mode() == mode
-    _switch("on")
+    set_compiled_kernels("on")

@@ -86,10 +86,11 @@ class EnergyModel(nn.Module):
         atype: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """Pair vectors, slot mask, R~ and (compiled kernels only) the Jacobian dE/dd = J dE/dR~."""
+        far = self.descriptor.rcut + 1.0  # padded slots' pair vector (far, 0, 0), beyond the cutoff
         if not torch.jit.is_scripting():
             if self._compiled_geometry(coord):
-                return self._geometry(coord, box, nlist, shift, atype)
-        diff, mask = pair_vectors(coord, box, nlist, shift, far=self.descriptor.rcut + 1.0)
+                return self._geometry(coord, box, nlist, shift, atype, far)
+        diff, mask = pair_vectors(coord, box, nlist, shift, far=far)
         return diff, mask, self.descriptor.normalized_env(diff, mask, atype), None
 
     def _pair_gradient(
@@ -131,13 +132,12 @@ class EnergyModel(nn.Module):
 
     @torch.jit.unused
     def _geometry(self, coord: torch.Tensor, box: torch.Tensor | None, nlist: torch.Tensor,
-                  shift: torch.Tensor | None, atype: torch.Tensor
+                  shift: torch.Tensor | None, atype: torch.Tensor, far: float
                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         from dpfit.model.kernels import embedding_extension
         from dpfit.model.kernels.environment import compiled_geometry
 
-        return compiled_geometry(embedding_extension(), self.descriptor, coord, box, nlist, shift, atype,
-                                 self.descriptor.rcut + 1.0)
+        return compiled_geometry(embedding_extension(), self.descriptor, coord, box, nlist, shift, atype, far)
 
     @torch.jit.unused
     def _apply_jacobian(self, jac: torch.Tensor, grad_rr: torch.Tensor) -> torch.Tensor:
