@@ -97,6 +97,64 @@ def test_kernel_without_autograd_equals_plain_path(kernels):
     torch.testing.assert_close(t, t_ref, rtol=1e-13, atol=1e-13)
 
 
+FITTING_NETS = {"deepmd_240x3_resnet_dt": ([24, 24, 24], True), "doubling": ([8, 16], False),
+                "one_layer": ([9], True), "no_residual": ([12, 5], False)}
+
+
+def _fitting_outputs(net: ResidualMLP, x: torch.Tensor, mode: str, with_energy: bool, with_grad: bool):
+    set_compiled_kernels(mode)
+    x = x.detach().clone().requires_grad_(True)
+    energy, grad = net.energy_and_input_grad(x)
+    gen = torch.Generator().manual_seed(6)
+    loss = x.new_zeros(())
+    if with_energy:
+        loss = loss + (energy * torch.randn(energy.shape, dtype=x.dtype, generator=gen)).sum()
+    if with_grad:
+        loss = loss + ((grad * torch.randn(grad.shape, dtype=x.dtype, generator=gen)) ** 2).sum()
+    grads = torch.autograd.grad(loss, [x, *_params(net)], allow_unused=True)
+    grads = [torch.zeros_like(p) if g is None else g for g, p in zip(grads, [x, *_params(net)])]
+    return energy.detach(), grad.detach(), grads, type(energy.grad_fn).__name__
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+@pytest.mark.parametrize("loss", ["energy_and_force", "energy_only", "force_only"])
+@pytest.mark.parametrize("name", list(FITTING_NETS), ids=list(FITTING_NETS))
+def test_fitting_kernel_equals_pytorch_path(kernels, name, loss, dtype):
+    """The compiled fitting net (energy and dE/dx in one Function): values, input gradients and every
+    gradient of a loss on either or both (the x gradient feeds the descriptor), as value_and_input_grad
+    through autograd."""
+    neuron, resnet_dt = FITTING_NETS[name]
+    net = ResidualMLP(10, neuron, resnet_dt, out_dim=1, dtype=dtype, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        net.layers[-1].bias.fill_(0.3)
+    x = torch.randn(37, 10, dtype=dtype, generator=torch.Generator().manual_seed(3))
+    flags = {"energy_and_force": (True, True), "energy_only": (True, False), "force_only": (False, True)}[loss]
+    e, g, grads, fn = _fitting_outputs(net, x, "on", *flags)
+    e_ref, g_ref, ref, fn_ref = _fitting_outputs(net, x, "off", *flags)
+    set_compiled_kernels("on")
+    assert fn == "CompiledFittingBackward" and fn_ref != fn
+    eps = 1e-12 if dtype == torch.float64 else 1e-4
+    for a, b in zip([e, g, *grads], [e_ref, g_ref, *ref]):
+        scale = float(b.abs().max()) if b.numel() else 1.0
+        torch.testing.assert_close(a, b, rtol=eps, atol=eps * max(scale, 1.0))
+    with torch.no_grad():  # the forward alone (inference)
+        e_ng, g_ng = net.energy_and_input_grad(x)
+    torch.testing.assert_close(e_ng, e, rtol=eps, atol=eps)
+    torch.testing.assert_close(g_ng, g, rtol=eps, atol=eps)
+
+
+def test_fitting_kernel_gradcheck(kernels):
+    from dpfit.model.kernels.fitting import CompiledFitting
+
+    net = ResidualMLP(4, [5, 5, 10], True, out_dim=1, generator=torch.Generator().manual_seed(4))
+    layers = list(net.layers)
+    kinds = tuple(layer.kind for layer in layers[:-1])
+    has_idt = tuple(layer.idt is not None for layer in layers[:-1])
+    x = torch.randn(6, 4, dtype=torch.float64, requires_grad=True)
+    params = [p.detach().clone().requires_grad_(True) for p in _params(net)]
+    assert torch.autograd.gradcheck(lambda x, *p: CompiledFitting.apply(kernels, kinds, has_idt, x, *p), (x, *params))
+
+
 def test_kernel_reproduces_deepmd_fixture(kernels, cho_fixture, run_model):
     """The C/H/O DeePMD-kit model (type_one_side false, fparam + aparam, non-periodic) with the kernel:
     energy, forces and virials equal the reference."""
@@ -174,7 +232,7 @@ def test_slot_contractions_on_rows_equal_padded_path(kernels, tiny_model, random
         model.zero_grad()
         out = model(**inputs, do_force=True, do_virial=True, create_graph=True)
         nodes = _graph_nodes(out["force"])
-        for node in ("SlotEnvBackward", "SlotGTBackward", "EnvJacobianBackward"):
+        for node in ("SlotEnvBackward", "SlotGTBackward", "EnvJacobianBackward", "CompiledFittingBackward"):
             assert (node in nodes) == (mode == "on"), node
         (out["energy"].sum() + out["force"].square().sum() + out["virial"].square().sum()).backward()
         outs[mode] = {k: v.detach() for k, v in out.items()}
@@ -221,9 +279,19 @@ def test_slot_contraction_gradcheck(kernels):
     gbar = torch.randn(n, 4, m, dtype=torch.float64, generator=gen, requires_grad=True)
     order, ptr = slots_of_rows(index, rows)
     assert torch.autograd.gradcheck(lambda g: SlotGT.apply(kernels, g, index, r, order, ptr), (g,))
-    assert torch.autograd.gradcheck(lambda g, t, b: SlotEnv.apply(kernels, g, t, index, b, order, ptr), (g, t, gbar))
+    valid = index != 4  # row 4 plays the padding row
+    assert torch.autograd.gradcheck(lambda g, t, b: SlotEnv.apply(kernels, g, t, index, valid, b, order, ptr),
+                                    (g, t, gbar))
     padded = g[index]  # the padded layout: the same contraction
     torch.testing.assert_close(SlotGT.apply(kernels, g, index, r, order, ptr), r.transpose(1, 2) @ padded)
+    part, tds = SlotEnv.apply(kernels, g, t, index, valid, gbar, order, ptr)
+    keep = valid.unsqueeze(-1)
+    torch.testing.assert_close(part, torch.where(keep, padded @ gbar.transpose(1, 2), 0.0))
+    torch.testing.assert_close(tds, torch.where(keep, t[index] @ gbar.transpose(1, 2), 0.0))
+    # the padded slots' gradients are not read: the padding row gets none through SlotEnv
+    (part.sum() + tds.sum()).backward()
+    assert torch.count_nonzero(g.grad[4]) == 0 and torch.count_nonzero(t.grad[4]) == 0
+    assert torch.count_nonzero(g.grad[:4]) > 0
 
 
 def test_ase_calculator_with_kernels(kernels, tiny_model, random_frame):

@@ -371,7 +371,8 @@ class SeE2A(nn.Module):
         for tj in range(self.ntypes):
             index = gs[self.ntypes + tj]
             order, ptr = ts[self.ntypes + 2 * tj], ts[self.ntypes + 2 * tj + 1]
-            blocks.append(SlotEnv.apply(ext, gs[tj], ts[tj], index, g_bar, order, ptr))
+            valid = flat_mask[:, self.sections[tj]:self.sections[tj] + index.shape[1]].contiguous()
+            blocks.append(SlotEnv.apply(ext, gs[tj], ts[tj], index, valid, g_bar, order, ptr))
         return self._slot_gradient(blocks, flat_rr, flat_mask)
 
     def env_matrix_vjp(

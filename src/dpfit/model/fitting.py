@@ -96,13 +96,12 @@ class EnergyFitting(nn.Module):
         flat_type = atype.reshape(-1)
         out = x.new_zeros(nf * nloc)
         grad = x.new_zeros(nf * nloc, dim) if with_grad else None
-        one = x.new_ones(1)
         for t, net in enumerate(self.nets):
             idx = torch.nonzero(flat_type == t).squeeze(-1)
             if idx.numel():
                 rows = flat_x.index_select(0, idx)
                 if grad is not None:
-                    value, g = net.value_and_input_grad(rows, one)
+                    value, g = net.energy_and_input_grad(rows)
                     grad = grad.index_add(0, idx, g[:, :dim])
                 else:
                     value = net(rows)

@@ -180,6 +180,27 @@ class ResidualMLP(nn.Module):
             return compiled_value_and_tangent(ext, kinds, has_idt, s, params)
         return ValueAndTangent.apply(kinds, has_idt, s, *params)
 
+    def energy_and_input_grad(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """For a net with one output: the output (rows, 1) and its gradient (rows, in_dim), written out
+        (:meth:`value_and_input_grad` with an output gradient of 1); through the compiled fitting kernel
+        when it is in use and applies (:mod:`dpfit.model.kernels`)."""
+        if not torch.jit.is_scripting():
+            result = self._compiled_fitting(x)
+            if result is not None:
+                return result
+        return self.value_and_input_grad(x, torch.ones(1, dtype=x.dtype, device=x.device))
+
+    @torch.jit.unused
+    def _compiled_fitting(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(output, input gradient) from the compiled fitting kernel, or None where it is not in use."""
+        from dpfit.model.kernels import embedding_extension
+        from dpfit.model.kernels.fitting import compiled_fitting, fitting_kernel_applies
+
+        if not fitting_kernel_applies(x, self.layers):
+            return None
+        ext = embedding_extension()
+        return None if ext is None else compiled_fitting(ext, self.layers, x)
+
     def value_and_input_grad(self, x: torch.Tensor, grad_out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Output (rows, n_out) and ``sum_o grad_out[o] d out_o / d x`` (rows, in_dim) for a constant
         ``grad_out`` (n_out,): the input gradient is written out layer by layer (no autograd), so a

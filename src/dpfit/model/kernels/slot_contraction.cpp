@@ -7,6 +7,10 @@
 //
 //   slot_gt:   out[n, c, :] = sum_j R[n, j, c] G[index[n, j], :]                  (N, 4, M)
 //   slot_env:  part[n, j, c] = G[index[n, j], :] . gbar[n, c, :], tds likewise with T   (N, k, 4)
+//
+// slot_env and its backward pass over the padded slots (valid[n, j] false): their products are written
+// as zeros and their gradients are not read (the forces' pass never uses a padded slot: its pair vector
+// lies beyond the cutoff, where the environment matrix's Jacobian vanishes).
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
@@ -17,6 +21,11 @@ namespace {
 void check_block(const at::Tensor& rows, const at::Tensor& index) {
   TORCH_CHECK(rows.device().is_cpu() && rows.is_contiguous() && rows.dim() == 2, "rows: contiguous (R, M) on CPU");
   TORCH_CHECK(index.scalar_type() == at::kLong && index.is_contiguous() && index.dim() == 2, "index: contiguous (N, k) int64");
+}
+
+void check_valid(const at::Tensor& valid, const at::Tensor& index) {
+  TORCH_CHECK(valid.scalar_type() == at::kBool && valid.is_contiguous() && valid.sizes() == index.sizes(),
+              "valid: contiguous bool like index");
 }
 
 template <typename T>
@@ -61,7 +70,7 @@ void rows_from_slots(const T* coef, const T* per_atom, const int64_t* order, con
 // rows_from_slots for two coefficient sets at once (one pass over the slot lists and per-atom data)
 template <typename T>
 void rows_from_slots2(const T* coef_a, const T* coef_b, const T* per_atom, const int64_t* order, const int64_t* ptr,
-                      T* out_a, T* out_b, int64_t n_rows, int64_t k, int64_t m) {
+                      const bool* valid, T* out_a, T* out_b, int64_t n_rows, int64_t k, int64_t m) {
   at::parallel_for(0, n_rows, 16, [&](int64_t begin, int64_t end) {
     for (int64_t row = begin; row < end; ++row) {
       T* oa = out_a + row * m;
@@ -70,6 +79,7 @@ void rows_from_slots2(const T* coef_a, const T* coef_b, const T* per_atom, const
       std::fill(ob, ob + m, T(0));
       for (int64_t q = ptr[row]; q < ptr[row + 1]; ++q) {
         const int64_t s = order[q];
+        if (!valid[s]) continue;
         const T* ca = coef_a + s * 4;
         const T* cb = coef_b + s * 4;
         const T* pa = per_atom + (s / k) * 4 * m;
@@ -85,17 +95,22 @@ void rows_from_slots2(const T* coef_a, const T* coef_b, const T* per_atom, const
 }
 
 template <typename T>
-void env_forward(const T* g, const T* t, const int64_t* index, const T* gbar, T* part, T* tds, int64_t n_atoms,
-                 int64_t k, int64_t m) {
+void env_forward(const T* g, const T* t, const int64_t* index, const bool* valid, const T* gbar, T* part, T* tds,
+                 int64_t n_atoms, int64_t k, int64_t m) {
   at::parallel_for(0, n_atoms, 8, [&](int64_t begin, int64_t end) {
     for (int64_t n = begin; n < end; ++n) {
       const T* gb = gbar + n * 4 * m;
       for (int64_t j = 0; j < k; ++j) {
+        T* p = part + (n * k + j) * 4;
+        T* d = tds + (n * k + j) * 4;
+        if (!valid[n * k + j]) {
+          std::fill(p, p + 4, T(0));
+          std::fill(d, d + 4, T(0));
+          continue;
+        }
         const int64_t row = index[n * k + j];
         const T* gr = g + row * m;
         const T* tr = t + row * m;
-        T* p = part + (n * k + j) * 4;
-        T* d = tds + (n * k + j) * 4;
         for (int c = 0; c < 4; ++c) {
           const T* gbc = gb + c * m;
           T sp = T(0), sd = T(0);
@@ -114,13 +129,14 @@ void env_forward(const T* g, const T* t, const int64_t* index, const T* gbar, T*
 
 // grad_gbar[n, c, :] = sum_j grad_part[n, j, c] G[index[n, j], :] + grad_tds[n, j, c] T[index[n, j], :]
 template <typename T>
-void env_backward_gbar(const T* g, const T* t, const int64_t* index, const T* grad_part, const T* grad_tds, T* out,
-                       int64_t n_atoms, int64_t k, int64_t m) {
+void env_backward_gbar(const T* g, const T* t, const int64_t* index, const bool* valid, const T* grad_part,
+                       const T* grad_tds, T* out, int64_t n_atoms, int64_t k, int64_t m) {
   at::parallel_for(0, n_atoms, 8, [&](int64_t begin, int64_t end) {
     for (int64_t n = begin; n < end; ++n) {
       T* o = out + n * 4 * m;
       std::fill(o, o + 4 * m, T(0));
       for (int64_t j = 0; j < k; ++j) {
+        if (!valid[n * k + j]) continue;
         const int64_t row = index[n * k + j];
         const T* gr = g + row * m;
         const T* tr = t + row * m;
@@ -168,46 +184,53 @@ at::Tensor slot_rows(const at::Tensor& coef, const at::Tensor& per_atom, const a
 
 // slot_rows for two coefficient sets (N, k, 4) sharing per_atom: the rows' gradients of G and T.
 std::vector<at::Tensor> slot_rows2(const at::Tensor& coef_a, const at::Tensor& coef_b, const at::Tensor& per_atom,
-                                   const at::Tensor& order, const at::Tensor& ptr, int64_t n_rows, int64_t k) {
+                                   const at::Tensor& order, const at::Tensor& ptr, const at::Tensor& valid, int64_t n_rows,
+                                   int64_t k) {
   TORCH_CHECK(coef_a.is_contiguous() && coef_b.is_contiguous() && per_atom.is_contiguous() && order.is_contiguous() &&
                   ptr.is_contiguous(), "contiguous inputs");
   TORCH_CHECK(ptr.numel() == n_rows + 1 && per_atom.dim() == 3 && per_atom.size(1) == 4, "ptr (R + 1), per_atom (N, 4, M)");
+  TORCH_CHECK(valid.scalar_type() == at::kBool && valid.is_contiguous() && valid.numel() == coef_a.numel() / 4,
+              "valid: contiguous bool (N, k)");
   const int64_t m = per_atom.size(2);
   at::Tensor out_a = at::empty({n_rows, m}, per_atom.options());
   at::Tensor out_b = at::empty({n_rows, m}, per_atom.options());
   AT_DISPATCH_FLOATING_TYPES(per_atom.scalar_type(), "slot_rows2", [&] {
     rows_from_slots2<scalar_t>(coef_a.data_ptr<scalar_t>(), coef_b.data_ptr<scalar_t>(), per_atom.data_ptr<scalar_t>(),
-                               order.data_ptr<int64_t>(), ptr.data_ptr<int64_t>(), out_a.data_ptr<scalar_t>(),
+                               order.data_ptr<int64_t>(), ptr.data_ptr<int64_t>(), valid.data_ptr<bool>(), out_a.data_ptr<scalar_t>(),
                                out_b.data_ptr<scalar_t>(), n_rows, k, m);
   });
   return {out_a, out_b};
 }
 
-// part, tds (N, k, 4) from the rows G, T and gbar (N, 4, M).
-std::vector<at::Tensor> slot_env(const at::Tensor& g, const at::Tensor& t, const at::Tensor& index, const at::Tensor& gbar) {
+// part, tds (N, k, 4) from the rows G, T and gbar (N, 4, M); zeros on the padded slots.
+std::vector<at::Tensor> slot_env(const at::Tensor& g, const at::Tensor& t, const at::Tensor& index, const at::Tensor& valid,
+                                 const at::Tensor& gbar) {
   check_block(g, index);
   check_block(t, index);
+  check_valid(valid, index);
   const int64_t n = index.size(0), k = index.size(1), m = g.size(1);
   TORCH_CHECK(gbar.is_contiguous() && gbar.sizes() == at::IntArrayRef({n, 4, m}), "gbar: (N, 4, M)");
   at::Tensor part = at::empty({n, k, 4}, g.options());
   at::Tensor tds = at::empty({n, k, 4}, g.options());
   AT_DISPATCH_FLOATING_TYPES(g.scalar_type(), "slot_env", [&] {
-    env_forward<scalar_t>(g.data_ptr<scalar_t>(), t.data_ptr<scalar_t>(), index.data_ptr<int64_t>(), gbar.data_ptr<scalar_t>(),
+    env_forward<scalar_t>(g.data_ptr<scalar_t>(), t.data_ptr<scalar_t>(), index.data_ptr<int64_t>(), valid.data_ptr<bool>(),
+                          gbar.data_ptr<scalar_t>(),
                           part.data_ptr<scalar_t>(), tds.data_ptr<scalar_t>(), n, k, m);
   });
   return {part, tds};
 }
 
 // grad of gbar (N, 4, M) for slot_env.
-at::Tensor slot_env_gbar(const at::Tensor& g, const at::Tensor& t, const at::Tensor& index, const at::Tensor& grad_part,
-                         const at::Tensor& grad_tds) {
+at::Tensor slot_env_gbar(const at::Tensor& g, const at::Tensor& t, const at::Tensor& index, const at::Tensor& valid,
+                         const at::Tensor& grad_part, const at::Tensor& grad_tds) {
   check_block(g, index);
+  check_valid(valid, index);
   const int64_t n = index.size(0), k = index.size(1), m = g.size(1);
   TORCH_CHECK(grad_part.is_contiguous() && grad_tds.is_contiguous(), "contiguous gradients");
   at::Tensor out = at::empty({n, 4, m}, g.options());
   AT_DISPATCH_FLOATING_TYPES(g.scalar_type(), "slot_env_gbar", [&] {
     env_backward_gbar<scalar_t>(g.data_ptr<scalar_t>(), t.data_ptr<scalar_t>(), index.data_ptr<int64_t>(),
-                                grad_part.data_ptr<scalar_t>(), grad_tds.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), n, k, m);
+                                valid.data_ptr<bool>(), grad_part.data_ptr<scalar_t>(), grad_tds.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), n, k, m);
   });
   return out;
 }

@@ -44,25 +44,26 @@ class SlotGT(torch.autograd.Function):
 
 class SlotEnv(torch.autograd.Function):
     """``part[n, j, c] = G[index[n, j]] . gbar[n, c]`` and ``tds`` likewise with T (N, k, 4 each);
-    gbar (N, 4, M)."""
+    gbar (N, 4, M). Zeros on the slots where ``valid`` (N, k) is false (padded slots, whose products
+    the forces' pass never uses); their gradients are not read."""
 
     @staticmethod
-    def forward(ctx, ext: ModuleType, g: torch.Tensor, t: torch.Tensor, index: torch.Tensor, gbar: torch.Tensor,
-                order: torch.Tensor, ptr: torch.Tensor):
+    def forward(ctx, ext: ModuleType, g: torch.Tensor, t: torch.Tensor, index: torch.Tensor, valid: torch.Tensor,
+                gbar: torch.Tensor, order: torch.Tensor, ptr: torch.Tensor):
         ctx.ext, ctx.n_rows, ctx.k = ext, g.shape[0], index.shape[1]
-        ctx.save_for_backward(g, t, index, gbar, order, ptr)
-        part, tds = ext.slot_env(g, t, index, gbar)
+        ctx.save_for_backward(g, t, index, valid, gbar, order, ptr)
+        part, tds = ext.slot_env(g, t, index, valid, gbar)
         return part, tds
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_part: torch.Tensor | None, grad_tds: torch.Tensor | None):
-        g, t, index, gbar, order, ptr = ctx.saved_tensors
+        g, t, index, valid, gbar, order, ptr = ctx.saved_tensors
         grad_part = torch.zeros(index.shape + (4,), dtype=g.dtype) if grad_part is None else grad_part.contiguous()
         grad_tds = torch.zeros(index.shape + (4,), dtype=g.dtype) if grad_tds is None else grad_tds.contiguous()
         ext, n_rows, k = ctx.ext, ctx.n_rows, ctx.k
-        grad_g, grad_t = ext.slot_rows2(grad_part, grad_tds, gbar, order, ptr, n_rows, k)
+        grad_g, grad_t = ext.slot_rows2(grad_part, grad_tds, gbar, order, ptr, valid, n_rows, k)
         grad_g = grad_g if ctx.needs_input_grad[1] else None
         grad_t = grad_t if ctx.needs_input_grad[2] else None
-        grad_gbar = ext.slot_env_gbar(g, t, index, grad_part, grad_tds) if ctx.needs_input_grad[4] else None
-        return None, grad_g, grad_t, None, grad_gbar, None, None
+        grad_gbar = ext.slot_env_gbar(g, t, index, valid, grad_part, grad_tds) if ctx.needs_input_grad[5] else None
+        return None, grad_g, grad_t, None, None, grad_gbar, None, None
