@@ -60,6 +60,20 @@ void add_residual(T* y, const T* x, int64_t i0, int64_t i1, int64_t a, int64_t o
     }
 }
 
+// res^T(g) written into out (rows x a): kind 1 g, kind 2 g[:, :a] + g[:, a:], kind 0 zeros.
+template <typename T>
+void residual_transpose(T* out, const T* g, int64_t i0, int64_t i1, int64_t a, int64_t o, int64_t kind) {
+  for (int64_t i = i0; i < i1; ++i) {
+    T* oi = out + i * a;
+    std::fill(oi, oi + a, T(0));
+    for (int64_t half = 0; half < kind; ++half) {
+      const T* gh = g + i * o + half * a;
+#pragma omp simd
+      for (int64_t c = 0; c < a; ++c) oi[c] += gh[c];
+    }
+  }
+}
+
 template <typename T>
 const T* opt_ptr(const at::Tensor& t) {
   return t.numel() > 0 ? t.data_ptr<T>() : nullptr;
@@ -120,14 +134,8 @@ std::vector<at::Tensor> forward_impl(const at::Tensor& x0, const Fit& f, bool ke
         T* gzi = gzp + i * o;
 #pragma omp simd
         for (int64_t j = 0; j < o; ++j) gzi[j] = (idt != nullptr ? idt[j] : T(1)) * (T(1) - hi[j] * hi[j]) * gi[j];
-        T* bi = bp + i * a;
-        std::fill(bi, bi + a, T(0));
-        for (int64_t half = 0; half < kind; ++half) {
-          const T* gh = gi + half * a;
-#pragma omp simd
-          for (int64_t c = 0; c < a; ++c) bi[c] += gh[c];
-        }
       }
+      residual_transpose(bp, gp, i0, i1, a, o, kind);
     });
     below.addmm_(gz, f.w[kk].t());
     gzs.insert(gzs.begin(), gz);
@@ -269,17 +277,7 @@ std::vector<at::Tensor> backward_impl(const at::Tensor& x0, const at::Tensor& gr
     at::Tensor below = at::empty({rows, a}, x0.options());
     T* bp = below.data_ptr<T>();
     const int64_t kind = f.kind[kk];
-    over_rows(rows, [&](int64_t i0, int64_t i1) {
-      for (int64_t i = i0; i < i1; ++i) {
-        T* bi = bp + i * a;
-        std::fill(bi, bi + a, T(0));
-        for (int64_t half = 0; half < kind; ++half) {
-          const T* yh = yb + i * o + half * a;
-#pragma omp simd
-          for (int64_t c = 0; c < a; ++c) bi[c] += yh[c];
-        }
-      }
-    });
+    over_rows(rows, [&](int64_t i0, int64_t i1) { residual_transpose(bp, yb, i0, i1, a, o, kind); });
     below.addmm_(hbar[kk], f.w[kk].t());
     xbar = below;
   }
