@@ -27,6 +27,15 @@ def _layers(has_idt: tuple[bool, ...], params: tuple[torch.Tensor, ...], empty: 
     return matrices, biases, idts
 
 
+def layer_grads(has_idt: tuple[bool, ...], per_layer: list[torch.Tensor]) -> list[torch.Tensor]:
+    """A kernel backward's (dW, db, didt) per layer, flattened like the parameters (no didt where a
+    layer has no idt)."""
+    grads: list[torch.Tensor] = []
+    for k, with_idt in enumerate(has_idt):
+        grads += per_layer[3 * k: 3 * k + (3 if with_idt else 2)]
+    return grads
+
+
 def kernel_applies(s: torch.Tensor, first_width: int) -> bool:
     """Whether the compiled kernel can run these rows (CPU, float32/64, a scalar input)."""
     return s.device.type == "cpu" and s.dtype in (torch.float32, torch.float64) and first_width == 1
@@ -59,10 +68,7 @@ class CompiledValueAndTangent(torch.autograd.Function):
         need_s = ctx.needs_input_grad[3]
         grad_s, *per_layer = ctx.ext.value_and_tangent_backward(
             s, grad_g, grad_t, kept_h, kept_u, matrices, biases, idts, list(ctx.kinds), BLOCK_ROWS, need_s)
-        grads: list[torch.Tensor] = []
-        for k, with_idt in enumerate(ctx.has_idt):
-            grads += per_layer[3 * k: 3 * k + (3 if with_idt else 2)]
-        return (None, None, None, grad_s if need_s else None, *grads)
+        return (None, None, None, grad_s if need_s else None, *layer_grads(ctx.has_idt, per_layer))
 
 
 def compiled_value_and_tangent(ext: ModuleType, kinds: tuple[int, ...], has_idt: tuple[bool, ...], s: torch.Tensor,

@@ -13,6 +13,8 @@ from types import ModuleType
 import torch
 from torch.autograd.function import once_differentiable
 
+from dpfit.model.kernels.embedding import _layers, layer_grads
+
 
 def fitting_kernel_applies(x: torch.Tensor, layers) -> bool:
     """Whether the kernel can run this net on ``x``: CPU float32/64 rows, tanh layers then one linear
@@ -25,16 +27,8 @@ def fitting_kernel_applies(x: torch.Tensor, layers) -> bool:
 def _unpack(layers_idt: tuple[bool, ...], params: tuple[torch.Tensor, ...], empty: torch.Tensor):
     """(matrices, biases, idts) from the flat parameters: per tanh layer matrix, bias (, idt), then the
     output layer's matrix and bias."""
-    matrices, biases, idts = [], [], []
-    p = 0
-    for with_idt in layers_idt:
-        matrices.append(params[p])
-        biases.append(params[p + 1])
-        idts.append(params[p + 2] if with_idt else empty)
-        p += 3 if with_idt else 2
-    matrices.append(params[p])
-    biases.append(params[p + 1])
-    return matrices, biases, idts
+    matrices, biases, idts = _layers(layers_idt, params[:-2], empty)
+    return matrices + [params[-2]], biases + [params[-1]], idts
 
 
 class CompiledFitting(torch.autograd.Function):
@@ -60,10 +54,7 @@ class CompiledFitting(torch.autograd.Function):
         need_x = ctx.needs_input_grad[3]
         grad_x, *per_layer = ctx.ext.fitting_backward(x, grad_e, grad_g, matrices, biases, idts, list(ctx.kinds),
                                                      kept, need_x)
-        grads: list[torch.Tensor] = []
-        for k, with_idt in enumerate(ctx.has_idt):
-            grads += per_layer[3 * k: 3 * k + (3 if with_idt else 2)]
-        grads += per_layer[-2:]
+        grads = layer_grads(ctx.has_idt, per_layer[:-2]) + per_layer[-2:]
         return (None, None, None, grad_x if need_x else None, *grads)
 
 
