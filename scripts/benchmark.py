@@ -125,10 +125,11 @@ def bench_inference(model: EnergyModel, batches: list[dict], device: torch.devic
     return result
 
 
-def bench_matmul(dtype: torch.dtype, device: torch.device, n: int = 1024, repeat: int = 20) -> dict:
+def bench_matmul(dtype: torch.dtype, device: torch.device, n: int | None = None, repeat: int = 20) -> dict:
     """Dense matmul GFLOP/s of this machine, the fastest of ``repeat`` products (the peak rate: on a
     shared host the average drifts with the neighbours' load): the FLOP limit the training step is
-    compared with."""
+    compared with. Size ``n``: 1024 on a CPU, 8192 on a GPU (large enough to fill it)."""
+    n = n or (8192 if device.type == "cuda" else 1024)
     a = torch.randn(n, n, dtype=dtype, device=device)
     b = torch.randn(n, n, dtype=dtype, device=device)
     a @ b
@@ -229,23 +230,39 @@ shifts = np.stack(np.meshgrid(*[np.arange(reps)] * 3, indexing="ij"), -1).reshap
 coord = (frame["coord"][None] + (shifts @ frame["box"])[:, None]).reshape(-1, 3)
 atype = np.tile(frame["atype"], len(shifts))
 box = frame["box"] * reps
-base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+device = torch.device(sys.argv[7])
+model = model.to(device)
 nl = build_neighbor_list(coord, atype, box, model.rcut, model.sel, warn=False)
 inp = dict(coord=torch.from_numpy(coord)[None], atype=torch.from_numpy(atype)[None], nlist=torch.from_numpy(nl.nlist)[None],
            box=torch.from_numpy(box)[None], shift=torch.from_numpy(nl.shift)[None])
+inp = {k: v.to(device) for k, v in inp.items()}
+
+def evaluate():
+    with torch.set_grad_enabled(train):
+        out = model(**inp, do_force=True, create_graph=train)
+    if train:
+        (out["energy"].sum() + out["force"].square().sum()).backward()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+if device.type == "cuda":  # one warm-up (cuBLAS handles, allocator), then peak allocated bytes of a second call
+    evaluate()
+    model.zero_grad(set_to_none=True)
+    torch.cuda.reset_peak_memory_stats(device)
+    base = torch.cuda.memory_allocated(device)
+else:
+    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 start = time.perf_counter()
-with torch.set_grad_enabled(train):
-    out = model(**inp, do_force=True, create_graph=train)
-if train:
-    (out["energy"].sum() + out["force"].square().sum()).backward()
+evaluate()
 seconds = time.perf_counter() - start
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-print(json.dumps({"natoms": len(coord), "seconds": seconds, "peak_mib": peak / 1024,
-                  "kib_per_atom": (peak - base) / len(coord)}))
+peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+print(json.dumps({"natoms": len(coord), "seconds": seconds, "peak_mib": peak / 2**20,
+                  "kib_per_atom": (peak - base) / 1024 / len(coord)}))
 """
 
 
-def bench_scaling(ckpt: Path | None, data: Path, precision: str, reps: list[int], train: bool) -> list[dict]:
+def bench_scaling(ckpt: Path | None, data: Path, precision: str, reps: list[int], train: bool,
+                  device: torch.device) -> list[dict]:
     """Water supercells (reps^3 copies of a frame): time and peak memory per atom of one energy+force
     evaluation (``train``: with create_graph and a backward pass), each in a fresh process."""
     import subprocess
@@ -254,7 +271,7 @@ def bench_scaling(ckpt: Path | None, data: Path, precision: str, reps: list[int]
     rows = []
     for r in reps:
         cmd = [sys.executable, "-c", SCALING_CHILD, str(ckpt) if ckpt else "fresh", str(data), str(r), precision,
-               "1" if train else "0", json.dumps({**WATER_CONFIG, "precision": precision})]
+               "1" if train else "0", json.dumps({**WATER_CONFIG, "precision": precision}), str(device)]
         proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
         if proc.returncode:
             rows.append({"reps": r, "error": proc.stderr.strip().splitlines()[-1] if proc.stderr else "failed"})
@@ -351,7 +368,8 @@ def run(args: argparse.Namespace) -> dict:
     if args.scaling:
         data0 = sorted(p.parent for p in Path(args.data).rglob("type.raw"))[0]
         for precision in args.precisions:
-            results[f"scaling_{precision}"] = bench_scaling(ckpt, data0, precision, args.scaling, args.scaling_train)
+            results[f"scaling_{precision}"] = bench_scaling(ckpt, data0, precision, args.scaling, args.scaling_train,
+                                                                 device)
     return results
 
 
