@@ -232,7 +232,8 @@ def test_slot_contractions_on_rows_equal_padded_path(kernels, tiny_model, random
         model.zero_grad()
         out = model(**inputs, do_force=True, do_virial=True, create_graph=True)
         nodes = _graph_nodes(out["force"])
-        for node in ("SlotEnvBackward", "SlotGTBackward", "EnvJacobianBackward", "CompiledFittingBackward"):
+        for node in ("SlotEnvBackward", "SlotGTBackward", "EnvJacobianBackward", "CompiledFittingBackward",
+                     "DescriptorGramBackward", "DescriptorVJPBackward"):
             assert (node in nodes) == (mode == "on"), node
         (out["energy"].sum() + out["force"].square().sum() + out["virial"].square().sum()).backward()
         outs[mode] = {k: v.detach() for k, v in out.items()}
@@ -292,6 +293,50 @@ def test_slot_contraction_gradcheck(kernels):
     (part.sum() + tds.sum()).backward()
     assert torch.count_nonzero(g.grad[4]) == 0 and torch.count_nonzero(t.grad[4]) == 0
     assert torch.count_nonzero(g.grad[:4]) > 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+@pytest.mark.parametrize("m, a", [(100, 16), (16, 16), (8, 3), (5, 5)])
+def test_descriptor_products_equal_bmm(kernels, m, a, dtype):
+    """D = G^T G< and its gradient for G under dE/dD (g_bar) as the torch.bmm products of the PyTorch
+    path, and their gradients as autograd's through those products, at the water shapes (M 100, a 16)
+    and small ones (a = M included; a = 16 has its own code)."""
+    from dpfit.model.kernels.descriptor_product import DescriptorGram, DescriptorVJP
+
+    gen = torch.Generator().manual_seed(3)
+    n = 7
+    g = torch.randn(n, 4, m, dtype=dtype, generator=gen)
+    w = torch.randn(n, m, a, dtype=dtype, generator=gen)
+    c_d = torch.randn(n, m, a, dtype=dtype, generator=gen)
+    c_v = torch.randn(n, 4, m, dtype=dtype, generator=gen)
+    tol = {"rtol": 1e-12, "atol": 1e-12} if dtype == torch.float64 else {"rtol": 2e-5, "atol": 2e-5}
+
+    def reference(g, w):
+        d = torch.bmm(g.transpose(1, 2), g[..., :a])
+        v = torch.bmm(g[..., :a], w.transpose(1, 2)) + torch.nn.functional.pad(torch.bmm(g, w), [0, m - a])
+        return d, v
+
+    results = []
+    for compiled in (True, False):
+        gg, ww = g.clone().requires_grad_(True), w.clone().requires_grad_(True)
+        if compiled:
+            d, v = DescriptorGram.apply(kernels, gg, a), DescriptorVJP.apply(kernels, gg, ww)
+        else:
+            d, v = reference(gg, ww)
+        ((d * c_d).sum() + (v * c_v).sum()).backward()
+        results.append((d.detach(), v.detach(), gg.grad, ww.grad))
+    for got, want in zip(*results):
+        torch.testing.assert_close(got, want, **tol)
+
+
+def test_descriptor_products_gradcheck(kernels):
+    from dpfit.model.kernels.descriptor_product import DescriptorGram, DescriptorVJP
+
+    gen = torch.Generator().manual_seed(4)
+    g = torch.randn(3, 4, 6, dtype=torch.float64, generator=gen, requires_grad=True)
+    w = torch.randn(3, 6, 2, dtype=torch.float64, generator=gen, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda g: DescriptorGram.apply(kernels, g, 2), (g,))
+    assert torch.autograd.gradcheck(lambda g, w: DescriptorVJP.apply(kernels, g, w), (g, w))
 
 
 def test_ase_calculator_with_kernels(kernels, tiny_model, random_frame):

@@ -293,6 +293,7 @@ class SeE2A(nn.Module):
         returned: rows G per type then each block's index; rows T per type then each block's
         (order, ptr) of :func:`~dpfit.model.kernels.slot_contraction.slots_of_rows`."""
         from dpfit.model.kernels import embedding_extension
+        from dpfit.model.kernels.descriptor_product import DescriptorGram
         from dpfit.model.kernels.slot_contraction import SlotGT, slots_of_rows
 
         ext = embedding_extension()
@@ -311,7 +312,7 @@ class SeE2A(nn.Module):
             g_t = g_t + SlotGT.apply(ext, gs[tj], index, r_block, order, ptr)
             csr += [order, ptr]
         g_t = g_t / self.nnei
-        d = torch.bmm(g_t.transpose(1, 2), g_t[..., : self.axis_neuron])
+        d = DescriptorGram.apply(ext, g_t, self.axis_neuron)
         return d.reshape(nf, nloc, -1), g_t, gs + indices, ts + csr
 
     def env_gradient(
@@ -327,13 +328,13 @@ class SeE2A(nn.Module):
         m = self.neuron[-1]
         a = self.axis_neuron
         d_bar = grad_d.reshape(n, m, a)
-        g_bar = torch.bmm(g_t[..., :a], d_bar.transpose(1, 2))
-        g_bar = g_bar + torch.nn.functional.pad(torch.bmm(g_t, d_bar), [0, m - a])
         flat_rr = rr.reshape(n, nnei, 4)
         flat_mask = mask.reshape(n, nnei)
         if not torch.jit.is_scripting():
             if len(gs) > self.ntypes:  # rows of _descriptor_from_rows
-                return self._env_gradient_rows(g_bar / self.nnei, flat_rr, flat_mask, gs, ts).reshape(nf, nloc, nnei, 4)
+                return self._env_gradient_rows(d_bar, g_t, flat_rr, flat_mask, gs, ts).reshape(nf, nloc, nnei, 4)
+        g_bar = torch.bmm(g_t[..., :a], d_bar.transpose(1, 2))
+        g_bar = g_bar + torch.nn.functional.pad(torch.bmm(g_t, d_bar), [0, m - a])
         g_bar = (g_bar / self.nnei).transpose(1, 2)  # (N, M, 4)
         blocks: list[tuple[torch.Tensor, torch.Tensor]] = []
         for tj in range(self.ntypes):
@@ -358,15 +359,17 @@ class SeE2A(nn.Module):
 
     @torch.jit.unused
     def _env_gradient_rows(
-        self, g_bar: torch.Tensor, flat_rr: torch.Tensor, flat_mask: torch.Tensor, gs: list[torch.Tensor],
-        ts: list[torch.Tensor],
+        self, d_bar: torch.Tensor, g_t: torch.Tensor, flat_rr: torch.Tensor, flat_mask: torch.Tensor,
+        gs: list[torch.Tensor], ts: list[torch.Tensor],
     ) -> torch.Tensor:
-        """:meth:`env_gradient`'s slot products on the rows (compiled kernels); g_bar (N, 4, M)."""
+        """:meth:`env_gradient`'s products on the rows (compiled kernels): g_bar (N, 4, M) from dE/dD
+        ``d_bar`` (N, M, a), then the slot products."""
         from dpfit.model.kernels import embedding_extension
+        from dpfit.model.kernels.descriptor_product import DescriptorVJP
         from dpfit.model.kernels.slot_contraction import SlotEnv
 
         ext = embedding_extension()
-        g_bar = g_bar.contiguous()
+        g_bar = DescriptorVJP.apply(ext, g_t, d_bar.contiguous()) / self.nnei
         blocks: list[tuple[torch.Tensor, torch.Tensor]] = []
         for tj in range(self.ntypes):
             index = gs[self.ntypes + tj]

@@ -20,7 +20,8 @@ import torch
 log = logging.getLogger(__name__)
 
 MODES = ("off", "auto", "on")
-SOURCES = [Path(__file__).with_name(name) for name in ("embedding_net.cpp", "slot_contraction.cpp", "environment.cpp", "fitting_net.cpp")]
+SOURCES = [Path(__file__).with_name(name) for name in ("embedding_net.cpp", "slot_contraction.cpp", "environment.cpp",
+                                                      "fitting_net.cpp", "descriptor_product.cpp")]
 _ISA_FLAGS = {
     "AVX512": ["-mavx512f", "-mavx512dq", "-mavx512vl", "-mavx512bw", "-mavx2", "-mfma"],
     "AVX2": ["-mavx2", "-mfma"],

@@ -440,6 +440,10 @@ at::Tensor env_jacobian_apply(const at::Tensor& jac, const at::Tensor& v, bool t
 at::Tensor reverse_slots(const at::Tensor& nlist, const at::Tensor& shift, const at::Tensor& atype,
                          const std::vector<int64_t>& sections);
 
+// descriptor_product.cpp
+at::Tensor descriptor_gram(const at::Tensor& x, const at::Tensor& y, int64_t a, bool symmetric);
+at::Tensor descriptor_vjp(const at::Tensor& x, const at::Tensor& w);
+
 // fitting_net.cpp
 std::vector<at::Tensor> fitting_forward(const at::Tensor& x0, const std::vector<at::Tensor>& matrices,
                                         const std::vector<at::Tensor>& biases, const std::vector<at::Tensor>& idts,
@@ -451,6 +455,8 @@ std::vector<at::Tensor> fitting_backward(const at::Tensor& x0, const c10::option
                                          const std::vector<at::Tensor>& kept, bool need_x);
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("descriptor_gram", &descriptor_gram, "sum_c x[n, c, i] y[n, c, j] per atom, j < a (symmetric: + the swap)");
+  m.def("descriptor_vjp", &descriptor_vjp, "the gradient of D = G^T G< for G under a cotangent, per atom");
   m.def("fitting_forward", &fitting_forward, "fitting net energies and their input gradient");
   m.def("fitting_backward", &fitting_backward, "the backward of fitting_forward's two outputs");
   m.def("env_geometry", &env_geometry, "pair vectors, normalized environment matrix and its Jacobian");
