@@ -14,6 +14,7 @@
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
+#include <algorithm>
 #include <vector>
 
 namespace {
@@ -55,13 +56,24 @@ void rows_from_slots(const T* coef, const T* per_atom, const int64_t* order, con
   at::parallel_for(0, n_rows, 16, [&](int64_t begin, int64_t end) {
     for (int64_t row = begin; row < end; ++row) {
       T* o = out + row * m;
-      std::fill(o, o + m, T(0));
-      for (int64_t q = ptr[row]; q < ptr[row + 1]; ++q) {
-        const int64_t s = order[q];
-        const T* cs = coef + s * 4;
+      const int64_t q0 = ptr[row], q1 = ptr[row + 1];
+      if (q0 == q1) {
+        std::fill(o, o + m, T(0));
+        continue;
+      }
+      {
+        const int64_t s = order[q0];
+        const T c0 = coef[s * 4], c1 = coef[s * 4 + 1], c2 = coef[s * 4 + 2], c3 = coef[s * 4 + 3];
         const T* pa = per_atom + (s / k) * 4 * m;
 #pragma omp simd
-        for (int64_t e = 0; e < m; ++e) o[e] += cs[0] * pa[e] + cs[1] * pa[m + e] + cs[2] * pa[2 * m + e] + cs[3] * pa[3 * m + e];
+        for (int64_t e = 0; e < m; ++e) o[e] = c0 * pa[e] + c1 * pa[m + e] + c2 * pa[2 * m + e] + c3 * pa[3 * m + e];
+      }
+      for (int64_t q = q0 + 1; q < q1; ++q) {
+        const int64_t s = order[q];
+        const T c0 = coef[s * 4], c1 = coef[s * 4 + 1], c2 = coef[s * 4 + 2], c3 = coef[s * 4 + 3];
+        const T* pa = per_atom + (s / k) * 4 * m;
+#pragma omp simd
+        for (int64_t e = 0; e < m; ++e) o[e] += c0 * pa[e] + c1 * pa[m + e] + c2 * pa[2 * m + e] + c3 * pa[3 * m + e];
       }
     }
   });
@@ -75,9 +87,27 @@ void rows_from_slots2(const T* coef_a, const T* coef_b, const T* per_atom, const
     for (int64_t row = begin; row < end; ++row) {
       T* oa = out_a + row * m;
       T* ob = out_b + row * m;
-      std::fill(oa, oa + m, T(0));
-      std::fill(ob, ob + m, T(0));
-      for (int64_t q = ptr[row]; q < ptr[row + 1]; ++q) {
+      int64_t q = ptr[row];
+      const int64_t q1 = ptr[row + 1];
+      while (q < q1 && !valid[order[q]]) ++q;
+      if (q == q1) {
+        std::fill(oa, oa + m, T(0));
+        std::fill(ob, ob + m, T(0));
+        continue;
+      }
+      {
+        const int64_t s = order[q++];
+        const T* ca = coef_a + s * 4;
+        const T* cb = coef_b + s * 4;
+        const T* pa = per_atom + (s / k) * 4 * m;
+#pragma omp simd
+        for (int64_t e = 0; e < m; ++e) {
+          const T p0 = pa[e], p1 = pa[m + e], p2 = pa[2 * m + e], p3 = pa[3 * m + e];
+          oa[e] = ca[0] * p0 + ca[1] * p1 + ca[2] * p2 + ca[3] * p3;
+          ob[e] = cb[0] * p0 + cb[1] * p1 + cb[2] * p2 + cb[3] * p3;
+        }
+      }
+      for (; q < q1; ++q) {
         const int64_t s = order[q];
         if (!valid[s]) continue;
         const T* ca = coef_a + s * 4;
@@ -111,22 +141,27 @@ void env_forward(const T* g, const T* t, const int64_t* index, const bool* valid
         const int64_t row = index[n * k + j];
         const T* gr = g + row * m;
         const T* tr = t + row * m;
-        for (int c = 0; c < 4; ++c) {
-          const T* gbc = gb + c * m;
-          T sp = T(0), sd = T(0);
-#pragma omp simd reduction(+ : sp, sd)
-          for (int64_t e = 0; e < m; ++e) {
-            sp += gr[e] * gbc[e];
-            sd += tr[e] * gbc[e];
-          }
-          p[c] = sp;
-          d[c] = sd;
+        T p0 = T(0), p1 = T(0), p2 = T(0), p3 = T(0), d0 = T(0), d1 = T(0), d2 = T(0), d3 = T(0);
+#pragma omp simd reduction(+ : p0, p1, p2, p3, d0, d1, d2, d3)
+        for (int64_t e = 0; e < m; ++e) {
+          const T ge = gr[e], te = tr[e], b0 = gb[e], b1 = gb[m + e], b2 = gb[2 * m + e], b3 = gb[3 * m + e];
+          p0 += ge * b0;
+          p1 += ge * b1;
+          p2 += ge * b2;
+          p3 += ge * b3;
+          d0 += te * b0;
+          d1 += te * b1;
+          d2 += te * b2;
+          d3 += te * b3;
         }
+        p[0] = p0; p[1] = p1; p[2] = p2; p[3] = p3;
+        d[0] = d0; d[1] = d1; d[2] = d2; d[3] = d3;
       }
     }
   });
 }
 
+// grad_gbar[n, c, :] = sum_j grad_part[n, j, c] G[index[n, j], :] + grad_tds[n, j, c] T[index[n, j], :]
 // grad_gbar[n, c, :] = sum_j grad_part[n, j, c] G[index[n, j], :] + grad_tds[n, j, c] T[index[n, j], :]
 template <typename T>
 void env_backward_gbar(const T* g, const T* t, const int64_t* index, const bool* valid, const T* grad_part,
