@@ -127,9 +127,16 @@ def test_energy_equals_every_slot_embedded(fd_forces, tiny_model, random_frame, 
                    for t, net in enumerate(desc.embeddings)], 1)
     g_t = torch.bmm(rr.transpose(1, 2), g) / desc.nnei
     d = torch.bmm(g_t.transpose(1, 2), g_t[..., : desc.axis_neuron]).reshape(1, len(atype), -1)
-    with torch.no_grad():
-        energy = model.fitting(d, at).sum()
-    assert abs(float(energy) - ref["energy"]) < 1e-10
+    energy = model.fitting(d, at).sum()
+    assert abs(energy.item() - ref["energy"]) < 1e-10
+    # the embedding parameters' gradients too (the padded slots' constant share included)
+    params = list(desc.embeddings.parameters())
+    want = torch.autograd.grad(energy, params)
+    out = model(torch.from_numpy(coord)[None], at, torch.from_numpy(nl.nlist)[None], torch.from_numpy(box)[None],
+                torch.from_numpy(nl.shift)[None], do_force=False)
+    got = torch.autograd.grad(out["energy"].sum(), params)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
 
 
 def test_each_reverse_pair_is_embedded_once(tiny_model, random_frame, monkeypatch):

@@ -183,6 +183,7 @@ class SeE2A(nn.Module):
             table_of: list[torch.Tensor] = []  # per net: (center types, width) table row of each padded slot
             values: list[torch.Tensor] = []
             tangents: list[torch.Tensor] = []
+            pad_values: list[torch.Tensor] = []  # the padding rows again, alone: for the constant tail
             index = torch.zeros(n, kept, dtype=torch.long, device=rr.device)
             offset = 0
             for net_index, net in enumerate(self.embeddings):
@@ -197,6 +198,8 @@ class SeE2A(nn.Module):
                     pad_in = s_pad[:, lo:hi] if ti < 0 else s_pad[ti:ti + 1, lo:hi]
                     distinct, which = torch.unique(pad_in.reshape(-1), return_inverse=True)
                     x = torch.cat([s_b.index_select(0, rows), distinct]).unsqueeze(-1)
+                    if kept < width:
+                        pad_values.append(net(distinct.unsqueeze(-1)))
                     if tangent:
                         g_x, t_x = net.value_and_tangent(x)
                         tangents.append(t_x)
@@ -208,14 +211,20 @@ class SeE2A(nn.Module):
                     center.append(ti)
                     owned.append(rows)
                     table_of.append(which.reshape(pad_in.shape))
-            # source rows: every net's own rows, then every net's padding rows
+            # source rows: every net's own rows, then every net's padding rows; pad_alone: the same rows
+            # in the padding rows evaluated alone
             pad_row = torch.zeros(self.ntypes, width, dtype=torch.long, device=rr.device)
+            pad_alone = torch.zeros(self.ntypes, width, dtype=torch.long, device=rr.device)
+            alone = 0
             for k in range(len(values)):
                 if center[k] < 0:
                     pad_row = table_of[k] + offset
+                    pad_alone = table_of[k] + alone
                 else:
                     pad_row[center[k]] = table_of[k][0] + offset
+                    pad_alone[center[k]] = table_of[k][0] + alone
                 offset += n_table[k]
+                alone += n_table[k]
             slot = torch.arange(kept, device=rr.device)
             index = torch.where(m_b, index, pad_row[flat_type.unsqueeze(-1), slot])
             if partner is not None:
@@ -224,7 +233,9 @@ class SeE2A(nn.Module):
             t_source = _own_rows_first(tangents, n_own) if tangent else source
             if kept < width:  # the always-padded slots: R~ and g are constants per center type
                 rr_pad = -self.davg[:, lo + kept:hi] / self.dstd[:, lo + kept:hi]
-                g_pad = source[pad_row[:, kept:]]  # (ntypes, width - kept, M)
+                # (ntypes, width - kept, M), from the padding rows evaluated alone: the gradient of
+                # indexing the whole source would be a zero-filled array of all its rows
+                g_pad = torch.cat(pad_values)[pad_alone[:, kept:]]
                 tail = torch.baddbmm(tail, rr_pad.transpose(1, 2), g_pad)
             if as_rows:
                 gs.append(source)

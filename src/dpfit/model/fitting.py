@@ -89,22 +89,40 @@ class EnergyFitting(nn.Module):
         aparam: torch.Tensor | None,
         with_grad: bool,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Each type's net on its atoms: energies (nf, nloc) and, ``with_grad``, dE/dD (nf, nloc, dim)."""
+        """Each type's net on its atoms: energies (nf, nloc) and, ``with_grad``, dE/dD (nf, nloc, dim).
+
+        The atoms are taken in type order (a stable sort; none when already sorted, as in DeePMD's data
+        with one frame), so each net reads a contiguous slice and the outputs are concatenated, not
+        scattered into zeros."""
         nf, nloc, dim = descriptor.shape
         x = self._inputs(descriptor, fparam, aparam)
         flat_x = x.reshape(nf * nloc, -1)
         flat_type = atype.reshape(-1)
-        out = x.new_zeros(nf * nloc)
-        grad = x.new_zeros(nf * nloc, dim) if with_grad else None
+        counts: list[int] = torch.bincount(flat_type, minlength=len(self.nets)).tolist()
+        perm: torch.Tensor | None = None
+        if flat_type.numel() > 1 and not bool((flat_type[1:] >= flat_type[:-1]).all()):
+            perm = torch.sort(flat_type, stable=True)[1]
+            flat_x = flat_x.index_select(0, perm)
+        values: list[torch.Tensor] = [x.new_zeros(0)]
+        grads: list[torch.Tensor] = [x.new_zeros(0, dim)]
+        start = 0
         for t, net in enumerate(self.nets):
-            idx = torch.nonzero(flat_type == t).squeeze(-1)
-            if idx.numel():
-                rows = flat_x.index_select(0, idx)
-                if grad is not None:
+            n_t = counts[t]
+            if n_t:
+                rows = flat_x.narrow(0, start, n_t)
+                start += n_t
+                if with_grad:
                     value, g = net.energy_and_input_grad(rows)
-                    grad = grad.index_add(0, idx, g[:, :dim])
+                    grads.append(g[:, :dim])
                 else:
                     value = net(rows)
-                out = out.index_add(0, idx, value.squeeze(-1))
+                values.append(value.squeeze(-1))
+        out = torch.cat(values)
+        grad = torch.cat(grads) if with_grad else None
+        if perm is not None:
+            inverse = torch.empty_like(perm)
+            inverse[perm] = torch.arange(perm.numel(), device=perm.device)
+            out = out.index_select(0, inverse)
+            grad = grad.index_select(0, inverse) if grad is not None else None
         energy = out.reshape(nf, nloc) + self.bias_atom_e[atype]
         return energy, grad.reshape(nf, nloc, dim) if grad is not None else None
