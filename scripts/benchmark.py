@@ -25,6 +25,7 @@ from dpfit.data.system import load_systems
 from dpfit.io.checkpoint import load_model
 from dpfit.model import EnergyModel
 from dpfit.model.kernels import set_compiled_kernels
+from dpfit.training.allocator import keep_freed_memory
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
@@ -336,6 +337,7 @@ def run(args: argparse.Namespace) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     os.environ["DPFIT_KERNELS"] = args.kernels  # also for the measurements in child processes
+    malloc = "keep" if args.malloc == "keep" and keep_freed_memory() else "default"  # as train.py does
     kernels = set_compiled_kernels(args.kernels) if device.type == "cpu" else False
     if args.ckpt == "fresh":
         ckpt = None
@@ -348,7 +350,7 @@ def run(args: argparse.Namespace) -> dict:
         "setup": {"data": str(args.data), "ckpt": str(ckpt) if ckpt else "fresh water model (random weights)",
                   "frames": len(frames), "natoms": natoms, "batch_size": args.batch_size, "device": str(device),
                   "torch": torch.__version__, "threads": torch.get_num_threads(), "python": platform.python_version(),
-                  "kernels": "compiled" if kernels else "pytorch",
+                  "kernels": "compiled" if kernels else "pytorch", "malloc": malloc,
                   "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None},
     }
     nl_result, samples = bench_neighbor_list(frames, probe.rcut, probe.sel)
@@ -378,7 +380,7 @@ def print_table(results: dict) -> None:
     print(f"# data {setup['data']}  ckpt {setup['ckpt']}")
     print(f"# {setup['frames']} frames of {setup['natoms']} atoms, batch {setup['batch_size']}, device "
           f"{setup['gpu'] or setup['device']}, torch {setup['torch']}, {setup['threads']} threads, "
-          f"{setup.get('kernels', 'pytorch')} kernels")
+          f"{setup.get('kernels', 'pytorch')} kernels, malloc {setup.get('malloc', 'default')}")
     for name, res in results.items():
         if name.startswith("matmul_"):
             print(f"# {name}: {res['gflops']:.1f} GFLOP/s")
@@ -419,6 +421,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--kernels", default="auto", choices=["off", "auto", "on"],
                         help="compiled CPU kernels (dpfit.model.kernels; default auto, as training)")
     parser.add_argument("--json", default=None, help="also write the results to this JSON file")
+    parser.add_argument("--malloc", default="keep", choices=["keep", "default"],
+                        help="keep: glibc malloc keeps freed memory, as train.py does (keep_freed_memory: true); "
+                             "default: glibc's defaults")
     parser.add_argument("--no-train", action="store_true", help="skip the training-step measurement")
     parser.add_argument("--scaling", type=int, nargs="*", default=[],
                         help="supercell replications to measure, e.g. --scaling 1 2 4 (192, 1536, 12288 water atoms)")

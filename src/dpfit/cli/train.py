@@ -18,6 +18,7 @@ from lightning.pytorch.strategies.launchers import _SubprocessScriptLauncher
 from omegaconf import DictConfig, OmegaConf
 
 from dpfit.cli.config_dir import CONFIG_DIR
+from dpfit.training.allocator import keep_freed_memory
 from dpfit.training.callbacks import summary_rows
 from dpfit.training.module import WANDB_RUN_ID_KEY, DeepPotentialModule
 
@@ -145,6 +146,8 @@ def train(cfg: DictConfig) -> float | None:
     """Fit and return ``cfg.optimized_metric`` (for sweeps)."""
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     torch.set_default_dtype(torch.float32)
+    if cfg.get("keep_freed_memory", True):
+        keep_freed_memory()
     ckpt_path = _resolve_ckpt(cfg.get("ckpt_path"))
     resume_from = _last_checkpoint(cfg) if ckpt_path == "last" else ckpt_path
     datamodule, module, trainer = build(cfg, wandb_id=checkpoint_wandb_id(resume_from))
