@@ -144,15 +144,16 @@ def bench_matmul(dtype: torch.dtype, device: torch.device, n: int | None = None,
     return {"gflops": 2 * n**3 / best / 1e9}
 
 
-def train_step_fn(model: EnergyModel, batch: dict):
-    """One DeePMD training step (energy + force loss, forces with their graph, one backward, Adam)."""
+def train_step_fn(model: EnergyModel, batch: dict, opt: torch.optim.Optimizer | None = None):
+    """One DeePMD training step (energy + force loss, forces with their graph, one backward, Adam;
+    ``opt``: an optimizer shared by several batches' steps)."""
     from dpfit.training.loss import EnergyLoss
 
     loss_fn = EnergyLoss()
     for p in model.parameters():
         p.requires_grad_(True)
     model.train()
-    opt = torch.optim.Adam(model.parameters(), lr=1e-3, fused=True)  # as in training
+    opt = opt or torch.optim.Adam(model.parameters(), lr=1e-3, fused=True)  # as in training
     inputs = model_inputs(batch)
 
     def step() -> None:
@@ -184,30 +185,34 @@ def count_flops(step) -> int:
 
 def bench_train(model: EnergyModel, batches: list[dict], device: torch.device, warmup: int, repeat: int,
                 matmul_gflops: float) -> dict:
-    """Seconds per training step on the first batch, its FLOPs and the step time as a multiple of the
-    FLOP limit (FLOPs / matmul rate); peak memory (GPU: allocator; CPU: process max RSS)."""
+    """Seconds per training step (median and fastest) over ``repeat`` passes through the batches, one
+    step each, as training cycles through frames whose neighbor counts differ; the first batch's FLOPs
+    and the step time as a multiple of the FLOP limit (FLOPs / matmul rate); peak memory (GPU:
+    allocator; CPU: process max RSS)."""
     import resource
 
-    step = train_step_fn(model, batches[0])
-    for _ in range(max(warmup, 1)):
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3, fused=True)
+    steps = [train_step_fn(model, batch, opt) for batch in batches]
+    for step in steps:  # one untimed pass (every batch's shapes seen once)
         step()
-    flops = count_flops(step)
+    flops = count_flops(steps[0])
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    n = max(repeat, 5)
     times = []
-    for _ in range(n):
-        _sync(device)
-        start = time.perf_counter()
-        step()
-        _sync(device)
-        times.append(time.perf_counter() - start)
+    for _ in range(max(repeat, 1)):
+        for step in steps:
+            _sync(device)
+            start = time.perf_counter()
+            step()
+            _sync(device)
+            times.append(time.perf_counter() - start)
     times.sort()
     seconds = times[len(times) // 2]
     limit = flops / (matmul_gflops * 1e9)
     result = {"frames": len(batches[0]["coord"]), "seconds": seconds, "frames_per_s": len(batches[0]["coord"]) / seconds,
               "ms_per_frame": 1e3 * seconds / len(batches[0]["coord"]), "s_per_step": seconds, "min_s_per_step": times[0],
-              "gflop_per_step": flops / 1e9, "flop_limit_s": limit, "x_flop_limit": seconds / limit}
+              "gflop_per_step": flops / 1e9, "flop_limit_s": limit, "x_flop_limit": seconds / limit,
+              "timed_steps": len(times)}
     if device.type == "cuda":
         result["max_memory_mib"] = torch.cuda.max_memory_allocated(device) / 2**20
     else:

@@ -198,8 +198,9 @@ class SeE2A(nn.Module):
                     pad_in = s_pad[:, lo:hi] if ti < 0 else s_pad[ti:ti + 1, lo:hi]
                     distinct, which = torch.unique(pad_in.reshape(-1), return_inverse=True)
                     x = torch.cat([s_b.index_select(0, rows), distinct]).unsqueeze(-1)
-                    if kept < width:
-                        pad_values.append(net(distinct.unsqueeze(-1)))
+                    if kept < width:  # (the tangent path: one compiled node where the kernels apply)
+                        pad_x = distinct.unsqueeze(-1)
+                        pad_values.append(net.value_and_tangent(pad_x)[0] if tangent else net(pad_x))
                     if tangent:
                         g_x, t_x = net.value_and_tangent(x)
                         tangents.append(t_x)
@@ -225,10 +226,10 @@ class SeE2A(nn.Module):
                     pad_alone[center[k]] = table_of[k][0] + alone
                 offset += n_table[k]
                 alone += n_table[k]
-            slot = torch.arange(kept, device=rr.device)
-            index = torch.where(m_b, index, pad_row[flat_type.unsqueeze(-1), slot])
+            index = torch.where(m_b, index, pad_row.index_select(0, flat_type)[:, :kept])
             if partner is not None:
-                index = torch.where(reuse, index.reshape(-1)[partner_local].reshape(n, kept), index)
+                index = torch.where(reuse, index.reshape(-1).index_select(0, partner_local.reshape(-1)).reshape(n, kept),
+                                    index)
             source = _own_rows_first(values, n_own)
             t_source = _own_rows_first(tangents, n_own) if tangent else source
             if kept < width:  # the always-padded slots: R~ and g are constants per center type
