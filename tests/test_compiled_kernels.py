@@ -295,6 +295,22 @@ def test_slot_contraction_gradcheck(kernels):
     assert torch.count_nonzero(g.grad[:4]) > 0
 
 
+def test_compiled_slots_of_rows_equal_argsort(kernels):
+    """The counting sort's CSR equals the stable argsort's (a row's slots in increasing order), with
+    rows used by many slots (padding rows), by one, and by none."""
+    from dpfit.model.kernels.slot_contraction import slots_of_rows
+
+    gen = torch.Generator().manual_seed(5)
+    index = torch.randint(0, 40, (30, 9), generator=gen)
+    index[:, 6:] = 41  # a padding row shared by many slots; rows 40, 42, 43 unused
+    got = slots_of_rows(index, 44, kernels)
+    want = slots_of_rows(index, 44)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    assert int(got[1][-1]) == index.numel()
+    with pytest.raises(RuntimeError, match="out of range"):
+        slots_of_rows(index, 41, kernels)
+
+
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
 @pytest.mark.parametrize("m, a", [(100, 16), (16, 16), (8, 3), (5, 5)])
 def test_descriptor_products_equal_bmm(kernels, m, a, dtype):

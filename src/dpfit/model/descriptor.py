@@ -319,7 +319,7 @@ class SeE2A(nn.Module):
         for tj in range(self.ntypes):
             lo = self.sections[tj]
             index = indices[tj]
-            order, ptr = slots_of_rows(index, gs[tj].shape[0])
+            order, ptr = slots_of_rows(index, gs[tj].shape[0], ext)
             r_block = flat_rr[:, lo:lo + index.shape[1]].contiguous()
             g_t = g_t + SlotGT.apply(ext, gs[tj], index, r_block, order, ptr)
             csr += [order, ptr]

@@ -190,6 +190,26 @@ void env_backward_gbar(const T* g, const T* t, const int64_t* index, const bool*
 
 }  // namespace
 
+// CSR of rows -> flat slots by a counting sort (stable: a row's slots in increasing order): row r's
+// slots are order[ptr[r] .. ptr[r + 1]).
+std::vector<at::Tensor> slots_of_rows(const at::Tensor& index, int64_t n_rows) {
+  TORCH_CHECK(index.scalar_type() == at::kLong && index.is_contiguous(), "index: contiguous int64");
+  const int64_t total = index.numel();
+  at::Tensor ptr = at::zeros({n_rows + 1}, index.options());
+  at::Tensor order = at::empty({total}, index.options());
+  const int64_t* idx = index.data_ptr<int64_t>();
+  int64_t* p = ptr.data_ptr<int64_t>();
+  int64_t* o = order.data_ptr<int64_t>();
+  for (int64_t q = 0; q < total; ++q) {
+    TORCH_CHECK(idx[q] >= 0 && idx[q] < n_rows, "slots_of_rows: row index out of range");
+    ++p[idx[q] + 1];
+  }
+  for (int64_t r = 0; r < n_rows; ++r) p[r + 1] += p[r];
+  std::vector<int64_t> next(p, p + n_rows);
+  for (int64_t q = 0; q < total; ++q) o[next[idx[q]]++] = q;
+  return {order, ptr};
+}
+
 // (N, 4, M): sum over the block's slots of R[n, j, :]^T G[index[n, j]]. r: (N, k, 4) contiguous.
 at::Tensor slot_gt(const at::Tensor& g, const at::Tensor& index, const at::Tensor& r) {
   check_block(g, index);

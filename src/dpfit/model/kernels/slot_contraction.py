@@ -15,8 +15,12 @@ import torch
 from torch.autograd.function import once_differentiable
 
 
-def slots_of_rows(index: torch.Tensor, n_rows: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """CSR of rows -> flat slots: row r's slots are ``order[ptr[r]:ptr[r + 1]]``."""
+def slots_of_rows(index: torch.Tensor, n_rows: int, ext: ModuleType | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """CSR of rows -> flat slots: row r's slots are ``order[ptr[r]:ptr[r + 1]]``, in increasing order
+    (``ext``: by the compiled counting sort)."""
+    if ext is not None:
+        order, ptr = ext.slots_of_rows(index.contiguous(), n_rows)
+        return order, ptr
     flat = index.reshape(-1)
     order = torch.argsort(flat, stable=True)
     ptr = torch.zeros(n_rows + 1, dtype=torch.long, device=index.device)
