@@ -195,6 +195,49 @@ def test_training_gradients_equal_with_kernel(kernels, tiny_model, random_frame,
     assert any(float(g.abs().max()) > 0 for g in grads)
 
 
+@pytest.mark.parametrize("case", ["two_frames", "slot_dependent_stats", "pair_nets_two_frames"])
+def test_compiled_row_bookkeeping_equals_pytorch_path(kernels, tiny_model, random_frame, case):
+    """The compiled path's rows (block_rows: own rows per net, padding rows, rows shared by reverse
+    pairs) give the PyTorch path's energies, forces, virials and loss gradients: on a batch of two
+    frames (the blocks span both), with davg/dstd differing per slot (many distinct padding rows, no
+    shared pairs), and with one net per type pair."""
+    model = tiny_model(type_one_side=case != "pair_nets_two_frames")
+    if case == "slot_dependent_stats":
+        gen = torch.Generator().manual_seed(0)
+        with torch.no_grad():
+            model.descriptor.davg.add_(0.05 * torch.randn(model.descriptor.davg.shape, generator=gen, dtype=torch.float64))
+            model.descriptor.dstd.mul_(1.0 + 0.1 * torch.rand(model.descriptor.dstd.shape, generator=gen, dtype=torch.float64))
+    coord, atype, box = random_frame(seed=21, natoms=9)
+    frames = [coord] if case == "slot_dependent_stats" else [coord, random_frame(seed=22, natoms=9)[0]]
+    nls = [build_neighbor_list(c, atype, box, model.rcut, model.sel) for c in frames]
+    nf = len(frames)
+    inputs = {"coord": torch.from_numpy(np.stack(frames)), "atype": torch.from_numpy(np.tile(atype, (nf, 1))),
+              "nlist": torch.from_numpy(np.stack([nl.nlist for nl in nls])),
+              "box": torch.from_numpy(np.tile(box, (nf, 1, 1))), "shift": torch.from_numpy(np.stack([nl.shift for nl in nls]))}
+    _assert_kernels_match_pytorch(model, inputs)
+
+
+def _assert_kernels_match_pytorch(model, inputs: dict, nodes: tuple[str, ...] = ()) -> None:
+    """Energies, forces, virials and an energy + force + virial loss's parameter gradients equal with
+    the kernels on and off; ``nodes``: autograd nodes the forces' graph holds exactly when they are on."""
+    outs, grads = {}, {}
+    for mode in ("on", "off"):
+        set_compiled_kernels(mode)
+        model.zero_grad()
+        out = model(**inputs, do_force=True, do_virial=True, create_graph=True)
+        graph = _graph_nodes(out["force"])
+        for node in nodes:
+            assert (node in graph) == (mode == "on"), node
+        (out["energy"].sum() + out["force"].square().sum() + out["virial"].square().sum()).backward()
+        outs[mode] = {k: v.detach() for k, v in out.items()}
+        grads[mode] = [torch.zeros_like(p) if p.grad is None else p.grad.clone() for p in model.parameters()]
+    set_compiled_kernels("on")
+    for key in outs["off"]:
+        torch.testing.assert_close(outs["on"][key], outs["off"][key], rtol=1e-12, atol=1e-12)
+    for a, b in zip(grads["on"], grads["off"]):
+        torch.testing.assert_close(a, b, rtol=1e-11, atol=1e-12)
+
+
 def _graph_nodes(tensor: torch.Tensor) -> set[str]:
     seen, names, stack = set(), set(), [tensor.grad_fn]
     while stack:
@@ -226,23 +269,9 @@ def test_slot_contractions_on_rows_equal_padded_path(kernels, tiny_model, random
               "nlist": torch.from_numpy(nl.nlist[None].copy())}
     if box is not None:
         inputs.update(box=torch.from_numpy(box[None].copy()), shift=torch.from_numpy(nl.shift[None].copy()))
-    outs, grads = {}, {}
-    for mode in ("on", "off"):
-        set_compiled_kernels(mode)
-        model.zero_grad()
-        out = model(**inputs, do_force=True, do_virial=True, create_graph=True)
-        nodes = _graph_nodes(out["force"])
-        for node in ("SlotEnvBackward", "SlotGTBackward", "EnvJacobianBackward", "CompiledFittingBackward",
-                     "DescriptorGramBackward", "DescriptorVJPBackward"):
-            assert (node in nodes) == (mode == "on"), node
-        (out["energy"].sum() + out["force"].square().sum() + out["virial"].square().sum()).backward()
-        outs[mode] = {k: v.detach() for k, v in out.items()}
-        grads[mode] = [torch.zeros_like(p) if p.grad is None else p.grad.clone() for p in model.parameters()]
-    set_compiled_kernels("on")
-    for key in outs["off"]:
-        torch.testing.assert_close(outs["on"][key], outs["off"][key], rtol=1e-12, atol=1e-12)
-    for a, b in zip(grads["on"], grads["off"]):
-        torch.testing.assert_close(a, b, rtol=1e-11, atol=1e-12)
+    _assert_kernels_match_pytorch(model, inputs, ("SlotEnvBackward", "SlotGTBackward", "EnvJacobianBackward",
+                                                   "CompiledFittingBackward", "DescriptorGramBackward",
+                                                   "DescriptorVJPBackward"))
 
 
 @pytest.mark.parametrize("periodic", [True, False])

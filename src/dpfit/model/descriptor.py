@@ -127,7 +127,7 @@ class SeE2A(nn.Module):
 
     def embed(
         self, rr: torch.Tensor, atype: torch.Tensor, mask: torch.Tensor, tangent: bool = False,
-        partner: torch.Tensor | None = None, as_rows: bool = False,
+        partner: torch.Tensor | None = None,
     ) -> tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor]:
         """Embedding of the neighbor slots, one (N = nf * nloc, k[t], M) tensor per neighbor type t, and
         the constant G^T (ntypes, 4, M) of the slots beyond: k[t] <= sel[t] ends at the last slot of
@@ -141,8 +141,6 @@ class SeE2A(nn.Module):
         ``partner`` (nf, nloc, nnei): flat slot of each slot's reverse pair or -1
         (:func:`~dpfit.model.pairs.reverse_slots`); of two reverse slots only the first is embedded and
         the second reuses its row (valid when :meth:`reverse_pairs_share_input`).
-        ``as_rows``: the lists hold the nets' rows (R[t], M) instead, followed by each block's row index
-        (N, k[t]) in the first list (for :mod:`dpfit.model.kernels.slot_contraction`).
         """
         nf, nloc, nnei, _ = rr.shape
         n = nf * nloc
@@ -195,8 +193,7 @@ class SeE2A(nn.Module):
                     position = (torch.cumsum(flat_own, 0) - 1 + offset).reshape(n, kept)
                     index = torch.where(own, position, index)
                     offset += rows.shape[0]
-                    pad_in = s_pad[:, lo:hi] if ti < 0 else s_pad[ti:ti + 1, lo:hi]
-                    distinct, which = torch.unique(pad_in.reshape(-1), return_inverse=True)
+                    distinct, which = self._padding_inputs(s_pad, lo, hi, ti)
                     x = torch.cat([s_b.index_select(0, rows), distinct]).unsqueeze(-1)
                     if kept < width:  # (the tangent path: one compiled node where the kernels apply)
                         pad_x = distinct.unsqueeze(-1)
@@ -211,7 +208,7 @@ class SeE2A(nn.Module):
                     n_table.append(distinct.shape[0])
                     center.append(ti)
                     owned.append(rows)
-                    table_of.append(which.reshape(pad_in.shape))
+                    table_of.append(which)
             # source rows: every net's own rows, then every net's padding rows; pad_alone: the same rows
             # in the padding rows evaluated alone
             pad_row = torch.zeros(self.ntypes, width, dtype=torch.long, device=rr.device)
@@ -232,23 +229,85 @@ class SeE2A(nn.Module):
                                     index)
             source = _own_rows_first(values, n_own)
             t_source = _own_rows_first(tangents, n_own) if tangent else source
-            if kept < width:  # the always-padded slots: R~ and g are constants per center type
-                rr_pad = -self.davg[:, lo + kept:hi] / self.dstd[:, lo + kept:hi]
-                # (ntypes, width - kept, M), from the padding rows evaluated alone: the gradient of
-                # indexing the whole source would be a zero-filled array of all its rows
-                g_pad = torch.cat(pad_values)[pad_alone[:, kept:]]
-                tail = torch.baddbmm(tail, rr_pad.transpose(1, 2), g_pad)
-            if as_rows:
-                gs.append(source)
-                ts.append(t_source)
-                indices.append(index)
-                continue
+            if kept < width:
+                tail = self._padded_tail(tail, lo, hi, kept, pad_values, pad_alone)
             inverse = torch.cat(owned)
             other_slots = torch.nonzero(~computed.reshape(-1)).squeeze(-1)  # padded and reused slots
             other_rows = index.reshape(-1).index_select(0, other_slots)
             gs.append(gather_rows(source, index, inverse, other_slots, other_rows))
             if tangent:
                 ts.append(gather_rows(t_source, index, inverse, other_slots, other_rows))
+        return gs + indices, ts, tail
+
+    def _padding_inputs(self, s_pad: torch.Tensor, lo: int, hi: int, ti: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The distinct embedding inputs of padded slots [lo, hi) for the net of center type ``ti`` (-1:
+        all types) and each (center type, slot)'s one among them, (ntypes or 1, hi - lo)."""
+        pad_in = s_pad[:, lo:hi] if ti < 0 else s_pad[ti:ti + 1, lo:hi]
+        distinct, which = torch.unique(pad_in.reshape(-1), return_inverse=True)
+        return distinct, which.reshape(pad_in.shape)
+
+    def _padded_tail(self, tail: torch.Tensor, lo: int, hi: int, kept: int, pad_values: list[torch.Tensor],
+                     pad_alone: torch.Tensor) -> torch.Tensor:
+        """``tail`` plus the always-padded slots [lo + kept, hi): R~ and g are constants per center type.
+        g (ntypes, hi - lo - kept, M) from the padding rows evaluated alone (``pad_values``, rows
+        ``pad_alone``): the gradient of indexing all of a net's rows would be a zero-filled array."""
+        rr_pad = -self.davg[:, lo + kept:hi] / self.dstd[:, lo + kept:hi]
+        g_pad = torch.cat(pad_values)[pad_alone[:, kept:]]
+        return torch.baddbmm(tail, rr_pad.transpose(1, 2), g_pad)
+
+    @torch.jit.unused
+    def _embed_rows(
+        self, ext, rr: torch.Tensor, atype: torch.Tensor, mask: torch.Tensor, partner: torch.Tensor | None
+    ) -> tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor]:
+        """:meth:`embed` with ``tangent`` for the compiled kernels: each block's nets' rows (own rows,
+        then padding rows), followed by each block's row index (N, k[t]) in the first list; the tangent
+        rows in the second; the constant tail. Which slots get rows and each slot's row come from one
+        compiled pass per block (``block_rows``)."""
+        nf, nloc, nnei, _ = rr.shape
+        n = nf * nloc
+        flat_s = rr[..., 0].reshape(n, nnei).contiguous()
+        flat_mask = mask.reshape(n, nnei).contiguous()
+        flat_type = atype.reshape(-1).contiguous()
+        flat_partner = partner.reshape(n, nnei).contiguous() if partner is not None else flat_type.new_empty(0)
+        s_pad = -self.davg[:, :, 0] / self.dstd[:, :, 0]
+        gs: list[torch.Tensor] = []
+        ts: list[torch.Tensor] = []
+        indices: list[torch.Tensor] = []
+        tail = rr.new_zeros(self.ntypes, 4, self.neuron[-1])
+        for tj in range(self.ntypes):
+            lo, hi = self.sections[tj], self.sections[tj + 1]
+            width = hi - lo
+            kept = int((flat_mask[:, lo:hi].to(torch.long) * torch.arange(1, width + 1)).max()) if width else 0
+            nets = [(k, net) for k, net in enumerate(self.embeddings) if self.net_tj[k] == tj]
+            pad_alone = torch.zeros(self.ntypes, width, dtype=torch.long)
+            distincts: list[torch.Tensor] = []
+            alone = 0
+            for k, _ in nets:
+                ti = self.net_ti[k]
+                distinct, which = self._padding_inputs(s_pad, lo, hi, ti)
+                if ti < 0:
+                    pad_alone = which + alone
+                else:
+                    pad_alone[ti] = which[0] + alone
+                alone += distinct.shape[0]
+                distincts.append(distinct.unsqueeze(-1))
+            index, *own = ext.block_rows(flat_s, flat_mask, flat_type, flat_partner, lo, kept,
+                                         [self.net_ti[k] for k, _ in nets], pad_alone.contiguous())
+            values: list[torch.Tensor] = []
+            tangents: list[torch.Tensor] = []
+            pad_values: list[torch.Tensor] = []
+            for (_, net), x_own, x_pad in zip(nets, own, distincts):
+                g_x, t_x = net.value_and_tangent(torch.cat([x_own, x_pad]))
+                values.append(g_x)
+                tangents.append(t_x)
+                if kept < width:
+                    pad_values.append(net.value_and_tangent(x_pad)[0])
+            n_own = [x.shape[0] for x in own]
+            gs.append(_own_rows_first(values, n_own))
+            ts.append(_own_rows_first(tangents, n_own))
+            indices.append(index)
+            if kept < width:
+                tail = self._padded_tail(tail, lo, hi, kept, pad_values, pad_alone)
         return gs + indices, ts, tail
 
     def reverse_pairs_share_input(self) -> bool:
@@ -311,7 +370,7 @@ class SeE2A(nn.Module):
         ext = embedding_extension()
         nf, nloc, nnei, _ = rr.shape
         n = nf * nloc
-        out, ts, tail = self.embed(rr, atype, mask, True, partner, as_rows=True)
+        out, ts, tail = self._embed_rows(ext, rr, atype, mask, partner)
         gs, indices = out[: self.ntypes], out[self.ntypes:]
         flat_rr = rr.reshape(n, nnei, 4)
         g_t = tail.index_select(0, atype.reshape(-1))

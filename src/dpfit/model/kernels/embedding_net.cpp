@@ -422,6 +422,9 @@ std::vector<at::Tensor> value_and_tangent_backward(const at::Tensor& s, const at
 // slot_contraction.cpp
 at::Tensor slot_gt(const at::Tensor& g, const at::Tensor& index, const at::Tensor& r);
 std::vector<at::Tensor> slots_of_rows(const at::Tensor& index, int64_t n_rows);
+std::vector<at::Tensor> block_rows(const at::Tensor& s, const at::Tensor& mask, const at::Tensor& atype,
+                                   const at::Tensor& partner, int64_t lo, int64_t kept,
+                                   const std::vector<int64_t>& centers, const at::Tensor& pad);
 at::Tensor slot_rows(const at::Tensor& coef, const at::Tensor& per_atom, const at::Tensor& order, const at::Tensor& ptr,
                      int64_t n_rows, int64_t k);
 std::vector<at::Tensor> slot_rows2(const at::Tensor& coef_a, const at::Tensor& coef_b, const at::Tensor& per_atom,
@@ -463,6 +466,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("env_geometry", &env_geometry, "pair vectors, normalized environment matrix and its Jacobian");
   m.def("env_jacobian_apply", &env_jacobian_apply, "J v per slot (or J^T v)");
   m.def("reverse_slots", &reverse_slots, "flat slot of each slot's reverse pair, or -1");
+  m.def("block_rows", &block_rows, "a neighbor-type block's embedding row inputs and each slot's row");
   m.def("slots_of_rows", &slots_of_rows, "CSR of rows -> flat slots (counting sort)");
   m.def("slot_gt", &slot_gt, "sum_j R[n, j]^T G[index[n, j]] per atom");
   m.def("slot_rows", &slot_rows, "per-row sums over slots of coef[s] . per_atom[n(s)]");

@@ -190,6 +190,95 @@ void env_backward_gbar(const T* g, const T* t, const int64_t* index, const bool*
 
 }  // namespace
 
+// One neighbor-type block's embedding rows (the compiled path of SeE2A.embed): the inputs s of the
+// rows each net embeds, in slot order, and each slot's row in the block's table (net 0's rows, net
+// 1's, ..., then the padding rows). s (N, nnei); mask (N, nnei) bool; atype (N); partner (N, nnei):
+// flat slot of each slot's reverse pair or -1 (empty: none shared); the block's slots [lo, lo + kept);
+// centers[k]: net k's center type (-1: every type); pad (ntypes, >= kept): the padding row of each
+// (center type, slot), counted from the first padding row. A slot whose reverse pair comes first
+// (partner's block position lower) reuses that pair's row.
+// Returns index (N, kept) int64, then each net's inputs (R_k, 1).
+std::vector<at::Tensor> block_rows(const at::Tensor& s, const at::Tensor& mask, const at::Tensor& atype,
+                                   const at::Tensor& partner, int64_t lo, int64_t kept,
+                                   const std::vector<int64_t>& centers, const at::Tensor& pad) {
+  TORCH_CHECK(s.dim() == 2 && s.is_contiguous() && mask.is_contiguous() && mask.scalar_type() == at::kBool &&
+                  mask.sizes() == s.sizes(), "s, mask: contiguous (N, nnei)");
+  const int64_t n = s.size(0), nnei = s.size(1), nets = static_cast<int64_t>(centers.size());
+  TORCH_CHECK(atype.scalar_type() == at::kLong && atype.is_contiguous() && atype.numel() == n, "atype: (N) int64");
+  const bool shared = partner.numel() > 0;
+  TORCH_CHECK(!shared || (partner.scalar_type() == at::kLong && partner.is_contiguous() && partner.sizes() == s.sizes()),
+              "partner: contiguous (N, nnei) int64 or empty");
+  TORCH_CHECK(pad.scalar_type() == at::kLong && pad.is_contiguous() && pad.dim() == 2 && pad.size(1) >= kept,
+              "pad: contiguous (ntypes, >= kept) int64");
+  TORCH_CHECK(lo >= 0 && kept >= 0 && lo + kept <= nnei && nets > 0, "block within the slots, one net at least");
+  const bool* m = mask.data_ptr<bool>();
+  const int64_t* at_ = atype.data_ptr<int64_t>();
+  const int64_t* pp = shared ? partner.data_ptr<int64_t>() : nullptr;
+  const int64_t* pd = pad.data_ptr<int64_t>();
+  at::Tensor index = at::empty({n, kept}, atype.options());
+  int64_t* idx = index.data_ptr<int64_t>();
+  // each atom's net; each slot's kind: 0 own row, 1 padding, 2 reuses its partner's row
+  std::vector<int64_t> net_of(n, -1);
+  for (int64_t a = 0; a < n; ++a) {
+    for (int64_t k = 0; k < nets && net_of[a] < 0; ++k)
+      if (centers[k] < 0 || centers[k] == at_[a]) net_of[a] = k;
+    TORCH_CHECK(at_[a] >= 0 && at_[a] < pad.size(0), "block_rows: atom type out of range");
+  }
+  std::vector<int64_t> count(nets, 0), partner_pos(shared ? n * kept : 0);
+  std::vector<uint8_t> kind(n * kept);
+  for (int64_t a = 0; a < n; ++a)
+    for (int64_t j = 0; j < kept; ++j) {
+      const int64_t q = a * kept + j, col = a * nnei + lo + j;
+      if (!m[col]) {
+        kind[q] = 1;
+        continue;
+      }
+      if (shared && pp[col] >= 0) {
+        const int64_t p = pp[col];
+        const int64_t pos = (p / nnei) * kept + p % nnei - lo;
+        if (pos < q) {
+          TORCH_CHECK(pos >= 0, "block_rows: a partner outside the block");
+          kind[q] = 2;
+          partner_pos[q] = pos;
+          continue;
+        }
+      }
+      TORCH_CHECK(net_of[a] >= 0, "block_rows: no net for an atom's type");
+      kind[q] = 0;
+      ++count[net_of[a]];
+    }
+  std::vector<int64_t> next(nets, 0);
+  int64_t total = 0;
+  for (int64_t k = 0; k < nets; ++k) {
+    next[k] = total;
+    total += count[k];
+  }
+  std::vector<at::Tensor> inputs;
+  for (int64_t k = 0; k < nets; ++k) inputs.push_back(at::empty({count[k], 1}, s.options()));
+  AT_DISPATCH_FLOATING_TYPES(s.scalar_type(), "block_rows", [&] {
+    const scalar_t* sp = s.data_ptr<scalar_t>();
+    std::vector<scalar_t*> xs;
+    std::vector<int64_t> start(next);
+    for (auto& x : inputs) xs.push_back(x.data_ptr<scalar_t>());
+    for (int64_t a = 0; a < n; ++a)
+      for (int64_t j = 0; j < kept; ++j) {
+        const int64_t q = a * kept + j;
+        if (kind[q] == 0) {
+          const int64_t k = net_of[a];
+          xs[k][next[k] - start[k]] = sp[a * nnei + lo + j];
+          idx[q] = next[k]++;
+        } else if (kind[q] == 1) {
+          idx[q] = total + pd[at_[a] * pad.size(1) + j];
+        }
+      }
+  });
+  for (int64_t q = 0; q < n * kept; ++q)
+    if (kind[q] == 2) idx[q] = idx[partner_pos[q]];
+  std::vector<at::Tensor> out{index};
+  out.insert(out.end(), inputs.begin(), inputs.end());
+  return out;
+}
+
 // CSR of rows -> flat slots by a counting sort (stable: a row's slots in increasing order): row r's
 // slots are order[ptr[r] .. ptr[r + 1]).
 std::vector<at::Tensor> slots_of_rows(const at::Tensor& index, int64_t n_rows) {
