@@ -46,6 +46,19 @@ void gram_impl(const T* x, const T* y, T* out, int64_t n_atoms, int64_t m, int64
   });
 }
 
+// acc[c][q] += x[c * stride] * v[q] for the four rows c and the W columns q (registers: W is fixed)
+template <int W, typename T>
+inline void add_outer4(T (&acc)[4][W], const T* x, int64_t stride, const T* v) {
+  const T x0 = x[0], x1 = x[stride], x2 = x[2 * stride], x3 = x[3 * stride];
+#pragma omp simd
+  for (int q = 0; q < W; ++q) {
+    acc[0][q] += x0 * v[q];
+    acc[1][q] += x1 * v[q];
+    acc[2][q] += x2 * v[q];
+    acc[3][q] += x3 * v[q];
+  }
+}
+
 // vjp for a compile-time a (the common axis_neuron 16): both terms accumulate in registers.
 // First term: 8 columns k at a time, W's columns read with a stride of A; second: the (4, A) block.
 template <typename T, int A>
@@ -57,14 +70,7 @@ void vjp_fixed(const T* xn, const T* wn, T* o, int64_t m) {
     for (int j = 0; j < A; ++j) {
       T col[KB];
       for (int q = 0; q < KB; ++q) col[q] = wn[(k0 + q) * A + j];
-      const T x0 = xn[j], x1 = xn[m + j], x2 = xn[2 * m + j], x3 = xn[3 * m + j];
-#pragma omp simd
-      for (int q = 0; q < KB; ++q) {
-        acc[0][q] += x0 * col[q];
-        acc[1][q] += x1 * col[q];
-        acc[2][q] += x2 * col[q];
-        acc[3][q] += x3 * col[q];
-      }
+      add_outer4<KB>(acc, xn + j, m, col);
     }
     for (int c = 0; c < 4; ++c)
       for (int q = 0; q < KB; ++q) o[c * m + k0 + q] = acc[c][q];
@@ -76,17 +82,7 @@ void vjp_fixed(const T* xn, const T* wn, T* o, int64_t m) {
       o[c * m + k] = sum;
     }
   T acc[4][A] = {};
-  for (int64_t i = 0; i < m; ++i) {
-    const T* wi = wn + i * A;
-    const T x0 = xn[i], x1 = xn[m + i], x2 = xn[2 * m + i], x3 = xn[3 * m + i];
-#pragma omp simd
-    for (int k = 0; k < A; ++k) {
-      acc[0][k] += x0 * wi[k];
-      acc[1][k] += x1 * wi[k];
-      acc[2][k] += x2 * wi[k];
-      acc[3][k] += x3 * wi[k];
-    }
-  }
+  for (int64_t i = 0; i < m; ++i) add_outer4<A>(acc, xn + i, m, wn + i * A);
   for (int c = 0; c < 4; ++c)
     for (int k = 0; k < A; ++k) o[c * m + k] += acc[c][k];
 }
