@@ -183,11 +183,13 @@ def evaluate(
     aparam=None,
     virial: bool = True,
     allow_dropped: bool = False,
+    device: torch.device | str = "cpu",
 ) -> dict[str, np.ndarray]:
     """Run ``model`` on one frame (coord (n, 3)) or a stack of frames (coord (nf, n, 3)) of the same atoms.
 
     Builds a fresh DeePMD neighbor list per frame (so finite differences see neighbors enter and leave)
     and returns float64 numpy arrays: energy (nf,), atom_energy, force, and virial / atom_virial.
+    ``device``: where the model runs (the inputs are moved there; the lists are built on the CPU).
     """
     coord = np.asarray(coord, dtype=np.float64)
     single = coord.ndim == 2
@@ -215,15 +217,15 @@ def evaluate(
         ap = np.asarray(aparam, dtype=np.float64).reshape(-1, len(atype), np.shape(aparam)[-1])
         kwargs["aparam"] = torch.from_numpy(np.broadcast_to(ap, (nf, *ap.shape[1:])).copy())
     out = model(
-        torch.from_numpy(coords.copy()),
-        torch.from_numpy(np.broadcast_to(atype, (nf, len(atype))).copy()),
-        torch.from_numpy(np.stack([nl.nlist for nl in nls])),
+        torch.from_numpy(coords.copy()).to(device),
+        torch.from_numpy(np.broadcast_to(atype, (nf, len(atype))).copy()).to(device),
+        torch.from_numpy(np.stack([nl.nlist for nl in nls])).to(device),
         do_force=True,
         do_virial=virial,
         do_atomic_virial=virial,
-        **kwargs,
+        **{k: v.to(device) for k, v in kwargs.items()},
     )
-    res = {k: v.detach().to(torch.float64).numpy() for k, v in out.items()}
+    res = {k: v.detach().cpu().to(torch.float64).numpy() for k, v in out.items()}
     if single:
         res = {k: v[0] for k, v in res.items()}
     return res
@@ -231,7 +233,8 @@ def evaluate(
 
 @pytest.fixture(scope="session")
 def run_model():
-    """``run_model(model, coord, atype, box=None, fparam=None, aparam=None, virial=True)`` -> numpy outputs."""
+    """``run_model(model, coord, atype, box=None, fparam=None, aparam=None, virial=True, device="cpu")``
+    -> numpy outputs."""
     return evaluate
 
 

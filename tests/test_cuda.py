@@ -17,7 +17,6 @@ from hydra_utils import FAST, SHARED, compose_train
 
 from dpfit.cli.train import train
 from dpfit.data.batch import batch_to_device, collate, make_sample, model_inputs
-from dpfit.data.neighbor import build_neighbor_list
 from dpfit.data.system import DeepmdSystem
 from dpfit.io.deepmd_checkpoint import load_deepmd_checkpoint
 from dpfit.training.loss import EnergyLoss
@@ -33,30 +32,6 @@ def _load_npz(path: Path) -> dict[str, np.ndarray]:
         return {k: data[k] for k in data.files}
 
 
-def _inputs(model, coord, atype, box=None, fparam=None, aparam=None, device=CUDA) -> dict:
-    """Model inputs for frames ``coord`` (nf, n, 3) of one system, neighbor lists built on the CPU."""
-    coord = np.asarray(coord, dtype=np.float64).reshape(len(coord), -1, 3)
-    atype = np.asarray(atype, dtype=np.int64)
-    boxes = None if box is None else np.asarray(box, dtype=np.float64).reshape(-1, 3, 3)
-    nls = [build_neighbor_list(c, atype, None if boxes is None else boxes[k], model.rcut, model.sel, warn=False)
-           for k, c in enumerate(coord)]
-    assert all(nl.n_dropped == 0 for nl in nls)
-    inp = {"coord": torch.from_numpy(coord), "atype": torch.from_numpy(np.tile(atype, (len(coord), 1))),
-           "nlist": torch.from_numpy(np.stack([nl.nlist for nl in nls]))}
-    if boxes is not None:
-        inp["box"] = torch.from_numpy(boxes)
-        inp["shift"] = torch.from_numpy(np.stack([nl.shift for nl in nls]))
-    if fparam is not None:
-        inp["fparam"] = torch.from_numpy(np.asarray(fparam, dtype=np.float64).reshape(len(coord), -1))
-    if aparam is not None:
-        inp["aparam"] = torch.from_numpy(np.asarray(aparam, dtype=np.float64).reshape(len(coord), len(atype), -1))
-    return {k: v.to(device) for k, v in inp.items()}
-
-
-def _numpy(out: dict) -> dict:
-    return {k: v.detach().cpu().double().numpy() for k, v in out.items() if isinstance(v, torch.Tensor)}
-
-
 @pytest.fixture(scope="module")
 def water_fixture_dir() -> Path:
     path = SHARED / "fixtures" / "deepmd_water_se_e2_a"
@@ -70,27 +45,26 @@ def water_ref(water_fixture_dir):
     return _load_npz(water_fixture_dir / "reference_data_3.npz")
 
 
-def test_water_fixture_on_gpu_float64(water_fixture_dir, water_ref):
+def test_water_fixture_on_gpu_float64(water_fixture_dir, water_ref, run_model):
     """DeePMD-kit's energies, forces, virials and their atomic parts on the 10 reference frames, on the GPU,
     to float64 round-off (the same tolerance as the CPU parity tests)."""
     model = load_deepmd_checkpoint(water_fixture_dir / "model.ckpt.pt").to(CUDA)
     ref = water_ref
-    inp = _inputs(model, ref["coord"], ref["atype"], ref["box"])
-    out = _numpy(model(**inp, do_virial=True, do_atomic_virial=True))
+    out = run_model(model, ref["coord"], ref["atype"], ref["box"], device=CUDA)
     for key in KEYS:
         np.testing.assert_allclose(out[key].reshape(ref[key].shape), ref[key], rtol=1e-10, atol=1e-12, err_msg=key)
 
 
-def test_water_fixture_on_gpu_float32(water_fixture_dir, water_ref):
+def test_water_fixture_on_gpu_float32(water_fixture_dir, water_ref, run_model):
     model = load_deepmd_checkpoint(water_fixture_dir / "model.ckpt.pt", precision="float32").to(CUDA)
     ref = water_ref
-    out = _numpy(model(**_inputs(model, ref["coord"], ref["atype"], ref["box"]), do_virial=True))
+    out = run_model(model, ref["coord"], ref["atype"], ref["box"], device=CUDA)
     np.testing.assert_allclose(out["energy"].ravel(), ref["energy"].ravel(), rtol=1e-5)
     np.testing.assert_allclose(out["force"].reshape(ref["force"].shape), ref["force"], rtol=0, atol=1e-3)
     np.testing.assert_allclose(out["virial"].reshape(ref["virial"].shape), ref["virial"], rtol=0, atol=1e-2)
 
 
-def test_cho_fixture_on_gpu():
+def test_cho_fixture_on_gpu(run_model):
     """Non-periodic molecules with fparam and aparam (type_one_side false: one embedding per type pair)."""
     path = SHARED / "fixtures" / "deepmd_cho_nopbc_fparam"
     if not path.is_dir():
@@ -98,8 +72,7 @@ def test_cho_fixture_on_gpu():
     model = load_deepmd_checkpoint(path / "model.ckpt.pt").to(CUDA)
     for name in ("C3H3O4", "C4H3O1"):
         ref = _load_npz(path / f"reference_{name}.npz")
-        inp = _inputs(model, ref["coord"], ref["atype"], None, ref["fparam"], ref["aparam"])
-        out = _numpy(model(**inp, do_virial=True, do_atomic_virial=True))
+        out = run_model(model, ref["coord"], ref["atype"], None, ref["fparam"], ref["aparam"], device=CUDA)
         for key in KEYS:
             np.testing.assert_allclose(out[key].reshape(ref[key].shape), ref[key], rtol=1e-10, atol=1e-12,
                                        err_msg=f"{name} {key}")
@@ -136,16 +109,16 @@ def test_training_gradients_on_gpu_equal_cpu(water_fixture_dir):
 
 
 @pytest.mark.parametrize("reps", [4])
-def test_supercell_on_gpu_is_extensive(water_fixture_dir, reps):
+def test_supercell_on_gpu_is_extensive(water_fixture_dir, reps, run_model):
     """A reps^3 supercell (12288 atoms for reps=4) of a data_3 frame: reps^3 times the energy and virial,
     each periodic copy of an atom with the same force; float64."""
     model = load_deepmd_checkpoint(water_fixture_dir / "model.ckpt.pt").to(CUDA)
     frame = DeepmdSystem(SHARED / "data" / "water" / "data_3", model.type_map).frame(25)
     coord, atype, box = frame["coord"], frame["atype"], frame["box"]
-    single = _numpy(model(**_inputs(model, coord[None], atype, box), do_virial=True))
+    single = run_model(model, coord, atype, box, device=CUDA)
     shifts = np.stack(np.meshgrid(*[np.arange(reps)] * 3, indexing="ij"), -1).reshape(-1, 3)
     big_coord = (coord[None] + (shifts @ box)[:, None]).reshape(-1, 3)
-    big = _numpy(model(**_inputs(model, big_coord[None], np.tile(atype, len(shifts)), box * reps), do_virial=True))
+    big = run_model(model, big_coord, np.tile(atype, len(shifts)), box * reps, device=CUDA)
     ncopies, n = len(shifts), len(atype)
     np.testing.assert_allclose(big["energy"], ncopies * single["energy"], rtol=1e-11)
     np.testing.assert_allclose(big["force"].reshape(ncopies, n, 3), np.broadcast_to(single["force"], (ncopies, n, 3)),
