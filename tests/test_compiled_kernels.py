@@ -298,7 +298,7 @@ def test_compiled_reverse_slots_equal_python(kernels, tiny_model, random_frame, 
 
 def test_slot_contraction_gradcheck(kernels):
     """SlotGT and SlotEnv against finite differences, with rows shared by several slots."""
-    from dpfit.model.kernels.slot_contraction import SlotEnv, SlotGT, slots_of_rows
+    from dpfit.model.kernels.slot_contraction import SlotEnv, SlotGT
 
     gen = torch.Generator().manual_seed(8)
     rows, n, k, m = 5, 3, 4, 6
@@ -307,7 +307,7 @@ def test_slot_contraction_gradcheck(kernels):
     index = torch.tensor([[0, 1, 4, 4], [2, 0, 4, 4], [3, 1, 4, 2]])
     r = torch.randn(n, k, 4, dtype=torch.float64, generator=gen)
     gbar = torch.randn(n, 4, m, dtype=torch.float64, generator=gen, requires_grad=True)
-    order, ptr = slots_of_rows(index, rows)
+    order, ptr = kernels.slots_of_rows(index, rows)
     assert torch.autograd.gradcheck(lambda g: SlotGT.apply(kernels, g, index, r, order, ptr), (g,))
     valid = index != 4  # row 4 plays the padding row
     assert torch.autograd.gradcheck(lambda g, t, b: SlotEnv.apply(kernels, g, t, index, valid, b, order, ptr),
@@ -327,17 +327,17 @@ def test_slot_contraction_gradcheck(kernels):
 def test_compiled_slots_of_rows_equal_argsort(kernels):
     """The counting sort's CSR equals the stable argsort's (a row's slots in increasing order), with
     rows used by many slots (padding rows), by one, and by none."""
-    from dpfit.model.kernels.slot_contraction import slots_of_rows
-
     gen = torch.Generator().manual_seed(5)
     index = torch.randint(0, 40, (30, 9), generator=gen)
     index[:, 6:] = 41  # a padding row shared by many slots; rows 40, 42, 43 unused
-    got = slots_of_rows(index, 44, kernels)
-    want = slots_of_rows(index, 44)
-    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    got = kernels.slots_of_rows(index, 44)
+    want_order = torch.argsort(index.reshape(-1), stable=True)
+    want_ptr = torch.zeros(45, dtype=torch.long)
+    torch.cumsum(torch.bincount(index.reshape(-1), minlength=44), 0, out=want_ptr[1:])
+    assert torch.equal(got[0], want_order) and torch.equal(got[1], want_ptr)
     assert int(got[1][-1]) == index.numel()
     with pytest.raises(RuntimeError, match="out of range"):
-        slots_of_rows(index, 41, kernels)
+        kernels.slots_of_rows(index, 41)
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])

@@ -362,10 +362,10 @@ class SeE2A(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
         """:meth:`descriptor_from_env` with the contractions on the rows (compiled kernels). The lists
         returned: rows G per type then each block's index; rows T per type then each block's
-        (order, ptr) of :func:`~dpfit.model.kernels.slot_contraction.slots_of_rows`."""
+        (order, ptr) of the extension's ``slots_of_rows``."""
         from dpfit.model.kernels import embedding_extension
         from dpfit.model.kernels.descriptor_product import DescriptorGram
-        from dpfit.model.kernels.slot_contraction import SlotGT, slots_of_rows
+        from dpfit.model.kernels.slot_contraction import SlotGT
 
         ext = embedding_extension()
         nf, nloc, nnei, _ = rr.shape
@@ -378,7 +378,7 @@ class SeE2A(nn.Module):
         for tj in range(self.ntypes):
             lo = self.sections[tj]
             index = indices[tj]
-            order, ptr = slots_of_rows(index, gs[tj].shape[0], ext)
+            order, ptr = ext.slots_of_rows(index.contiguous(), gs[tj].shape[0])
             r_block = flat_rr[:, lo:lo + index.shape[1]].contiguous()
             g_t = g_t + SlotGT.apply(ext, gs[tj], index, r_block, order, ptr)
             csr += [order, ptr]

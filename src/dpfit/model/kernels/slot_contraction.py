@@ -3,7 +3,8 @@
 contracting there (:meth:`~dpfit.model.descriptor.SeE2A.descriptor_from_env`), without writing the
 padded tensors or their gradients.
 
-A block's slots point at rows with ``index`` (N, k); :func:`slots_of_rows` lists each row's slots for
+A block's slots point at rows with ``index`` (N, k); the extension's ``slots_of_rows`` (a counting
+sort) lists each row's slots for
 the backward passes, which sum over them row by row (no two threads write one row).
 """
 
@@ -13,19 +14,6 @@ from types import ModuleType
 
 import torch
 from torch.autograd.function import once_differentiable
-
-
-def slots_of_rows(index: torch.Tensor, n_rows: int, ext: ModuleType | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """CSR of rows -> flat slots: row r's slots are ``order[ptr[r]:ptr[r + 1]]``, in increasing order
-    (``ext``: by the compiled counting sort)."""
-    if ext is not None:
-        order, ptr = ext.slots_of_rows(index.contiguous(), n_rows)
-        return order, ptr
-    flat = index.reshape(-1)
-    order = torch.argsort(flat, stable=True)
-    ptr = torch.zeros(n_rows + 1, dtype=torch.long, device=index.device)
-    torch.cumsum(torch.bincount(flat, minlength=n_rows), 0, out=ptr[1:])
-    return order, ptr
 
 
 class SlotGT(torch.autograd.Function):
