@@ -183,7 +183,7 @@ def count_flops(step) -> int:
     return int(counter.get_total_flops())
 
 
-def bench_train(model: EnergyModel, batches: list[dict], device: torch.device, warmup: int, repeat: int,
+def bench_train(model: EnergyModel, batches: list[dict], device: torch.device, repeat: int,
                 matmul_gflops: float) -> dict:
     """Seconds per training step (median and fastest) over ``repeat`` passes through the batches, one
     step each, as training cycles through frames whose neighbor counts differ; the first batch's FLOPs
@@ -368,7 +368,7 @@ def run(args: argparse.Namespace) -> dict:
         results[f"inference_{precision}"] = bench_inference(model, batches, device, args.warmup, args.repeat)
         if not args.no_train:
             model = build_model(ckpt, precision, device)
-            results[f"train_{precision}"] = bench_train(model, batches, device, args.warmup, args.repeat,
+            results[f"train_{precision}"] = bench_train(model, batches, device, args.repeat,
                                                         results[f"matmul_{precision}"]["gflops"])
     if args.data_memory:
         results["data_memory"] = bench_data_memory(Path(args.data), args.data_memory)
@@ -421,7 +421,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--precisions", nargs="+", default=["float64", "float32"], choices=["float64", "float32"])
     parser.add_argument("--device", default="cpu", help="cpu | cuda | auto (default cpu)")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
-    parser.add_argument("--warmup", type=int, default=2, help="untimed batches before timing (default 2)")
+    parser.add_argument("--warmup", type=int, default=2,
+                        help="untimed inference batches before timing (default 2; training: one untimed pass)")
     parser.add_argument("--repeat", type=int, default=1, help="timed passes over the frames (averaged)")
     parser.add_argument("--kernels", default="auto", choices=["off", "auto", "on"],
                         help="compiled CPU kernels (dpfit.model.kernels; default auto, as training)")

@@ -4,8 +4,8 @@ contracting there (:meth:`~dpfit.model.descriptor.SeE2A.descriptor_from_env`), w
 padded tensors or their gradients.
 
 A block's slots point at rows with ``index`` (N, k); the extension's ``slots_of_rows`` (a counting
-sort) lists each row's slots for
-the backward passes, which sum over them row by row (no two threads write one row).
+sort) lists each row's slots for the backward passes, which sum over them row by row (no two threads
+write one row).
 """
 
 from __future__ import annotations
