@@ -56,7 +56,7 @@ class EnergyFitting(nn.Module):
             if aparam is None:
                 raise ValueError(f"this model needs aparam ({self.numb_aparam} values per atom)")
             parts.append((aparam.reshape(nf, nloc, self.numb_aparam) - self.aparam_avg) * self.aparam_inv_std)
-        return torch.cat(parts, dim=-1)
+        return torch.cat(parts, dim=-1) if len(parts) > 1 else descriptor  # no copy of a lone descriptor
 
     def forward(
         self,
@@ -105,15 +105,14 @@ class EnergyFitting(nn.Module):
             flat_x = flat_x.index_select(0, perm)
         values: list[torch.Tensor] = [x.new_zeros(0)]
         grads: list[torch.Tensor] = [x.new_zeros(0, dim)]
-        start = 0
+        # one split (its backward is one concatenation; a slice's backward zero-fills the whole input)
+        pieces = flat_x.split(counts)
         for t, net in enumerate(self.nets):
-            n_t = counts[t]
-            if n_t:
-                rows = flat_x.narrow(0, start, n_t)
-                start += n_t
+            if counts[t]:
+                rows = pieces[t]
                 if with_grad:
                     value, g = net.energy_and_input_grad(rows)
-                    grads.append(g[:, :dim])
+                    grads.append(g[:, :dim] if g.shape[1] > dim else g)  # (a slice's backward zero-fills)
                 else:
                     value = net(rows)
                 values.append(value.squeeze(-1))
