@@ -298,7 +298,8 @@ void layer_output(const Layer& l, const T* idt, const T* x, const T* tx, const T
 
 template <typename T>
 struct Scratch {
-  // per layer: the input x, tx (layer 0: s and 1, not stored) and, when the pass keeps none, h and u;
+  // per layer: the input x, tx (layer 0: s and 1, not stored) and h and u (the forward streams them to
+  // the kept activations when it keeps them; the backward reads those, so it needs none here);
   // gradient buffers of the widest layer
   std::vector<std::vector<T>> x, tx, h, u;
   std::vector<T> gy, gty, gx, gtx, dz, du;
@@ -324,6 +325,22 @@ struct Scratch {
   }
 };
 
+// dst[0 .. n) = src[0 .. n): with AVX-512, non-temporal stores where dst is 64-byte aligned (no read of
+// the destination's lines into the cache first; the kept activations are next read by the backward).
+template <typename T>
+inline void stream_copy(T* dst, const T* src, size_t n) {
+#if defined(__AVX512F__)
+  constexpr size_t L = 64 / sizeof(T);
+  size_t e = 0;
+  for (; e < n && (reinterpret_cast<uintptr_t>(dst + e) & 63) != 0; ++e) dst[e] = src[e];
+  for (; e + L <= n; e += L) _mm512_stream_si512(reinterpret_cast<__m512i*>(dst + e), _mm512_loadu_si512(src + e));
+  for (; e < n; ++e) dst[e] = src[e];
+  _mm_sfence();
+#else
+  std::copy(src, src + n, dst);
+#endif
+}
+
 // Row r0's place in layer k's kept activations (nullptr when none are kept).
 template <typename T>
 inline T* kept_rows(const std::vector<at::Tensor>& kept, size_t k, int64_t r0) {
@@ -342,7 +359,7 @@ void forward_impl(const at::Tensor& s, const Net<T>& net, at::Tensor& g, at::Ten
   T* tp = t.data_ptr<T>();
   const bool keep = !kept_h.empty();
   at::parallel_for(0, nblocks, 1, [&](int64_t begin, int64_t end) {
-    Scratch<T> sc(net, block, !keep);
+    Scratch<T> sc(net, block, true);
     for (int64_t blk = begin; blk < end; ++blk) {
       const int64_t r0 = blk * block;
       const int r = static_cast<int>(std::min<int64_t>(block, rows - r0));
@@ -350,12 +367,17 @@ void forward_impl(const at::Tensor& s, const Net<T>& net, at::Tensor& g, at::Ten
       const T* tx = nullptr;
       for (size_t k = 0; k < L; ++k) {
         const bool last = k + 1 == L;
-        T* h = keep ? kept_rows<T>(kept_h, k, r0) : sc.h[k].data();
-        T* u = keep ? kept_rows<T>(kept_u, k, r0) : sc.u[k].data();
+        T* h = sc.h[k].data();
+        T* u = sc.u[k].data();
         T* y = last ? gp + r0 * o_last : sc.x[k + 1].data();
         T* ty = last ? tp + r0 * o_last : sc.tx[k + 1].data();
         layer_activation(net.layers[k], net.w[k], net.b[k], x, tx, h, u, r);
         layer_output(net.layers[k], net.idt[k], x, tx, h, u, y, ty, r);
+        if (keep) {  // computed in the cache-resident scratch, then streamed out (read only by the backward)
+          const size_t n = (size_t)r * net.layers[k].out;
+          stream_copy(kept_rows<T>(kept_h, k, r0), h, n);
+          stream_copy(kept_rows<T>(kept_u, k, r0), u, n);
+        }
         x = y;
         tx = ty;
       }
