@@ -308,12 +308,18 @@ def test_slot_contraction_gradcheck(kernels):
     r = torch.randn(n, k, 4, dtype=torch.float64, generator=gen)
     gbar = torch.randn(n, 4, m, dtype=torch.float64, generator=gen, requires_grad=True)
     order, ptr = kernels.slots_of_rows(index, rows)
-    assert torch.autograd.gradcheck(lambda g: SlotGT.apply(kernels, g, index, r, order, ptr), (g,))
+    assert torch.autograd.gradcheck(lambda g: SlotGT.apply(kernels, g, index, r, order, ptr)[0], (g,))
+
+    def chained(g, b):  # SlotEnv on SlotGT's rows: its row gradient is summed into SlotGT's backward
+        out, rows = SlotGT.apply(kernels, g, index, r, order, ptr)
+        return out, SlotEnv.apply(kernels, rows, rows * 2, index, index != 4, b, order, ptr)[0]
+
+    assert torch.autograd.gradcheck(chained, (g, gbar))
     valid = index != 4  # row 4 plays the padding row
     assert torch.autograd.gradcheck(lambda g, t, b: SlotEnv.apply(kernels, g, t, index, valid, b, order, ptr),
                                     (g, t, gbar))
     padded = g[index]  # the padded layout: the same contraction
-    torch.testing.assert_close(SlotGT.apply(kernels, g, index, r, order, ptr), r.transpose(1, 2) @ padded)
+    torch.testing.assert_close(SlotGT.apply(kernels, g, index, r, order, ptr)[0], r.transpose(1, 2) @ padded)
     part, tds = SlotEnv.apply(kernels, g, t, index, valid, gbar, order, ptr)
     keep = valid.unsqueeze(-1)
     torch.testing.assert_close(part, torch.where(keep, padded @ gbar.transpose(1, 2), 0.0))

@@ -380,7 +380,8 @@ class SeE2A(nn.Module):
             index = indices[tj]
             order, ptr = ext.slots_of_rows(index.contiguous(), gs[tj].shape[0])
             r_block = flat_rr[:, lo:lo + index.shape[1]].contiguous()
-            g_t = g_t + SlotGT.apply(ext, gs[tj], index, r_block, order, ptr)
+            part, gs[tj] = SlotGT.apply(ext, gs[tj], index, r_block, order, ptr)  # SlotEnv reads the rows via gs
+            g_t = g_t + part
             csr += [order, ptr]
         g_t = g_t / self.nnei
         d = DescriptorGram.apply(ext, g_t, self.axis_neuron)

@@ -40,6 +40,25 @@ void vector_tanh(double* h, size_t n) {
   }
 }
 
+// dst[0 .. n) = src[0 .. n): with AVX-512, non-temporal stores where dst is 64-byte aligned (the lines
+// are not read into the cache first: for large outputs read back only later, by another kernel or the
+// backward). Also used by slot_contraction.cpp.
+template <typename T>
+static inline void stream_copy_impl(T* dst, const T* src, size_t n) {
+#if defined(__AVX512F__)
+  constexpr size_t L = 64 / sizeof(T);
+  size_t e = 0;
+  for (; e < n && (reinterpret_cast<uintptr_t>(dst + e) & 63) != 0; ++e) dst[e] = src[e];
+  for (; e + L <= n; e += L) _mm512_stream_si512(reinterpret_cast<__m512i*>(dst + e), _mm512_loadu_si512(src + e));
+  for (; e < n; ++e) dst[e] = src[e];
+  _mm_sfence();
+#else
+  std::copy(src, src + n, dst);
+#endif
+}
+void stream_copy(float* dst, const float* src, size_t n) { stream_copy_impl(dst, src, n); }
+void stream_copy(double* dst, const double* src, size_t n) { stream_copy_impl(dst, src, n); }
+
 namespace {
 
 inline void gemm(char ta, char tb, int m, int n, int k, float alpha, const float* a, int lda, const float* b, int ldb,
@@ -325,22 +344,6 @@ struct Scratch {
   }
 };
 
-// dst[0 .. n) = src[0 .. n): with AVX-512, non-temporal stores where dst is 64-byte aligned (no read of
-// the destination's lines into the cache first; the kept activations are next read by the backward).
-template <typename T>
-inline void stream_copy(T* dst, const T* src, size_t n) {
-#if defined(__AVX512F__)
-  constexpr size_t L = 64 / sizeof(T);
-  size_t e = 0;
-  for (; e < n && (reinterpret_cast<uintptr_t>(dst + e) & 63) != 0; ++e) dst[e] = src[e];
-  for (; e + L <= n; e += L) _mm512_stream_si512(reinterpret_cast<__m512i*>(dst + e), _mm512_loadu_si512(src + e));
-  for (; e < n; ++e) dst[e] = src[e];
-  _mm_sfence();
-#else
-  std::copy(src, src + n, dst);
-#endif
-}
-
 // Row r0's place in layer k's kept activations (nullptr when none are kept).
 template <typename T>
 inline T* kept_rows(const std::vector<at::Tensor>& kept, size_t k, int64_t r0) {
@@ -369,6 +372,7 @@ void forward_impl(const at::Tensor& s, const Net<T>& net, at::Tensor& g, at::Ten
         const bool last = k + 1 == L;
         T* h = sc.h[k].data();
         T* u = sc.u[k].data();
+        // g and t (the last layer's) are written in place: the slot contractions read them next
         T* y = last ? gp + r0 * o_last : sc.x[k + 1].data();
         T* ty = last ? tp + r0 * o_last : sc.tx[k + 1].data();
         layer_activation(net.layers[k], net.w[k], net.b[k], x, tx, h, u, r);
@@ -590,7 +594,7 @@ std::vector<at::Tensor> block_rows(const at::Tensor& s, const at::Tensor& mask, 
                                    const at::Tensor& partner, int64_t lo, int64_t kept,
                                    const std::vector<int64_t>& centers, const at::Tensor& pad);
 at::Tensor slot_rows(const at::Tensor& coef, const at::Tensor& per_atom, const at::Tensor& order, const at::Tensor& ptr,
-                     int64_t n_rows, int64_t k);
+                     int64_t n_rows, int64_t k, const c10::optional<at::Tensor>& base);
 std::vector<at::Tensor> slot_rows2(const at::Tensor& coef_a, const at::Tensor& coef_b, const at::Tensor& per_atom,
                                    const at::Tensor& order, const at::Tensor& ptr, const at::Tensor& valid, int64_t n_rows,
                                    int64_t k);
@@ -633,7 +637,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("block_rows", &block_rows, "a neighbor-type block's embedding row inputs and each slot's row");
   m.def("slots_of_rows", &slots_of_rows, "CSR of rows -> flat slots (counting sort)");
   m.def("slot_gt", &slot_gt, "sum_j R[n, j]^T G[index[n, j]] per atom");
-  m.def("slot_rows", &slot_rows, "per-row sums over slots of coef[s] . per_atom[n(s)]");
+  m.def("slot_rows", &slot_rows, "per-row sums over slots of coef[s] . per_atom[n(s)], onto base (or zeros)");
   m.def("slot_rows2", &slot_rows2, "slot_rows for two coefficient sets sharing per_atom, over the valid slots");
   m.def("slot_env", &slot_env, "G[index] . gbar and T[index] . gbar per valid slot (zeros elsewhere)");
   m.def("slot_env_gbar", &slot_env_gbar, "the gradient of slot_env for gbar");

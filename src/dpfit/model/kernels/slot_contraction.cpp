@@ -17,7 +17,14 @@
 #include <algorithm>
 #include <vector>
 
+// embedding_net.cpp
+void stream_copy(float* dst, const float* src, size_t n);
+void stream_copy(double* dst, const double* src, size_t n);
+
 namespace {
+
+// rows per chunk of the backward row sums (kept in the cache, then streamed out)
+constexpr int64_t kChunkRows = 16;
 
 void check_block(const at::Tensor& rows, const at::Tensor& index) {
   TORCH_CHECK(rows.device().is_cpu() && rows.is_contiguous() && rows.dim() == 2, "rows: contiguous (R, M) on CPU");
@@ -49,32 +56,31 @@ void gt_forward(const T* g, const int64_t* index, const T* r, T* out, int64_t n_
   });
 }
 
-// grad_rows[r] = sum over the slots s of row r of sum_c coef[s, c] * per_atom[n(s), c, :]
+// grad_rows[r] = base[r] + sum over the slots s of row r of sum_c coef[s, c] * per_atom[n(s), c, :]
+// (base: nullptr for zeros)
 template <typename T>
-void rows_from_slots(const T* coef, const T* per_atom, const int64_t* order, const int64_t* ptr, T* out,
-                     int64_t n_rows, int64_t k, int64_t m) {
+void rows_from_slots(const T* coef, const T* per_atom, const int64_t* order, const int64_t* ptr, const T* base,
+                     T* out, int64_t n_rows, int64_t k, int64_t m) {
   at::parallel_for(0, n_rows, 16, [&](int64_t begin, int64_t end) {
-    for (int64_t row = begin; row < end; ++row) {
-      T* o = out + row * m;
-      const int64_t q0 = ptr[row], q1 = ptr[row + 1];
-      if (q0 == q1) {
-        std::fill(o, o + m, T(0));
-        continue;
-      }
-      {
-        const int64_t s = order[q0];
-        const T c0 = coef[s * 4], c1 = coef[s * 4 + 1], c2 = coef[s * 4 + 2], c3 = coef[s * 4 + 3];
-        const T* pa = per_atom + (s / k) * 4 * m;
+    std::vector<T> buf(kChunkRows * m);  // a chunk of rows summed in the cache, then streamed out
+    for (int64_t lo = begin; lo < end; lo += kChunkRows) {
+      const int64_t hi = std::min(end, lo + kChunkRows);
+      for (int64_t row = lo; row < hi; ++row) {
+        T* o = buf.data() + (row - lo) * m;
+        const int64_t q0 = ptr[row], q1 = ptr[row + 1];
+        if (base != nullptr)
+          std::copy(base + row * m, base + (row + 1) * m, o);
+        else
+          std::fill(o, o + m, T(0));
+        for (int64_t q = q0; q < q1; ++q) {
+          const int64_t s = order[q];
+          const T c0 = coef[s * 4], c1 = coef[s * 4 + 1], c2 = coef[s * 4 + 2], c3 = coef[s * 4 + 3];
+          const T* pa = per_atom + (s / k) * 4 * m;
 #pragma omp simd
-        for (int64_t e = 0; e < m; ++e) o[e] = c0 * pa[e] + c1 * pa[m + e] + c2 * pa[2 * m + e] + c3 * pa[3 * m + e];
+          for (int64_t e = 0; e < m; ++e) o[e] += c0 * pa[e] + c1 * pa[m + e] + c2 * pa[2 * m + e] + c3 * pa[3 * m + e];
+        }
       }
-      for (int64_t q = q0 + 1; q < q1; ++q) {
-        const int64_t s = order[q];
-        const T c0 = coef[s * 4], c1 = coef[s * 4 + 1], c2 = coef[s * 4 + 2], c3 = coef[s * 4 + 3];
-        const T* pa = per_atom + (s / k) * 4 * m;
-#pragma omp simd
-        for (int64_t e = 0; e < m; ++e) o[e] += c0 * pa[e] + c1 * pa[m + e] + c2 * pa[2 * m + e] + c3 * pa[3 * m + e];
-      }
+      stream_copy(out + lo * m, buf.data(), (size_t)(hi - lo) * m);
     }
   });
 }
@@ -84,42 +90,48 @@ template <typename T>
 void rows_from_slots2(const T* coef_a, const T* coef_b, const T* per_atom, const int64_t* order, const int64_t* ptr,
                       const bool* valid, T* out_a, T* out_b, int64_t n_rows, int64_t k, int64_t m) {
   at::parallel_for(0, n_rows, 16, [&](int64_t begin, int64_t end) {
-    for (int64_t row = begin; row < end; ++row) {
-      T* oa = out_a + row * m;
-      T* ob = out_b + row * m;
-      int64_t q = ptr[row];
-      const int64_t q1 = ptr[row + 1];
-      while (q < q1 && !valid[order[q]]) ++q;
-      if (q == q1) {
-        std::fill(oa, oa + m, T(0));
-        std::fill(ob, ob + m, T(0));
-        continue;
-      }
-      {
-        const int64_t s = order[q++];
-        const T* ca = coef_a + s * 4;
-        const T* cb = coef_b + s * 4;
-        const T* pa = per_atom + (s / k) * 4 * m;
+    std::vector<T> buf_a(kChunkRows * m), buf_b(kChunkRows * m);  // as in rows_from_slots
+    for (int64_t lo = begin; lo < end; lo += kChunkRows) {
+      const int64_t hi = std::min(end, lo + kChunkRows);
+      for (int64_t row = lo; row < hi; ++row) {
+        T* oa = buf_a.data() + (row - lo) * m;
+        T* ob = buf_b.data() + (row - lo) * m;
+        int64_t q = ptr[row];
+        const int64_t q1 = ptr[row + 1];
+        while (q < q1 && !valid[order[q]]) ++q;
+        if (q == q1) {
+          std::fill(oa, oa + m, T(0));
+          std::fill(ob, ob + m, T(0));
+          continue;
+        }
+        {
+          const int64_t s = order[q++];
+          const T* ca = coef_a + s * 4;
+          const T* cb = coef_b + s * 4;
+          const T* pa = per_atom + (s / k) * 4 * m;
 #pragma omp simd
-        for (int64_t e = 0; e < m; ++e) {
-          const T p0 = pa[e], p1 = pa[m + e], p2 = pa[2 * m + e], p3 = pa[3 * m + e];
-          oa[e] = ca[0] * p0 + ca[1] * p1 + ca[2] * p2 + ca[3] * p3;
-          ob[e] = cb[0] * p0 + cb[1] * p1 + cb[2] * p2 + cb[3] * p3;
+          for (int64_t e = 0; e < m; ++e) {
+            const T p0 = pa[e], p1 = pa[m + e], p2 = pa[2 * m + e], p3 = pa[3 * m + e];
+            oa[e] = ca[0] * p0 + ca[1] * p1 + ca[2] * p2 + ca[3] * p3;
+            ob[e] = cb[0] * p0 + cb[1] * p1 + cb[2] * p2 + cb[3] * p3;
+          }
+        }
+        for (; q < q1; ++q) {
+          const int64_t s = order[q];
+          if (!valid[s]) continue;
+          const T* ca = coef_a + s * 4;
+          const T* cb = coef_b + s * 4;
+          const T* pa = per_atom + (s / k) * 4 * m;
+#pragma omp simd
+          for (int64_t e = 0; e < m; ++e) {
+            const T p0 = pa[e], p1 = pa[m + e], p2 = pa[2 * m + e], p3 = pa[3 * m + e];
+            oa[e] += ca[0] * p0 + ca[1] * p1 + ca[2] * p2 + ca[3] * p3;
+            ob[e] += cb[0] * p0 + cb[1] * p1 + cb[2] * p2 + cb[3] * p3;
+          }
         }
       }
-      for (; q < q1; ++q) {
-        const int64_t s = order[q];
-        if (!valid[s]) continue;
-        const T* ca = coef_a + s * 4;
-        const T* cb = coef_b + s * 4;
-        const T* pa = per_atom + (s / k) * 4 * m;
-#pragma omp simd
-        for (int64_t e = 0; e < m; ++e) {
-          const T p0 = pa[e], p1 = pa[m + e], p2 = pa[2 * m + e], p3 = pa[3 * m + e];
-          oa[e] += ca[0] * p0 + ca[1] * p1 + ca[2] * p2 + ca[3] * p3;
-          ob[e] += cb[0] * p0 + cb[1] * p1 + cb[2] * p2 + cb[3] * p3;
-        }
-      }
+      stream_copy(out_a + lo * m, buf_a.data(), (size_t)(hi - lo) * m);
+      stream_copy(out_b + lo * m, buf_b.data(), (size_t)(hi - lo) * m);
     }
   });
 }
@@ -311,17 +323,22 @@ at::Tensor slot_gt(const at::Tensor& g, const at::Tensor& index, const at::Tenso
   return out;
 }
 
-// (R, M): each row's sum over its slots of sum_c coef[s, c] per_atom[n(s), c, :] (the backward of
-// slot_gt with coef = R and per_atom = its output's gradient; of slot_env with coef = grad_part).
+// (R, M): base (or zeros) plus each row's sum over its slots of sum_c coef[s, c] per_atom[n(s), c, :]
+// (the backward of slot_gt with coef = R and per_atom = its output's gradient; of slot_env with
+// coef = grad_part).
 at::Tensor slot_rows(const at::Tensor& coef, const at::Tensor& per_atom, const at::Tensor& order,
-                     const at::Tensor& ptr, int64_t n_rows, int64_t k) {
+                     const at::Tensor& ptr, int64_t n_rows, int64_t k, const c10::optional<at::Tensor>& base) {
   TORCH_CHECK(coef.is_contiguous() && per_atom.is_contiguous() && order.is_contiguous() && ptr.is_contiguous(), "contiguous inputs");
   TORCH_CHECK(ptr.numel() == n_rows + 1 && per_atom.dim() == 3 && per_atom.size(1) == 4, "ptr (R + 1), per_atom (N, 4, M)");
   const int64_t m = per_atom.size(2);
+  const at::Tensor b = base.has_value() ? base->contiguous() : at::Tensor();
+  TORCH_CHECK(!b.defined() || (b.sizes() == at::IntArrayRef({n_rows, m}) && b.scalar_type() == per_atom.scalar_type()),
+              "base: (R, M) like the output");
   at::Tensor out = at::empty({n_rows, m}, per_atom.options());
   AT_DISPATCH_FLOATING_TYPES(per_atom.scalar_type(), "slot_rows", [&] {
     rows_from_slots<scalar_t>(coef.data_ptr<scalar_t>(), per_atom.data_ptr<scalar_t>(), order.data_ptr<int64_t>(),
-                              ptr.data_ptr<int64_t>(), out.data_ptr<scalar_t>(), n_rows, k, m);
+                              ptr.data_ptr<int64_t>(), b.defined() ? b.data_ptr<scalar_t>() : nullptr,
+                              out.data_ptr<scalar_t>(), n_rows, k, m);
   });
   return out;
 }

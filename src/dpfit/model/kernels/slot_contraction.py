@@ -17,20 +17,26 @@ from torch.autograd.function import once_differentiable
 
 
 class SlotGT(torch.autograd.Function):
-    """``out[n] = sum_j R[n, j]^T G[index[n, j]]`` (N, 4, M); R (N, k, 4) carries no gradient."""
+    """``out[n] = sum_j R[n, j]^T G[index[n, j]]`` (N, 4, M); R (N, k, 4) carries no gradient.
+
+    Also returns G itself (a view): the later SlotEnv reads the rows through it, so its row gradient
+    arrives here and is summed into this backward's rows in the same pass (no separate (R, M) array
+    added by autograd)."""
 
     @staticmethod
     def forward(ctx, ext: ModuleType, g: torch.Tensor, index: torch.Tensor, r: torch.Tensor, order: torch.Tensor,
-                ptr: torch.Tensor) -> torch.Tensor:
+                ptr: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         ctx.ext, ctx.n_rows, ctx.k = ext, g.shape[0], index.shape[1]
         ctx.save_for_backward(r, order, ptr)
-        return ext.slot_gt(g, index, r)
+        return ext.slot_gt(g, index, r), g.view_as(g)
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, grad: torch.Tensor):
+    def backward(ctx, grad: torch.Tensor | None, grad_rows: torch.Tensor | None):
         r, order, ptr = ctx.saved_tensors
-        grad_g = ctx.ext.slot_rows(r, grad.contiguous(), order, ptr, ctx.n_rows, ctx.k)
+        if grad is None:
+            return None, grad_rows, None, None, None, None
+        grad_g = ctx.ext.slot_rows(r, grad.contiguous(), order, ptr, ctx.n_rows, ctx.k, grad_rows)
         return None, grad_g, None, None, None, None
 
 
