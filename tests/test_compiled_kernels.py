@@ -23,7 +23,9 @@ from dpfit.training.module import DeepPotentialModule
 pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
 NETS = {"deepmd_25_50_100": ([25, 50, 100], False), "resnet_dt": ([6, 12, 12], True),
-        "first_layer_residual": ([2, 4, 3], True), "first_layer_equal": ([1, 1], False), "one_layer": ([7], False)}
+        "first_layer_residual": ([2, 4, 3], True), "first_layer_equal": ([1, 1], False), "one_layer": ([7], False),
+        # widths that fill whole vectors (8 float64 / 16 float32 lanes) of the AVX-512 product kernel
+        "lane_multiples": ([16, 32, 64], False)}
 
 
 @pytest.fixture(scope="module")
