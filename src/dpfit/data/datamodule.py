@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections import OrderedDict
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -25,22 +26,56 @@ log = logging.getLogger(__name__)
 
 
 class FrameDataset(Dataset):
-    """Map (system, frame) -> sample with its neighbor list; built lazily in DataLoader workers."""
+    """Map (system, frame) -> sample with its neighbor list; built lazily in DataLoader workers.
 
-    def __init__(self, views: Sequence[SystemView], rcut: float, sel: Sequence[int], backend: str = "vesin") -> None:
+    ``cache_mb`` > 0 keeps the neighbor lists of the frames seen last (least recently used first out,
+    at most that many MiB, compact: int32 indices, int8 image shifts), so later epochs skip the search;
+    the frames' coordinates and labels are read from the (memory-mapped) data each time. Each
+    DataLoader worker holds its own cache."""
+
+    def __init__(self, views: Sequence[SystemView], rcut: float, sel: Sequence[int], backend: str = "vesin",
+                 cache_mb: float = 0.0) -> None:
         self.views = list(views)
         self.rcut = float(rcut)
         self.sel = list(sel)
         self.backend = backend
+        self.cache_bytes = int(max(float(cache_mb), 0.0) * 2**20)
+        self._cache: OrderedDict[tuple[int, int], tuple] = OrderedDict()
+        self._cached_bytes = 0
 
     def __len__(self) -> int:
         return sum(len(v.indices) for v in self.views)
 
     def __getitem__(self, key: tuple[int, int]) -> dict:
         s, f = key
-        sample = make_sample(self.views[s].system, f, self.rcut, self.sel, self.backend)
+        cached = self._cache.get((s, f)) if self.cache_bytes else None
+        if cached is None:
+            sample = make_sample(self.views[s].system, f, self.rcut, self.sel, self.backend)
+            if self.cache_bytes:
+                self._store((s, f), sample)
+        else:
+            self._cache.move_to_end((s, f))
+            nlist, shift, n_dropped, max_neighbors = cached
+            sample = self.views[s].system.frame(f)
+            sample.update(nlist=nlist.astype(np.int64), shift=shift.astype(np.int64), n_dropped=n_dropped,
+                          max_neighbors=max_neighbors.copy(), frame_index=f)
         sample["system"] = s
         return sample
+
+    def _store(self, key: tuple[int, int], sample: dict) -> None:
+        shift = sample["shift"]
+        if shift.size and (shift.min() < -128 or shift.max() > 127):
+            return  # image shifts beyond int8 (a tiny cell): not cached
+        entry = (sample["nlist"].astype(np.int32), shift.astype(np.int8), sample["n_dropped"],
+                 np.array(sample["max_neighbors"]))
+        size = entry[0].nbytes + entry[1].nbytes
+        if size > self.cache_bytes:
+            return
+        while self._cache and self._cached_bytes + size > self.cache_bytes:
+            _, old = self._cache.popitem(last=False)
+            self._cached_bytes -= old[0].nbytes + old[1].nbytes
+        self._cache[key] = entry
+        self._cached_bytes += size
 
 
 def _as_list(paths) -> list:
@@ -80,6 +115,7 @@ class DeepmdDataModule(L.LightningDataModule):
         seed: int = 1,
         epoch_length: int | None = None,
         neighbor_backend: str = "vesin",
+        neighbor_cache_mb: float = 256.0,
     ) -> None:
         super().__init__()
         self.train_paths = _as_list(train_systems)
@@ -108,6 +144,9 @@ class DeepmdDataModule(L.LightningDataModule):
         if neighbor_backend not in BACKENDS:
             raise ValueError(f"data.neighbor_backend must be one of {BACKENDS}, got {neighbor_backend!r}")
         self.neighbor_backend = neighbor_backend
+        if not float(neighbor_cache_mb) >= 0:
+            raise ValueError(f"data.neighbor_cache_mb must be >= 0 (0: no cache), got {neighbor_cache_mb!r}")
+        self.neighbor_cache_mb = float(neighbor_cache_mb)
         self.train_views: list[SystemView] | None = None
         self.val_views: list[SystemView] = []
         self.test_views: list[SystemView] = []
@@ -176,7 +215,7 @@ class DeepmdDataModule(L.LightningDataModule):
     def _loader(self, views, batch_sampler) -> DataLoader:
         workers, pin = self.loader_settings()
         return DataLoader(
-            FrameDataset(views, self.rcut, self.sel, self.neighbor_backend),
+            FrameDataset(views, self.rcut, self.sel, self.neighbor_backend, self.neighbor_cache_mb),
             batch_sampler=batch_sampler,
             collate_fn=collate,
             num_workers=workers,
