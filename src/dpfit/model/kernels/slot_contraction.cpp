@@ -96,27 +96,9 @@ void rows_from_slots2(const T* coef_a, const T* coef_b, const T* per_atom, const
       for (int64_t row = lo; row < hi; ++row) {
         T* oa = buf_a.data() + (row - lo) * m;
         T* ob = buf_b.data() + (row - lo) * m;
-        int64_t q = ptr[row];
-        const int64_t q1 = ptr[row + 1];
-        while (q < q1 && !valid[order[q]]) ++q;
-        if (q == q1) {
-          std::fill(oa, oa + m, T(0));
-          std::fill(ob, ob + m, T(0));
-          continue;
-        }
-        {
-          const int64_t s = order[q++];
-          const T* ca = coef_a + s * 4;
-          const T* cb = coef_b + s * 4;
-          const T* pa = per_atom + (s / k) * 4 * m;
-#pragma omp simd
-          for (int64_t e = 0; e < m; ++e) {
-            const T p0 = pa[e], p1 = pa[m + e], p2 = pa[2 * m + e], p3 = pa[3 * m + e];
-            oa[e] = ca[0] * p0 + ca[1] * p1 + ca[2] * p2 + ca[3] * p3;
-            ob[e] = cb[0] * p0 + cb[1] * p1 + cb[2] * p2 + cb[3] * p3;
-          }
-        }
-        for (; q < q1; ++q) {
+        std::fill(oa, oa + m, T(0));
+        std::fill(ob, ob + m, T(0));
+        for (int64_t q = ptr[row]; q < ptr[row + 1]; ++q) {
           const int64_t s = order[q];
           if (!valid[s]) continue;
           const T* ca = coef_a + s * 4;
