@@ -12,7 +12,7 @@ class StepProgressBar(RichProgressBar):
     ``refresh_rate``: redraws per second (Lightning's background thread; the bar's values are updated
     every step, drawn at most this often). Lightning's default, 100, redraws after nearly every step of
     a small system, and each redraw holds the Python interpreter for a few milliseconds: on the
-    2-core development machine that cost up to ~10% of the water training loop.
+    2-core development machine that cost ~5% of the water training loop.
     """
 
     def __init__(self, refresh_rate: int = 2, **kwargs) -> None:
