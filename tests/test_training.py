@@ -211,3 +211,27 @@ def test_too_small_sel_is_reported_before_training(tmp_path, caplog):
         train(cfg)
     messages = [r.getMessage() for r in caplog.records if "beyond sel" in r.getMessage()]
     assert messages and "sel=[20, 20]" in messages[0] and "consider data.sel=" in messages[0]
+
+
+def test_step_values_logged_only_when_loggers_write(tmp_path, monkeypatch):
+    """The per-step training values go through ``self.log`` only on the steps Lightning's loggers write
+    (every ``trainer.log_every_n_steps``); they still reach the CSV log at those steps."""
+    import lightning
+
+    calls = []
+    original = lightning.LightningModule.log
+
+    def counting(self, name, *args, **kwargs):
+        calls.append(name)
+        return original(self, name, *args, **kwargs)
+
+    monkeypatch.setattr(lightning.LightningModule, "log", counting)
+    cfg = compose_train([*FAST, "trainer.max_steps=10", "trainer.val_check_interval=10", "trainer.log_every_n_steps=5",
+                         "logger=csv"], tmp_path)
+    train(cfg)
+    assert calls.count("train/loss") == 2
+    logged = sorted(tmp_path.rglob("metrics.csv"))
+    assert logged, "no CSV log"
+    header, *rows = logged[0].read_text().splitlines()
+    column = header.split(",").index("train/loss")
+    assert sum(1 for r in rows if r.split(",")[column]) == 2
