@@ -225,13 +225,13 @@ template <typename T>
 struct Net {
   std::vector<Layer> layers;
   std::vector<const T*> w, b, idt;
-  std::vector<std::vector<T>> wt;  // W^T (out x in) of each layer, for the backward's D W^T
+  std::vector<std::vector<T>> wt;  // W^T (out x in) of each layer, for the backward's D W^T (else empty)
   int widest = 1;
 };
 
 template <typename T>
 Net<T> make_net(const std::vector<at::Tensor>& matrices, const std::vector<at::Tensor>& biases,
-                const std::vector<at::Tensor>& idts, const std::vector<int64_t>& kinds) {
+                const std::vector<at::Tensor>& idts, const std::vector<int64_t>& kinds, bool transposed = false) {
   Net<T> net;
   for (size_t k = 0; k < matrices.size(); ++k) {
     Layer l{static_cast<int>(matrices[k].size(0)), static_cast<int>(matrices[k].size(1)), static_cast<int>(kinds[k]),
@@ -240,9 +240,9 @@ Net<T> make_net(const std::vector<at::Tensor>& matrices, const std::vector<at::T
     net.w.push_back(matrices[k].data_ptr<T>());
     net.b.push_back(biases[k].data_ptr<T>());
     net.idt.push_back(l.has_idt ? idts[k].data_ptr<T>() : nullptr);
-    std::vector<T> wt((size_t)l.in * l.out);
+    std::vector<T> wt(transposed ? (size_t)l.in * l.out : 0);  // only the backward's D W^T reads it
     const T* w = net.w.back();
-    for (int c = 0; c < l.in; ++c)
+    for (int c = 0; c < l.in && transposed; ++c)
       for (int j = 0; j < l.out; ++j) wt[(size_t)j * l.in + c] = w[(size_t)c * l.out + j];
     net.wt.push_back(std::move(wt));
     net.widest = std::max(net.widest, l.out);
@@ -579,7 +579,7 @@ std::vector<at::Tensor> value_and_tangent_backward(const at::Tensor& s, const at
   }
   at::Tensor grad_s = need_s ? at::empty_like(s) : at::Tensor();
   AT_DISPATCH_FLOATING_TYPES(s.scalar_type(), "value_and_tangent_backward", [&] {
-    backward_impl<scalar_t>(s, grad_g, grad_t, make_net<scalar_t>(matrices, biases, idts, kinds), kept_h, kept_u,
+    backward_impl<scalar_t>(s, grad_g, grad_t, make_net<scalar_t>(matrices, biases, idts, kinds, true), kept_h, kept_u,
                             grads, grad_s, static_cast<int>(block));
   });
   std::vector<at::Tensor> out{need_s ? grad_s : at::empty({0}, s.options())};
