@@ -1,21 +1,24 @@
-"""The compiled CPU embedding kernel (dpfit.model.kernels): the same values and gradients as the PyTorch
-path, for single nets and whole models (the DeePMD-kit fixture and a training loss), and its switch.
+"""The compiled CPU kernels (dpfit.model.kernels) one by one: the same values and gradients as the
+PyTorch path for single nets and products, gradchecks, the edge cases of the row bookkeeping, and how
+they are chosen, built and cached. Whole models against the reference: tests/test_parity.py.
 
-The kernel is built on first use (~30 s, then cached). Outside CI a machine without a C++ compiler
+The kernels are built on first use (minutes, then cached). Outside CI a machine without a C++ compiler
 skips these tests; in CI (``CI`` set) the build must succeed.
 """
 
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
 from dpfit.data.neighbor import build_neighbor_list
+from dpfit.model import EnergyModel
 from dpfit.model.kernels import build as kernel_build
-from dpfit.model.kernels import compiled_kernels_mode, embedding_extension, set_compiled_kernels
+from dpfit.model.kernels import compiled_kernels, compiled_kernels_mode, set_compiled_kernels
 from dpfit.model.kernels.embedding import BLOCK_ROWS, CompiledValueAndTangent
 from dpfit.model.network import ResidualMLP
 from dpfit.training.module import DeepPotentialModule
@@ -30,15 +33,17 @@ NETS = {"deepmd_25_50_100": ([25, 50, 100], False), "resnet_dt": ([6, 12, 12], T
 
 @pytest.fixture(scope="module")
 def kernels():
-    """Compiled kernels on for the test, off afterwards (the library default)."""
+    """Compiled kernels on for the module's tests (the process override), the override before afterwards."""
+    before = compiled_kernels_mode()
     try:
         set_compiled_kernels("on")
     except RuntimeError as exc:
+        set_compiled_kernels(before)
         if os.environ.get("CI"):
             raise
         pytest.skip(f"compiled kernels unavailable here: {exc}")
-    yield embedding_extension()
-    set_compiled_kernels("off")
+    yield compiled_kernels("on")
+    set_compiled_kernels(before)
 
 
 def _params(net: ResidualMLP) -> list[torch.Tensor]:
@@ -157,68 +162,6 @@ def test_fitting_kernel_gradcheck(kernels):
     assert torch.autograd.gradcheck(lambda x, *p: CompiledFitting.apply(kernels, kinds, has_idt, x, *p), (x, *params))
 
 
-def test_kernel_reproduces_deepmd_fixture(kernels, cho_fixture, run_model):
-    """The C/H/O DeePMD-kit model (type_one_side false, fparam + aparam, non-periodic) with the kernel:
-    energy, forces and virials equal the reference."""
-    from dpfit.io.deepmd_checkpoint import load_deepmd_checkpoint
-
-    model = load_deepmd_checkpoint(cho_fixture / "model.ckpt.pt")
-    with np.load(cho_fixture / "reference_C3H3O4.npz") as data:
-        ref = {k: data[k] for k in data.files}
-    with torch.enable_grad():  # the fused path (as in training) and the kernel's forward alone
-        out = run_model(model, ref["coord"], ref["atype"], None, ref["fparam"], ref["aparam"])
-    for key in ("energy", "force", "virial"):
-        np.testing.assert_allclose(out[key], ref[key].reshape(out[key].shape), rtol=1e-10, atol=1e-12)
-
-
-def _training_gradients(model, inputs: dict, mode: str) -> list[torch.Tensor]:
-    set_compiled_kernels(mode)
-    model.zero_grad()
-    out = model(**inputs, do_force=True, do_virial=True, create_graph=True)
-    loss = out["energy"].sum() + 3.0 * out["force"].square().sum() + 0.1 * out["virial"].square().sum()
-    loss.backward()
-    return [p.grad.clone() for p in model.parameters()]
-
-
-@pytest.mark.parametrize("type_one_side", [True, False])
-def test_training_gradients_equal_with_kernel(kernels, tiny_model, random_frame, type_one_side):
-    """The gradient of an energy + force + virial loss for every parameter: kernel vs PyTorch path."""
-    model = tiny_model(type_one_side=type_one_side, resnet_dt=True)
-    coord, atype, box = random_frame(seed=3, natoms=10)
-    nl = build_neighbor_list(coord, atype, box, model.rcut, model.sel)
-    inputs = {"coord": torch.from_numpy(coord[None].copy()), "atype": torch.from_numpy(atype[None].copy()),
-              "nlist": torch.from_numpy(nl.nlist[None].copy()), "box": torch.from_numpy(box[None].copy()),
-              "shift": torch.from_numpy(nl.shift[None].copy())}
-    grads = _training_gradients(model, inputs, "on")
-    ref = _training_gradients(model, inputs, "off")
-    set_compiled_kernels("on")
-    for a, b in zip(grads, ref):
-        torch.testing.assert_close(a, b, rtol=1e-11, atol=1e-12)
-    assert any(float(g.abs().max()) > 0 for g in grads)
-
-
-@pytest.mark.parametrize("case", ["two_frames", "slot_dependent_stats", "pair_nets_two_frames"])
-def test_compiled_row_bookkeeping_equals_pytorch_path(kernels, tiny_model, random_frame, case):
-    """The compiled path's rows (block_rows: own rows per net, padding rows, rows shared by reverse
-    pairs) give the PyTorch path's energies, forces, virials and loss gradients: on a batch of two
-    frames (the blocks span both), with davg/dstd differing per slot (many distinct padding rows, no
-    shared pairs), and with one net per type pair."""
-    model = tiny_model(type_one_side=case != "pair_nets_two_frames")
-    if case == "slot_dependent_stats":
-        gen = torch.Generator().manual_seed(0)
-        with torch.no_grad():
-            model.descriptor.davg.add_(0.05 * torch.randn(model.descriptor.davg.shape, generator=gen, dtype=torch.float64))
-            model.descriptor.dstd.mul_(1.0 + 0.1 * torch.rand(model.descriptor.dstd.shape, generator=gen, dtype=torch.float64))
-    coord, atype, box = random_frame(seed=21, natoms=9)
-    frames = [coord] if case == "slot_dependent_stats" else [coord, random_frame(seed=22, natoms=9)[0]]
-    nls = [build_neighbor_list(c, atype, box, model.rcut, model.sel) for c in frames]
-    nf = len(frames)
-    inputs = {"coord": torch.from_numpy(np.stack(frames)), "atype": torch.from_numpy(np.tile(atype, (nf, 1))),
-              "nlist": torch.from_numpy(np.stack([nl.nlist for nl in nls])),
-              "box": torch.from_numpy(np.tile(box, (nf, 1, 1))), "shift": torch.from_numpy(np.stack([nl.shift for nl in nls]))}
-    _assert_kernels_match_pytorch(model, inputs)
-
-
 def _assert_kernels_match_pytorch(model, inputs: dict, nodes: tuple[str, ...] = ()) -> None:
     """Energies, forces, virials and an energy + force + virial loss's parameter gradients equal with
     the kernels on and off; ``nodes``: autograd nodes the forces' graph holds exactly when they are on."""
@@ -254,7 +197,7 @@ def _graph_nodes(tensor: torch.Tensor) -> set[str]:
 
 @pytest.mark.parametrize("case", ["periodic", "excluded_pair", "one_type_absent", "single_atom"])
 def test_slot_contractions_on_rows_equal_padded_path(kernels, tiny_model, random_frame, case):
-    """With the kernels the descriptor contracts the embedding rows directly (SlotGT / SlotEnv, no padded
+    """With the kernels the descriptor contracts the embedding rows directly (GTFromRows / SlotProductsFromRows, no padded
     gather) and the environment matrix and its Jacobian come from one compiled pass (EnvJacobian):
     energy, forces, virial and a loss's parameter gradients as on the PyTorch path, also with an
     excluded type pair and when a neighbor-type block is empty."""
@@ -271,7 +214,7 @@ def test_slot_contractions_on_rows_equal_padded_path(kernels, tiny_model, random
               "nlist": torch.from_numpy(nl.nlist[None].copy())}
     if box is not None:
         inputs.update(box=torch.from_numpy(box[None].copy()), shift=torch.from_numpy(nl.shift[None].copy()))
-    _assert_kernels_match_pytorch(model, inputs, ("SlotEnvBackward", "SlotGTBackward", "EnvJacobianBackward",
+    _assert_kernels_match_pytorch(model, inputs, ("SlotProductsFromRowsBackward", "GTFromRowsBackward", "EnvJacobianBackward",
                                                    "CompiledFittingBackward", "DescriptorGramBackward",
                                                    "DescriptorVJPBackward"))
 
@@ -299,8 +242,8 @@ def test_compiled_reverse_slots_equal_python(kernels, tiny_model, random_frame, 
 
 
 def test_slot_contraction_gradcheck(kernels):
-    """SlotGT and SlotEnv against finite differences, with rows shared by several slots."""
-    from dpfit.model.kernels.slot_contraction import SlotEnv, SlotGT
+    """GTFromRows and SlotProductsFromRows against finite differences, with rows shared by several slots."""
+    from dpfit.model.kernels.slot_contraction import GTFromRows, SlotProductsFromRows
 
     gen = torch.Generator().manual_seed(8)
     rows, n, k, m = 5, 3, 4, 6
@@ -310,23 +253,23 @@ def test_slot_contraction_gradcheck(kernels):
     r = torch.randn(n, k, 4, dtype=torch.float64, generator=gen)
     gbar = torch.randn(n, 4, m, dtype=torch.float64, generator=gen, requires_grad=True)
     order, ptr = kernels.slots_of_rows(index, rows)
-    assert torch.autograd.gradcheck(lambda g: SlotGT.apply(kernels, g, index, r, order, ptr)[0], (g,))
+    assert torch.autograd.gradcheck(lambda g: GTFromRows.apply(kernels, g, index, r, order, ptr)[0], (g,))
 
-    def chained(g, b):  # SlotEnv on SlotGT's rows: its row gradient is summed into SlotGT's backward
-        out, rows = SlotGT.apply(kernels, g, index, r, order, ptr)
-        return out, SlotEnv.apply(kernels, rows, rows * 2, index, index != 4, b, order, ptr)[0]
+    def chained(g, b):  # SlotProductsFromRows on GTFromRows's rows: its row gradient is summed into GTFromRows's backward
+        out, rows = GTFromRows.apply(kernels, g, index, r, order, ptr)
+        return out, SlotProductsFromRows.apply(kernels, rows, rows * 2, index, index != 4, b, order, ptr)[0]
 
     assert torch.autograd.gradcheck(chained, (g, gbar))
     valid = index != 4  # row 4 plays the padding row
-    assert torch.autograd.gradcheck(lambda g, t, b: SlotEnv.apply(kernels, g, t, index, valid, b, order, ptr),
+    assert torch.autograd.gradcheck(lambda g, t, b: SlotProductsFromRows.apply(kernels, g, t, index, valid, b, order, ptr),
                                     (g, t, gbar))
     padded = g[index]  # the padded layout: the same contraction
-    torch.testing.assert_close(SlotGT.apply(kernels, g, index, r, order, ptr)[0], r.transpose(1, 2) @ padded)
-    part, tds = SlotEnv.apply(kernels, g, t, index, valid, gbar, order, ptr)
+    torch.testing.assert_close(GTFromRows.apply(kernels, g, index, r, order, ptr)[0], r.transpose(1, 2) @ padded)
+    part, tds = SlotProductsFromRows.apply(kernels, g, t, index, valid, gbar, order, ptr)
     keep = valid.unsqueeze(-1)
     torch.testing.assert_close(part, torch.where(keep, padded @ gbar.transpose(1, 2), 0.0))
     torch.testing.assert_close(tds, torch.where(keep, t[index] @ gbar.transpose(1, 2), 0.0))
-    # the padded slots' gradients are not read: the padding row gets none through SlotEnv
+    # the padded slots' gradients are not read: the padding row gets none through SlotProductsFromRows
     (part.sum() + tds.sum()).backward()
     assert torch.count_nonzero(g.grad[4]) == 0 and torch.count_nonzero(t.grad[4]) == 0
     assert torch.count_nonzero(g.grad[:4]) > 0
@@ -392,8 +335,15 @@ def test_descriptor_products_gradcheck(kernels):
     assert torch.autograd.gradcheck(lambda g, w: DescriptorVJP.apply(kernels, g, w), (g, w))
 
 
+def _frame_inputs(model, coord, atype, box) -> dict:
+    nl = build_neighbor_list(coord, atype, box, model.rcut, model.sel)
+    return {"coord": torch.from_numpy(coord[None].copy()), "atype": torch.from_numpy(atype[None].copy()),
+            "nlist": torch.from_numpy(nl.nlist[None].copy()), "box": torch.from_numpy(box[None].copy()),
+            "shift": torch.from_numpy(nl.shift[None].copy())}
+
+
 def test_ase_calculator_with_kernels(kernels, tiny_model, random_frame):
-    """DPCalculator(kernels=...) switches the process's kernels; energies, forces and stress as without."""
+    """DPCalculator(kernels=...) sets the model's kernels option; energies, forces and stress as without."""
     from ase import Atoms
 
     from dpfit.calculators.ase import DPCalculator
@@ -402,11 +352,18 @@ def test_ase_calculator_with_kernels(kernels, tiny_model, random_frame):
     model.type_map = ["Cu", "Ni"]
     coord, atype, box = random_frame(seed=9, natoms=10)
     results = {}
-    for mode in ("off", "on"):
-        atoms = Atoms(symbols=[model.type_map[t] for t in atype], positions=coord, cell=box, pbc=True)
-        atoms.calc = DPCalculator(model, kernels=mode)
-        assert compiled_kernels_mode() == mode
-        results[mode] = (atoms.get_potential_energy(), atoms.get_forces(), atoms.get_stress())
+    set_compiled_kernels(None)  # the model's option decides
+    try:
+        for mode in ("off", "on"):
+            atoms = Atoms(symbols=[model.type_map[t] for t in atype], positions=coord, cell=box, pbc=True)
+            atoms.calc = DPCalculator(model, kernels=mode)
+            assert atoms.calc.model.kernels == mode and atoms.calc.model.fitting.nets[0].kernels == mode
+            with torch.enable_grad():  # (the kernels' autograd nodes show they ran)
+                out = model(**_frame_inputs(model, coord, atype, box), create_graph=True)
+            assert ("CompiledFittingBackward" in _graph_nodes(out["force"])) == (mode == "on")
+            results[mode] = (atoms.get_potential_energy(), atoms.get_forces(), atoms.get_stress())
+    finally:
+        set_compiled_kernels("on")
     for a, b in zip(results["on"], results["off"]):
         np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-12)
 
@@ -419,12 +376,14 @@ def test_kernel_skipped_where_it_does_not_apply(kernels):
     assert net1._compiled_kernel(torch.zeros(2, 1, dtype=torch.float64)) is kernels
 
 
-def test_mode_is_validated():
+def test_mode_is_validated(tiny_model):
     before = compiled_kernels_mode()
     with pytest.raises(ValueError, match="kernels='fast'"):
         set_compiled_kernels("fast")
     with pytest.raises(ValueError, match="kernels='fast'"):
         DeepPotentialModule(model={}, loss=None, schedule=None, kernels="fast")
+    with pytest.raises(ValueError, match="model.kernels='fast'"):
+        EnergyModel.from_config({**tiny_model().config, "kernels": "fast"})
     assert compiled_kernels_mode() == before
 
 
@@ -437,26 +396,57 @@ def test_failed_build_falls_back_or_raises(monkeypatch, caplog):
     monkeypatch.setattr(kernel_build, "_build", broken)
     monkeypatch.setattr(kernel_build, "_extension", None)
     monkeypatch.setattr(kernel_build, "_failure", None)
-    try:
-        with caplog.at_level("WARNING", logger="dpfit.model.kernels.build"):
-            assert set_compiled_kernels("auto") is False
-        assert "no C++ compiler found" in caplog.text
-        assert embedding_extension() is None
-        with pytest.raises(RuntimeError, match=r"could not be built \(OSError: no C\+\+ compiler found\)"):
-            set_compiled_kernels("on")
-    finally:
-        kernel_build._mode = "off"
+    monkeypatch.setattr(kernel_build, "_warned", False)
+    monkeypatch.setattr(kernel_build, "_override", None)
+    with caplog.at_level("WARNING", logger="dpfit.model.kernels.build"):
+        assert compiled_kernels("auto") is None
+        assert compiled_kernels("auto") is None
+    assert caplog.text.count("no C++ compiler found") == 1  # warned once
+    assert compiled_kernels("off") is None
+    with pytest.raises(RuntimeError, match=r"could not be built \(OSError: no C\+\+ compiler found\)"):
+        compiled_kernels("on")
 
 
 @pytest.mark.parametrize("mode", ["auto", "off"])
-def test_module_setup_sets_the_mode(kernels, tiny_model, mode):
-    """``kernels`` of the training module (train.yaml's ``kernels``) takes effect in setup, per process."""
+def test_module_kernels_is_the_model_option(tiny_model, mode):
+    """train.yaml's ``kernels`` (when set) overrides ``model.kernels``; the option is stored in the
+    checkpoint's model config and set on every net of the model."""
+    from dpfit.io.checkpoint import MODEL_CONFIG_KEY
     from dpfit.training.loss import EnergyLoss
     from dpfit.training.schedule import ExponentialDecay
 
-    config = tiny_model().config
+    config = {**tiny_model().config, "kernels": "on"}
     module = DeepPotentialModule(model=config, loss=EnergyLoss(), schedule=ExponentialDecay(), kernels=mode)
-    set_compiled_kernels("on" if mode == "off" else "off")
-    module.setup("fit")
-    assert compiled_kernels_mode() == mode
-    set_compiled_kernels("on")
+    assert module.model.kernels == mode and module.hparams[MODEL_CONFIG_KEY]["kernels"] == mode
+    assert {m.kernels for m in module.model.modules() if isinstance(m, ResidualMLP)} == {mode}
+    module = DeepPotentialModule(model=config, loss=EnergyLoss(), schedule=ExponentialDecay())
+    assert module.model.kernels == "on"
+
+
+def test_build_says_so_first_and_cache_is_reused(tmp_path, monkeypatch, caplog):
+    """The first build logs a message with the expected duration before it starts; the folder is keyed
+    by the sources (not by paths of the environment), and a finished build is imported directly."""
+    import torch.utils.cpp_extension as cpp
+
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    events = []
+
+    def fake_load(name, sources, extra_cflags, extra_ldflags, build_directory, verbose):
+        events.append(("load", [r.getMessage() for r in caplog.records]))
+        (Path(build_directory) / f"{name}.so").write_text("")
+        return "module"
+
+    monkeypatch.setattr(cpp, "load", fake_load)
+    monkeypatch.setattr(kernel_build, "_import", lambda name, library: events.append(("import", library)) or "cached")
+    with caplog.at_level("WARNING", logger="dpfit.model.kernels.build"):
+        assert kernel_build._build() == "module"
+        assert events[0][0] == "load" and any("building the compiled CPU kernels" in m and "minutes" in m
+                                              for m in events[0][1])
+        assert kernel_build._build() == "cached"
+    (folder,) = tmp_path.iterdir()
+    assert events[1] == ("import", next(folder.glob("*.so")))
+    key = kernel_build._cache_dir("x", [])
+    monkeypatch.setattr(kernel_build.sys, "prefix", "/another/venv")  # another environment: the same folder
+    assert kernel_build._cache_dir("x", []) == key
+    monkeypatch.setattr(kernel_build, "SOURCES", kernel_build.SOURCES[:-1])  # other sources: another folder
+    assert kernel_build._cache_dir("x", []) != key

@@ -89,7 +89,7 @@ def _loss_and_grads(model, inp: dict, labels: dict) -> dict:
 
 
 def test_training_gradients_on_gpu_equal_cpu(water_fixture_dir):
-    """The loss and the gradient of every parameter (through the force's double backward) from the same
+    """The loss and the gradient of every parameter (through the closed-form forces, one backward pass) from the same
     weights on a data_0 frame agree between CPU and GPU to 1e-9 of each gradient's largest entry."""
     system = DeepmdSystem(SHARED / "data" / "water" / "data_0", ["O", "H"])
     results = []

@@ -61,32 +61,6 @@ def test_reverse_slots_match_brute_force(random_frame, case):
         assert np.any((got[matched] // nnei) % nloc == atom), "expected an atom paired with its own image"
 
 
-@pytest.mark.parametrize("periodic", [True, False], ids=["pbc", "nopbc"])
-@pytest.mark.parametrize("type_one_side", [True, False], ids=["one_side", "pair_nets"])
-def test_shared_reverse_pairs_give_the_same_model(tiny_model, random_frame, periodic, type_one_side):
-    """Energies, forces, virials and the training gradient with and without sharing."""
-    model = tiny_model("float64", type_one_side=type_one_side).train()
-    assert model.descriptor.reverse_pairs_share_input()
-    box = np.diag([3.4, 3.6, 3.9]) if periodic else None
-    coord, atype, box = random_frame(seed=5, natoms=10, periodic=periodic, box=box, min_dist=1.0)
-    nlist, shift, atypes, slot_type = _lists([(coord, atype, box)], model.rcut, model.sel)
-    assert (reverse_slots(nlist, shift, atypes, slot_type) >= 0).sum() > 0
-    inputs = dict(coord=torch.from_numpy(coord)[None], atype=atypes, nlist=nlist,
-                  box=None if box is None else torch.from_numpy(box)[None], shift=shift)
-    results = []
-    for share in (True, False):
-        model.share_reverse_pairs = share
-        out = model(**inputs, do_force=True, do_virial=True, do_atomic_virial=True, create_graph=True)
-        loss = out["energy"].sum() ** 2 + (out["force"] ** 2).sum() + (out["virial"] ** 2).sum()
-        grads = torch.autograd.grad(loss, [p for p in model.parameters()])
-        results.append(({k: v.detach() for k, v in out.items()}, grads))
-    (a, ga), (b, gb) = results
-    for key in a:
-        torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-12)
-    for x, y in zip(ga, gb):
-        torch.testing.assert_close(x, y, rtol=1e-10, atol=1e-12)
-
-
 def test_sharing_needs_slot_independent_statistics(tiny_model):
     model = tiny_model("float64")
     assert model.descriptor.reverse_pairs_share_input()
@@ -97,7 +71,7 @@ def test_sharing_needs_slot_independent_statistics(tiny_model):
 
 @pytest.mark.parametrize("case", ["one_type_only", "slot_dependent_stats"])
 def test_energy_equals_every_slot_embedded(fd_forces, tiny_model, random_frame, run_model, case):
-    """Against a by-hand model that embeds every slot, padding included. one_type_only: a frame with
+    """Against the reference model, which embeds every slot, padding included. one_type_only: a frame with
     atoms of one type only, so the other type's block is padding everywhere (no slot kept) and enters
     through its constant. slot_dependent_stats: davg/dstd differ per slot, so padded slots have many
     distinct inputs (one padding row each) and no pair is shared. Forces are still -dE/dr."""
@@ -114,28 +88,19 @@ def test_energy_equals_every_slot_embedded(fd_forces, tiny_model, random_frame, 
     ref = run_model(model, coord, atype, box)
     fd = fd_forces(lambda c: run_model(model, c, atype, box, virial=False)["energy"], coord, 1e-5)
     np.testing.assert_allclose(ref["force"], fd, rtol=0, atol=1e-7)
-    # reference: every slot embedded (no shortcuts), descriptor and fitting by hand
-    from dpfit.model.energy_model import pair_vectors
+    # the reference model embeds every slot (no shortcuts); energy and embedding-parameter gradients
+    from dpfit.model import convert
 
-    desc = model.descriptor
     nl = build_neighbor_list(coord, atype, box, model.rcut, model.sel, warn=False)
-    at = torch.from_numpy(atype)[None]
-    diff, mask = pair_vectors(torch.from_numpy(coord)[None], torch.from_numpy(box)[None],
-                              torch.from_numpy(nl.nlist)[None], torch.from_numpy(nl.shift)[None], desc.rcut + 1.0)
-    rr = desc.normalized_env(diff, mask, at)[0]  # (nloc, nnei, 4)
-    g = torch.cat([net(rr[:, desc.sections[t]:desc.sections[t + 1], :1].reshape(-1, 1)).reshape(len(atype), -1, 8)
-                   for t, net in enumerate(desc.embeddings)], 1)
-    g_t = torch.bmm(rr.transpose(1, 2), g) / desc.nnei
-    d = torch.bmm(g_t.transpose(1, 2), g_t[..., : desc.axis_neuron]).reshape(1, len(atype), -1)
-    energy = model.fitting(d, at).sum()
-    assert abs(energy.item() - ref["energy"]) < 1e-10
-    # the embedding parameters' gradients too (the padded slots' constant share included)
-    params = list(desc.embeddings.parameters())
-    want = torch.autograd.grad(energy, params)
-    out = model(torch.from_numpy(coord)[None], at, torch.from_numpy(nl.nlist)[None], torch.from_numpy(box)[None],
-                torch.from_numpy(nl.shift)[None], do_force=False)
-    got = torch.autograd.grad(out["energy"].sum(), params)
-    for a, b in zip(got, want):
+    inputs = (torch.from_numpy(coord)[None], torch.from_numpy(atype)[None], torch.from_numpy(nl.nlist)[None],
+              torch.from_numpy(box)[None], torch.from_numpy(nl.shift)[None])
+    grads = []
+    for impl in (model, convert(model, "reference")):
+        energy = impl(*inputs, do_force=False)["energy"].sum()
+        grads.append((energy.item(), torch.autograd.grad(energy, list(impl.descriptor.embeddings.parameters()))))
+    (e_fast, g_fast), (e_ref, g_ref) = grads
+    assert abs(e_fast - e_ref) < 1e-10
+    for a, b in zip(g_fast, g_ref):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
 
 
@@ -168,10 +133,6 @@ def test_each_reverse_pair_is_embedded_once(tiny_model, random_frame, monkeypatc
                        for t in range(desc.ntypes))
     assert padding_rows == desc.ntypes * desc.ntypes
     assert sum(rows) == occupied - pairs + padding_rows
-    rows.clear()
-    model.share_reverse_pairs = False
-    model(**inputs, do_force=True)
-    assert sum(rows) == occupied + padding_rows
 
 
 def test_slots_padded_for_the_whole_batch_are_not_embedded(tiny_model, random_frame):
@@ -183,8 +144,8 @@ def test_slots_padded_for_the_whole_batch_are_not_embedded(tiny_model, random_fr
     coord, atype, box = random_frame(seed=3, natoms=6, periodic=True)
     nlist, shift, atypes, _ = _lists([(coord, atype, box)], model.rcut, model.sel)
     diff, mask = pair_vectors(torch.from_numpy(coord)[None], torch.from_numpy(box)[None], nlist, shift, desc.rcut + 1)
-    gs, ts, _ = desc.embed(desc.normalized_env(diff, mask, atypes), atypes, mask, tangent=True)
+    g_blocks, t_blocks, _ = desc.embed(desc.normalized_env(diff, mask, atypes), atypes, mask, tangent=True)
     for t in range(desc.ntypes):
         most = int(mask[..., desc.sections[t]:desc.sections[t + 1]].sum(-1).max())
         assert most < desc.sel[t]
-        assert gs[t].shape[1] == most and ts[t].shape[1] == most
+        assert g_blocks[t].shape[1] == most and t_blocks[t].shape[1] == most

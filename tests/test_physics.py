@@ -315,55 +315,6 @@ def test_type_one_side_false_uses_center_neighbor_pair_nets(tiny_model, random_f
     assert np.all(np.abs(out["atom_energy"] - ref["atom_energy"]) > 1e-8)
 
 
-TRAINING_GRAD_CASES = {
-    "one_side": {},
-    "pair_nets": {"type_one_side": False},
-    "exclude_resnet_dt": {"exclude_types": [[0, 1]], "resnet_dt": True},
-    "fparam_aparam": {"numb_fparam": 1, "numb_aparam": 2},
-}
-
-
-@pytest.mark.parametrize("case", list(TRAINING_GRAD_CASES), ids=list(TRAINING_GRAD_CASES))
-def test_training_gradient_equals_double_backward(tiny_model, random_frame, case):
-    """The closed-form forces are differentiated by one backward pass in training: the parameter
-    gradient of an energy + force (+ virial) loss must equal the one from autograd's double backward,
-    forces = -dE/dr with create_graph, on the same energy."""
-    from dpfit.data.neighbor import build_neighbor_list
-
-    model = tiny_model("float64", **TRAINING_GRAD_CASES[case]).train()
-    coord, atype, box = random_frame(seed=11, natoms=8, periodic=True)
-    nl = build_neighbor_list(coord, atype, box, model.rcut, model.sel, warn=False)
-    rng = np.random.default_rng(0)
-    extra = {}
-    if model.fitting.numb_fparam:
-        extra["fparam"] = torch.tensor([[0.3]], dtype=torch.float64)
-    if model.fitting.numb_aparam:
-        extra["aparam"] = torch.from_numpy(rng.normal(size=(1, len(atype), 2)))
-    inputs = dict(atype=torch.from_numpy(atype)[None], nlist=torch.from_numpy(nl.nlist)[None],
-                  box=torch.from_numpy(box)[None], shift=torch.from_numpy(nl.shift)[None], **extra)
-    f_label = torch.from_numpy(rng.normal(size=(1, len(atype), 3)))
-    params = [p for p in model.parameters() if p.requires_grad]
-
-    out = model(torch.from_numpy(coord)[None], **inputs, do_force=True, do_virial=True, create_graph=True)
-    loss = out["energy"].sum() ** 2 + ((out["force"] - f_label) ** 2).sum() + (out["virial"] ** 2).sum() * 1e-2
-    grads = torch.autograd.grad(loss, params)
-
-    coord_t = torch.from_numpy(coord)[None].requires_grad_(True)
-    strain = torch.zeros(3, 3, dtype=torch.float64, requires_grad=True)
-    deform = torch.eye(3, dtype=torch.float64) + strain
-    ref = model(coord_t @ deform, **{**inputs, "box": inputs["box"] @ deform}, do_force=False)
-    d_coord, d_strain = torch.autograd.grad(ref["energy"].sum(), [coord_t, strain], create_graph=True)
-    ref_force, ref_virial = -d_coord, -d_strain.reshape(1, 9)
-    torch.testing.assert_close(out["force"], ref_force, rtol=0, atol=1e-10)
-    torch.testing.assert_close(out["virial"], ref_virial, rtol=0, atol=1e-10)
-    ref_loss = ref["energy"].sum() ** 2 + ((ref_force - f_label) ** 2).sum() + (ref_virial**2).sum() * 1e-2
-    ref_grads = torch.autograd.grad(ref_loss, params)
-    assert max(float(g.abs().max()) for g in grads) > 1e-3, "gradients too small for a meaningful check"
-    names = [n for n, p in model.named_parameters() if p.requires_grad]
-    for name, g, r in zip(names, grads, ref_grads):
-        torch.testing.assert_close(g, r, rtol=1e-8, atol=1e-10, msg=lambda m, name=name: f"{name}: {m}")
-
-
 @pytest.mark.parametrize("type_one_side", [True, False], ids=["one_side", "pair_nets"])
 def test_force_constants_are_symmetric_and_match_finite_differences(tiny_model, random_frame, type_one_side):
     """Differentiating the closed-form forces with respect to the coordinates (force constants, as for

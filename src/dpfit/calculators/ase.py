@@ -125,8 +125,8 @@ class DPCalculator(Calculator):
     checkpoint's). ``device``: where the model runs. ``skin`` (Å): neighbor-list skin, see
     :class:`SkinNeighborList` (0 searches at every call). ``fparam`` (numb_fparam,) and ``aparam``
     (natoms, numb_aparam) or (numb_aparam,) for all atoms: the model's frame / atomic parameters.
-    ``kernels`` (``auto`` / ``on`` / ``off``; None leaves the process's setting, ``DPFIT_KERNELS``):
-    the compiled CPU kernels (:mod:`dpfit.model.kernels`) for a CPU device.
+    ``kernels`` (``auto`` / ``on`` / ``off``; None: the model's ``kernels`` option): the compiled CPU
+    kernels (:mod:`dpfit.model.kernels`), set on the model.
 
     Properties: ``energy`` = ``free_energy`` (eV), ``forces`` (eV/Å), ``energies`` (per atom, eV) and,
     for periodic atoms (pbc all true), ``stress`` = -virial / volume (eV/Å^3, Voigt order xx yy zz yz xz xy).
@@ -154,10 +154,8 @@ class DPCalculator(Calculator):
         elif precision is not None:
             raise ValueError("precision applies to a checkpoint path; convert the model object yourself")
         self.device = torch.device(device)
-        if kernels is not None and self.device.type == "cpu":  # compiled CPU kernels for this process
-            from dpfit.model.kernels import set_compiled_kernels
-
-            set_compiled_kernels(kernels)
+        if kernels is not None:
+            model.kernels = kernels
         self.model = model.to(self.device).eval()
         self.type_map = list(model.type_map)
         self._type_index = {name: k for k, name in enumerate(self.type_map)}

@@ -13,7 +13,7 @@ from dpfit.io.export import freeze
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="freeze")
 def main(cfg: DictConfig) -> None:
-    model = load_model(to_absolute_path(cfg.ckpt_path), precision=cfg.get("precision"))
+    model = load_model(to_absolute_path(cfg.ckpt_path), precision=cfg.get("precision"), impl="fast")
     out = freeze(model, to_absolute_path(cfg.output), overwrite=bool(cfg.get("overwrite", False)))
     print(f"frozen model written to {out} (type_map {model.type_map}, rcut {model.rcut} Å)")
 

@@ -68,12 +68,10 @@ def _write_plots(results: list[dict], type_map: list[str], prefix: Path | None, 
 def run(cfg: DictConfig, out_dir: Path | None = None) -> dict:
     """Evaluate ``cfg.ckpt_path`` on ``cfg.systems``; print the tables, write details; return the metrics."""
     ckpt = _abspath(cfg.ckpt_path)
-    model = load_model(ckpt, precision=cfg.get("precision"))
+    model = load_model(ckpt, precision=cfg.get("precision"), impl=cfg.get("impl"))
     device = _device(cfg.get("device", "auto"))
-    if device.type == "cpu":
-        from dpfit.model.kernels import set_compiled_kernels
-
-        set_compiled_kernels(cfg.get("kernels", "auto"))
+    if cfg.get("kernels") is not None:  # else the checkpoint's model.kernels
+        model.kernels = cfg.kernels
     model.to(device)
     systems = load_systems([_abspath(p) for p in _paths(cfg.systems)], type_map=model.type_map)
     detail = cfg.get("detail_file")

@@ -36,7 +36,7 @@ def build(cfg: DictConfig, wandb_id: str | None = None):
         loss=instantiate(cfg.loss),
         schedule=instantiate(cfg.schedule),
         scale_by_worker=cfg.get("scale_by_worker", "none"),
-        kernels=cfg.get("kernels", "off"),
+        kernels=cfg.get("kernels"),
     )
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c]
     loggers = []

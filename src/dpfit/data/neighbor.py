@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import math
 import warnings
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 import vesin
 
 
@@ -26,13 +28,22 @@ class NeighborList:
 BACKENDS = ("vesin", "torch_cluster")
 
 
+def image_reach(box: torch.Tensor, rcut: float) -> list[int]:
+    """How many periodic images along each cell vector (rows of ``box``) can hold a neighbor within
+    ``rcut``: ``ceil(rcut / height)``, the height being the distance between the cell's opposite faces.
+    TorchScript-compatible (used by the frozen model's own neighbor search too)."""
+    volume = torch.abs(torch.linalg.det(box))
+    faces = torch.linalg.cross(torch.roll(box, -1, 0), torch.roll(box, -2, 0))  # (b x c, c x a, a x b)
+    heights = volume / torch.linalg.vector_norm(faces, dim=-1)
+    return [int(math.ceil(rcut / float(heights[a]))) for a in range(3)]
+
+
 def _pairs_torch_cluster(coord: np.ndarray, box: np.ndarray | None, rcut: float):
     """Pairs by torch-cluster's radius search on ghost-extended coordinates (GPU-capable; extra [cluster]).
 
     Atoms are wrapped into the cell, every image within the cutoff is added as a ghost, and image
     vectors are mapped back to the original (unwrapped) positions.
     """
-    import torch
     from torch_cluster import radius
 
     n = len(coord)
@@ -43,9 +54,7 @@ def _pairs_torch_cluster(coord: np.ndarray, box: np.ndarray | None, rcut: float)
         frac = coord @ np.linalg.inv(box)
         cell_shift = np.floor(frac).astype(np.int64)
         wrapped = coord - cell_shift @ box
-        volume = abs(np.linalg.det(box))
-        heights = [volume / np.linalg.norm(np.cross(box[(a + 1) % 3], box[(a + 2) % 3])) for a in range(3)]
-        reach = [int(np.ceil(rcut / h)) for h in heights]
+        reach = image_reach(torch.from_numpy(np.asarray(box, dtype=np.float64)), rcut)
         grid = np.meshgrid(*[np.arange(-m, m + 1) for m in reach], indexing="ij")
         images = np.stack(grid, -1).reshape(-1, 3)
     ghosts = (wrapped[None, :, :] + (images @ box if box is not None else images)[:, None, :]).reshape(-1, 3)

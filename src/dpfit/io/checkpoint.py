@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 
 from dpfit.io.deepmd_checkpoint import is_deepmd_checkpoint, model_from_deepmd_state
-from dpfit.model import EnergyModel
+from dpfit.model import EnergyModel, build_model, convert
 
 #: key of the model config inside a dpfit checkpoint (Lightning's hyper_parameters)
 MODEL_CONFIG_KEY = "model_config"
@@ -18,14 +18,15 @@ def model_from_dpfit_checkpoint(ckpt: dict, precision: str | None = None) -> Ene
     config = dict(ckpt["hyper_parameters"][MODEL_CONFIG_KEY])
     if precision:
         config["precision"] = precision
-    model = EnergyModel.from_config(config)
+    model = build_model(config)
     state = {k[len("model."):]: v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
     model.load_state_dict(state)
     return model
 
 
-def load_model(path: str | Path, precision: str | None = None) -> EnergyModel:
-    """Any supported checkpoint -> :class:`EnergyModel` in eval mode (float64 unless ``precision``)."""
+def load_model(path: str | Path, precision: str | None = None, impl: str | None = None) -> EnergyModel:
+    """Any supported checkpoint -> its model in eval mode (float64 unless ``precision``), as the
+    implementation ``impl`` (``fast`` or ``reference``; None: the checkpoint's ``model.impl``)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: checkpoint not found")
@@ -39,4 +40,4 @@ def load_model(path: str | Path, precision: str | None = None) -> EnergyModel:
         model = model_from_dpfit_checkpoint(ckpt, precision=precision)
     else:
         raise ValueError(f"{path}: neither a dpfit nor a DeePMD-kit checkpoint")
-    return model.eval()
+    return (convert(model, impl) if impl else model).eval()

@@ -1,16 +1,60 @@
-"""Plain-PyTorch Deep Potential model (no Hydra, no Lightning)."""
+"""Deep Potential models in plain PyTorch (no Hydra, no Lightning).
+
+Two implementations of the same model, chosen by the config key ``impl``:
+
+- ``reference`` (:mod:`dpfit.model.reference`): short and readable, forces and virials by autograd;
+- ``fast`` (:class:`EnergyModel`, the default): the same numbers, faster; on CPU it can use the
+  compiled kernels of :mod:`dpfit.model.kernels` (config key ``kernels``: auto, on or off).
+
+Both have the same parameters and buffers, so :func:`convert` moves a model from one to the other.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import nn
 
 from dpfit.model.descriptor import SeE2A, environment_matrix, switching_function
 from dpfit.model.energy_model import DTYPES, EnergyModel, pair_vectors
 from dpfit.model.fitting import EnergyFitting
 from dpfit.model.network import ResidualMLP
+from dpfit.model.reference import ReferenceEnergyModel
+
+IMPLS = {"fast": EnergyModel, "reference": ReferenceEnergyModel}
+
+
+def build_model(config: dict[str, Any]) -> nn.Module:
+    """The model of a ``model`` config: :class:`EnergyModel` or, with ``impl: reference``,
+    :class:`ReferenceEnergyModel`."""
+    impl = dict(config).get("impl", "fast")
+    if impl not in IMPLS:
+        raise ValueError(f"model.impl={impl!r}: choose one of {', '.join(IMPLS)}")
+    return IMPLS[impl].from_config(config)
+
+
+def convert(model: nn.Module, impl: str) -> nn.Module:
+    """The same model (weights, statistics, train/eval mode) as implementation ``impl``."""
+    if impl not in IMPLS:
+        raise ValueError(f"model.impl={impl!r}: choose one of {', '.join(IMPLS)}")
+    if isinstance(model, IMPLS[impl]):
+        return model
+    other = build_model({**model.config, "impl": impl})
+    other.load_state_dict(model.state_dict())
+    device = next(model.parameters()).device
+    return other.to(device).train(model.training)
+
 
 __all__ = [
     "DTYPES",
+    "IMPLS",
     "EnergyFitting",
     "EnergyModel",
+    "ReferenceEnergyModel",
     "ResidualMLP",
     "SeE2A",
+    "build_model",
+    "convert",
     "environment_matrix",
     "pair_vectors",
     "switching_function",

@@ -26,9 +26,7 @@ def switching_with_derivative(r: torch.Tensor, rcut_smth: float, rcut: float) ->
     return w, dw
 
 
-def environment_matrix(
-    diff: torch.Tensor, mask: torch.Tensor, rcut_smth: float, rcut: float, protection: float = 0.0
-) -> torch.Tensor:
+def environment_matrix(diff: torch.Tensor, mask: torch.Tensor, rcut_smth: float, rcut: float) -> torch.Tensor:
     """Rows ``w(r) [1/r, x/r^2, y/r^2, z/r^2]`` per neighbor slot; zero on padded slots.
 
     diff: (..., nnei, 3) Å, neighbor minus center; mask: (..., nnei) bool, False on padding.
@@ -36,7 +34,7 @@ def environment_matrix(
     """
     r = torch.linalg.vector_norm(diff, dim=-1, keepdim=True)
     w = switching_function(r, rcut_smth, rcut) * mask.unsqueeze(-1)
-    inv_r = 1.0 / (r + protection)
+    inv_r = 1.0 / r
     return torch.cat([inv_r, diff * inv_r * inv_r], dim=-1) * w
 
 
@@ -106,6 +104,8 @@ class SeE2A(nn.Module):
         self.register_buffer("pair_keep", keep)
         self.register_buffer("davg", torch.zeros(ntypes, self.nnei, 4, dtype=dtype))
         self.register_buffer("dstd", torch.ones(ntypes, self.nnei, 4, dtype=dtype))
+        #: compiled CPU kernels: auto / on / off (set for the whole model by EnergyModel.kernels)
+        self.kernels = "off"
         slot_type = torch.repeat_interleave(torch.arange(ntypes), torch.tensor(self.sel))
         self.register_buffer("slot_type", slot_type, persistent=False)
 
@@ -115,7 +115,7 @@ class SeE2A(nn.Module):
 
     def env_matrix(self, diff: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Raw environment matrix (nf, nloc, nnei, 4) before normalisation (used for statistics)."""
-        return environment_matrix(diff, mask, self.rcut_smth, self.rcut, 0.0)
+        return environment_matrix(diff, mask, self.rcut_smth, self.rcut)
 
     def normalized_env(self, diff: torch.Tensor, mask: torch.Tensor, atype: torch.Tensor) -> torch.Tensor:
         """``R~ = (R - davg[t_i]) / dstd[t_i]`` (nf, nloc, nnei, 4), zeroed on excluded type pairs."""
@@ -149,9 +149,8 @@ class SeE2A(nn.Module):
         flat_mask = mask.reshape(n, nnei)
         flat_type = atype.reshape(-1)
         s_pad = -self.davg[:, :, 0] / self.dstd[:, :, 0]  # embedding input of a padded slot (R = 0)
-        gs: list[torch.Tensor] = []
-        ts: list[torch.Tensor] = []
-        indices: list[torch.Tensor] = []
+        g_blocks: list[torch.Tensor] = []
+        t_blocks: list[torch.Tensor] = []
         tail = rr.new_zeros(self.ntypes, 4, m)
         for tj in range(self.ntypes):
             lo = self.sections[tj]
@@ -234,10 +233,10 @@ class SeE2A(nn.Module):
             inverse = torch.cat(owned)
             other_slots = torch.nonzero(~computed.reshape(-1)).squeeze(-1)  # padded and reused slots
             other_rows = index.reshape(-1).index_select(0, other_slots)
-            gs.append(gather_rows(source, index, inverse, other_slots, other_rows))
+            g_blocks.append(gather_rows(source, index, inverse, other_slots, other_rows))
             if tangent:
-                ts.append(gather_rows(t_source, index, inverse, other_slots, other_rows))
-        return gs + indices, ts, tail
+                t_blocks.append(gather_rows(t_source, index, inverse, other_slots, other_rows))
+        return g_blocks, t_blocks, tail
 
     def _padding_inputs(self, s_pad: torch.Tensor, lo: int, hi: int, ti: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The distinct embedding inputs of padded slots [lo, hi) for the net of center type ``ti`` (-1:
@@ -270,8 +269,8 @@ class SeE2A(nn.Module):
         flat_type = atype.reshape(-1).contiguous()
         flat_partner = partner.reshape(n, nnei).contiguous() if partner is not None else flat_type.new_empty(0)
         s_pad = -self.davg[:, :, 0] / self.dstd[:, :, 0]
-        gs: list[torch.Tensor] = []
-        ts: list[torch.Tensor] = []
+        g_blocks: list[torch.Tensor] = []
+        t_blocks: list[torch.Tensor] = []
         indices: list[torch.Tensor] = []
         tail = rr.new_zeros(self.ntypes, 4, self.neuron[-1])
         for tj in range(self.ntypes):
@@ -303,12 +302,12 @@ class SeE2A(nn.Module):
                 if kept < width:
                     pad_values.append(net.value_and_tangent(x_pad)[0])
             n_own = [x.shape[0] for x in own]
-            gs.append(_own_rows_first(values, n_own))
-            ts.append(_own_rows_first(tangents, n_own))
+            g_blocks.append(_own_rows_first(values, n_own))
+            t_blocks.append(_own_rows_first(tangents, n_own))
             indices.append(index)
             if kept < width:
                 tail = self._padded_tail(tail, lo, hi, kept, pad_values, pad_alone)
-        return gs + indices, ts, tail
+        return g_blocks + indices, t_blocks, tail
 
     def reverse_pairs_share_input(self) -> bool:
         """True when ``davg``/``dstd`` of the radial column are the same over the slots of each neighbor
@@ -335,26 +334,26 @@ class SeE2A(nn.Module):
                 return self._descriptor_from_rows(rr, atype, mask, partner)
         nf, nloc, nnei, _ = rr.shape
         n = nf * nloc
-        gs, ts, tail = self.embed(rr, atype, mask, tangent, partner)
+        g_blocks, t_blocks, tail = self.embed(rr, atype, mask, tangent, partner)
         flat_rr = rr.reshape(n, nnei, 4)
         # (bmm, not matmul: matmul's broadcasting adds no-op expand nodes that cost time in backward)
         g_t = tail.index_select(0, atype.reshape(-1))
         for tj in range(self.ntypes):
             lo = self.sections[tj]
-            g_t = torch.baddbmm(g_t, flat_rr[:, lo:lo + gs[tj].shape[1]].transpose(1, 2), gs[tj])
+            g_t = torch.baddbmm(g_t, flat_rr[:, lo:lo + g_blocks[tj].shape[1]].transpose(1, 2), g_blocks[tj])
         g_t = g_t / self.nnei
         d = torch.bmm(g_t.transpose(1, 2), g_t[..., : self.axis_neuron])
-        return d.reshape(nf, nloc, -1), g_t, gs, ts
+        return d.reshape(nf, nloc, -1), g_t, g_blocks, t_blocks
 
     @torch.jit.unused
     def _rows_mode(self, rr: torch.Tensor, tangent: bool) -> bool:
         """Whether the slot contractions run on the embedding rows through the compiled kernels: when
         they are in use (:mod:`dpfit.model.kernels`), on CPU, for the forces' pass, and with R~ a
         constant (its own gradient is not written there)."""
-        from dpfit.model.kernels import embedding_extension
+        from dpfit.model.kernels import compiled_kernels
 
         return (tangent and rr.device.type == "cpu" and rr.dtype in (torch.float32, torch.float64)
-                and not rr.requires_grad and embedding_extension() is not None)
+                and not rr.requires_grad and compiled_kernels(self.kernels) is not None)
 
     @torch.jit.unused
     def _descriptor_from_rows(
@@ -363,37 +362,37 @@ class SeE2A(nn.Module):
         """:meth:`descriptor_from_env` with the contractions on the rows (compiled kernels). The lists
         returned: rows G per type then each block's index; rows T per type then each block's
         (order, ptr) of the extension's ``slots_of_rows``."""
-        from dpfit.model.kernels import embedding_extension
+        from dpfit.model.kernels import compiled_kernels
         from dpfit.model.kernels.descriptor_product import DescriptorGram
-        from dpfit.model.kernels.slot_contraction import SlotGT
+        from dpfit.model.kernels.slot_contraction import GTFromRows
 
-        ext = embedding_extension()
+        ext = compiled_kernels(self.kernels)
         nf, nloc, nnei, _ = rr.shape
         n = nf * nloc
-        out, ts, tail = self._embed_rows(ext, rr, atype, mask, partner)
-        gs, indices = out[: self.ntypes], out[self.ntypes:]
+        out, t_blocks, tail = self._embed_rows(ext, rr, atype, mask, partner)
+        g_blocks, indices = out[: self.ntypes], out[self.ntypes:]
         flat_rr = rr.reshape(n, nnei, 4)
         g_t = tail.index_select(0, atype.reshape(-1))
         csr: list[torch.Tensor] = []
         for tj in range(self.ntypes):
             lo = self.sections[tj]
             index = indices[tj]
-            order, ptr = ext.slots_of_rows(index.contiguous(), gs[tj].shape[0])
+            order, ptr = ext.slots_of_rows(index.contiguous(), g_blocks[tj].shape[0])
             r_block = flat_rr[:, lo:lo + index.shape[1]].contiguous()
-            part, gs[tj] = SlotGT.apply(ext, gs[tj], index, r_block, order, ptr)  # SlotEnv reads the rows via gs
+            part, g_blocks[tj] = GTFromRows.apply(ext, g_blocks[tj], index, r_block, order, ptr)  # (SlotProductsFromRows reads them via g_blocks)
             g_t = g_t + part
             csr += [order, ptr]
         g_t = g_t / self.nnei
         d = DescriptorGram.apply(ext, g_t, self.axis_neuron)
-        return d.reshape(nf, nloc, -1), g_t, gs + indices, ts + csr
+        return d.reshape(nf, nloc, -1), g_t, g_blocks + indices, t_blocks + csr
 
     def env_gradient(
-        self, grad_d: torch.Tensor, g_t: torch.Tensor, rr: torch.Tensor, mask: torch.Tensor, gs: list[torch.Tensor],
-        ts: list[torch.Tensor],
+        self, grad_d: torch.Tensor, g_t: torch.Tensor, rr: torch.Tensor, mask: torch.Tensor, g_blocks: list[torch.Tensor],
+        t_blocks: list[torch.Tensor],
     ) -> torch.Tensor:
         """dE/dR~ (nf, nloc, nnei, 4) from dE/dD (nf, nloc, M * axis_neuron), written out: through
         D = G^T G<, G^T = R~^T g / nnei and, for the first column s of R~ on occupied slots, the
-        tangents dg/ds (a padded slot's s is a constant). ``gs``/``ts`` as :meth:`descriptor_from_env`
+        tangents dg/ds (a padded slot's s is a constant). ``g_blocks``/``t_blocks`` as :meth:`descriptor_from_env`
         returned them (padded blocks, or rows with their indices on the compiled path)."""
         nf, nloc, nnei, _ = rr.shape
         n = nf * nloc
@@ -403,14 +402,14 @@ class SeE2A(nn.Module):
         flat_rr = rr.reshape(n, nnei, 4)
         flat_mask = mask.reshape(n, nnei)
         if not torch.jit.is_scripting():
-            if len(gs) > self.ntypes:  # rows of _descriptor_from_rows
-                return self._env_gradient_rows(d_bar, g_t, flat_rr, flat_mask, gs, ts).reshape(nf, nloc, nnei, 4)
+            if len(g_blocks) > self.ntypes:  # rows of _descriptor_from_rows
+                return self._env_gradient_rows(d_bar, g_t, flat_rr, flat_mask, g_blocks, t_blocks).reshape(nf, nloc, nnei, 4)
         g_bar = torch.bmm(g_t[..., :a], d_bar.transpose(1, 2))
         g_bar = g_bar + torch.nn.functional.pad(torch.bmm(g_t, d_bar), [0, m - a])
         g_bar = (g_bar / self.nnei).transpose(1, 2)  # (N, M, 4)
         blocks: list[tuple[torch.Tensor, torch.Tensor]] = []
         for tj in range(self.ntypes):
-            blocks.append((tall_thin_bmm(gs[tj], g_bar), tall_thin_bmm(ts[tj], g_bar)))  # (N, k[tj], 4) each
+            blocks.append((tall_thin_bmm(g_blocks[tj], g_bar), tall_thin_bmm(t_blocks[tj], g_bar)))  # (N, k[tj], 4) each
         return self._slot_gradient(blocks, flat_rr, flat_mask).reshape(nf, nloc, nnei, 4)
 
     def _slot_gradient(
@@ -432,22 +431,22 @@ class SeE2A(nn.Module):
     @torch.jit.unused
     def _env_gradient_rows(
         self, d_bar: torch.Tensor, g_t: torch.Tensor, flat_rr: torch.Tensor, flat_mask: torch.Tensor,
-        gs: list[torch.Tensor], ts: list[torch.Tensor],
+        g_blocks: list[torch.Tensor], t_blocks: list[torch.Tensor],
     ) -> torch.Tensor:
         """:meth:`env_gradient`'s products on the rows (compiled kernels): g_bar (N, 4, M) from dE/dD
         ``d_bar`` (N, M, a), then the slot products."""
-        from dpfit.model.kernels import embedding_extension
+        from dpfit.model.kernels import compiled_kernels
         from dpfit.model.kernels.descriptor_product import DescriptorVJP
-        from dpfit.model.kernels.slot_contraction import SlotEnv
+        from dpfit.model.kernels.slot_contraction import SlotProductsFromRows
 
-        ext = embedding_extension()
+        ext = compiled_kernels(self.kernels)
         g_bar = DescriptorVJP.apply(ext, g_t, d_bar.contiguous()) / self.nnei
         blocks: list[tuple[torch.Tensor, torch.Tensor]] = []
         for tj in range(self.ntypes):
-            index = gs[self.ntypes + tj]
-            order, ptr = ts[self.ntypes + 2 * tj], ts[self.ntypes + 2 * tj + 1]
+            index = g_blocks[self.ntypes + tj]
+            order, ptr = t_blocks[self.ntypes + 2 * tj], t_blocks[self.ntypes + 2 * tj + 1]
             valid = flat_mask[:, self.sections[tj]:self.sections[tj] + index.shape[1]].contiguous()
-            blocks.append(SlotEnv.apply(ext, gs[tj], ts[tj], index, valid, g_bar, order, ptr))
+            blocks.append(SlotProductsFromRows.apply(ext, g_blocks[tj], t_blocks[tj], index, valid, g_bar, order, ptr))
         return self._slot_gradient(blocks, flat_rr, flat_mask)
 
     def env_matrix_vjp(

@@ -1,4 +1,5 @@
-"""Deep Potential energy model: se_e2_a descriptor + energy fitting, forces and virials by autograd."""
+"""Deep Potential energy model, fast path: se_e2_a descriptor + energy fitting, forces and virials in
+closed form (one backward pass in training). The plain reference with autograd forces: reference.py."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from torch import nn
 
 from dpfit.model.descriptor import SeE2A
 from dpfit.model.fitting import EnergyFitting
+from dpfit.model.network import ResidualMLP
 from dpfit.model.pairs import reverse_slots
 
 DTYPES = {"float64": torch.float64, "float32": torch.float32}
@@ -45,16 +47,16 @@ class EnergyModel(nn.Module):
     the atomic virial goes to the neighbor atom j, as in DeePMD-kit.
     """
 
-    __jit_unused_properties__ = ["dtype", "rcut", "sel"]
+    __jit_unused_properties__ = ["dtype", "rcut", "sel", "kernels"]
 
-    def __init__(self, type_map: list[str], descriptor: SeE2A, fitting: EnergyFitting, config: dict | None = None):
+    def __init__(self, type_map: list[str], descriptor: SeE2A, fitting: EnergyFitting, config: dict | None = None,
+                 kernels: str = "off"):
         super().__init__()
         self.type_map = list(type_map)
         self.descriptor = descriptor
         self.fitting = fitting
         self.config = config or {}
-        #: embed each same-type pair once (both directions share the embedding row); False: every slot
-        self.share_reverse_pairs = True
+        self.kernels = kernels
 
     @classmethod
     @torch.jit.ignore
@@ -67,7 +69,23 @@ class EnergyModel(nn.Module):
         fit_cfg = {k: v for k, v in dict(cfg.get("fitting_net", {})).items() if k not in ("type", "_comment", "precision")}
         descriptor = SeE2A(ntypes=len(type_map), dtype=dtype, **desc_cfg)
         fitting = EnergyFitting(len(type_map), descriptor.dim_out, dtype=dtype, **fit_cfg)
-        return cls(type_map, descriptor, fitting, config=cfg)
+        return cls(type_map, descriptor, fitting, config=cfg, kernels=cfg.get("kernels", "off"))
+
+    @property
+    def kernels(self) -> str:
+        """Compiled CPU kernels (:mod:`dpfit.model.kernels`): ``auto`` (where they build and apply),
+        ``on`` (fail if they cannot be built) or ``off``; ``DPFIT_KERNELS`` overrides it."""
+        return self.descriptor.kernels
+
+    @kernels.setter
+    def kernels(self, mode: str) -> None:
+        from dpfit.model.kernels.build import check_mode
+
+        check_mode(mode, "model.kernels")
+        for module in self.modules():
+            if isinstance(module, (SeE2A, ResidualMLP)):
+                module.kernels = mode
+        self.config["kernels"] = mode
 
     @property
     def dtype(self) -> torch.dtype:
@@ -114,10 +132,10 @@ class EnergyModel(nn.Module):
     @torch.jit.unused
     def _reverse_slots_compiled(self, nlist: torch.Tensor, shift: torch.Tensor | None,
                                 atype: torch.Tensor) -> torch.Tensor:
-        from dpfit.model.kernels import embedding_extension
+        from dpfit.model.kernels import compiled_kernels
 
         empty = torch.empty(0, dtype=torch.long)
-        return embedding_extension().reverse_slots(
+        return compiled_kernels(self.descriptor.kernels).reverse_slots(
             nlist.long().contiguous(), empty if shift is None else shift.long().contiguous(), atype.long().contiguous(),
             list(self.descriptor.sections))
 
@@ -125,26 +143,26 @@ class EnergyModel(nn.Module):
     def _compiled_geometry(self, coord: torch.Tensor) -> bool:
         """Whether the pair vectors, R~ and its Jacobian come from the compiled kernels: when they are
         in use (:mod:`dpfit.model.kernels`), on CPU, for coordinates that carry no gradient."""
-        from dpfit.model.kernels import embedding_extension
+        from dpfit.model.kernels import compiled_kernels
 
         return (coord.device.type == "cpu" and coord.dtype in (torch.float32, torch.float64)
-                and not coord.requires_grad and embedding_extension() is not None)
+                and not coord.requires_grad and compiled_kernels(self.descriptor.kernels) is not None)
 
     @torch.jit.unused
     def _geometry(self, coord: torch.Tensor, box: torch.Tensor | None, nlist: torch.Tensor,
                   shift: torch.Tensor | None, atype: torch.Tensor, far: float
                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        from dpfit.model.kernels import embedding_extension
+        from dpfit.model.kernels import compiled_kernels
         from dpfit.model.kernels.environment import compiled_geometry
 
-        return compiled_geometry(embedding_extension(), self.descriptor, coord, box, nlist, shift, atype, far)
+        return compiled_geometry(compiled_kernels(self.descriptor.kernels), self.descriptor, coord, box, nlist, shift, atype, far)
 
     @torch.jit.unused
     def _apply_jacobian(self, jac: torch.Tensor, grad_rr: torch.Tensor) -> torch.Tensor:
-        from dpfit.model.kernels import embedding_extension
+        from dpfit.model.kernels import compiled_kernels
         from dpfit.model.kernels.environment import EnvJacobian
 
-        return EnvJacobian.apply(embedding_extension(), jac, grad_rr)
+        return EnvJacobian.apply(compiled_kernels(self.descriptor.kernels), jac, grad_rr)
 
     def forward(
         self,
@@ -177,15 +195,15 @@ class EnergyModel(nn.Module):
         desc = self.descriptor
         diff, mask, rr, jac = self._environment(coord, box, nlist, shift, atype)
         partner: torch.Tensor | None = None
-        if self.share_reverse_pairs and desc.reverse_pairs_share_input():
+        if desc.reverse_pairs_share_input():  # embed each same-type pair once (both directions)
             partner = self._reverse_slots(nlist, shift, atype, jac is not None)
-        descriptor, g_t, gs, ts = desc.descriptor_from_env(rr, atype, mask, need_grad, partner)
+        descriptor, g_t, g_blocks, t_blocks = desc.descriptor_from_env(rr, atype, mask, need_grad, partner)
         if not need_grad:
             atom_energy = self.fitting(descriptor, atype, fparam, aparam)
             return {"energy": atom_energy.sum(dim=-1), "atom_energy": atom_energy}
         atom_energy, grad_d = self.fitting.forward_with_grad(descriptor, atype, fparam, aparam)
         out = {"energy": atom_energy.sum(dim=-1), "atom_energy": atom_energy}
-        g = self._pair_gradient(diff, mask, atype, desc.env_gradient(grad_d, g_t, rr, mask, gs, ts), jac)
+        g = self._pair_gradient(diff, mask, atype, desc.env_gradient(grad_d, g_t, rr, mask, g_blocks, t_blocks), jac)
         if not create_graph:
             g = g.detach()
         nf, nloc, nnei, _ = g.shape

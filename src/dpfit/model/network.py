@@ -2,17 +2,27 @@
 
 from __future__ import annotations
 
+import enum
 import math
 
 import torch
 from torch import nn
 
 
+class LayerKind(enum.IntEnum):
+    """A layer's ``kind`` (an int in ``DenseLayer.kind``; the compiled kernels take the same integers)."""
+
+    NO_RESIDUAL = 0  # y = tanh(x W + b) (times idt)
+    SAME_WIDTH = 1  # ... + x (output width = input width)
+    DOUBLED_WIDTH = 2  # ... + [x, x] (output width = 2 x input width)
+    LINEAR = -1  # the fitting net's output layer, x W + b (in value_and_input_grad)
+
+
 def _residual(y: torch.Tensor, x: torch.Tensor, kind: int) -> torch.Tensor:
-    """``y + x`` (kind 1), ``y + [x, x]`` (kind 2, without materialising the concatenation), or ``y``."""
-    if kind == 1:
+    """``y + x`` (SAME_WIDTH), ``y + [x, x]`` (DOUBLED_WIDTH, without materialising the concatenation), or ``y``."""
+    if kind == LayerKind.SAME_WIDTH.value:
         return y + x
-    if kind == 2:
+    if kind == LayerKind.DOUBLED_WIDTH.value:
         w = x.shape[-1]
         return (y.reshape(y.shape[0], 2, w) + x.unsqueeze(-2)).reshape(y.shape)
     return y
@@ -21,7 +31,7 @@ def _residual(y: torch.Tensor, x: torch.Tensor, kind: int) -> torch.Tensor:
 def _split(t: torch.Tensor, kind: int, width: int) -> torch.Tensor:
     """A layer output (rows, 2 width) as (rows, 2, width) for a doubled residual, else itself; a
     per-channel vector (2 width,) as (2, width)."""
-    if kind != 2:
+    if kind != LayerKind.DOUBLED_WIDTH.value:
         return t
     if t.dim() == 1:
         return t.view(2, width)
@@ -30,9 +40,9 @@ def _split(t: torch.Tensor, kind: int, width: int) -> torch.Tensor:
 
 def _residual_input(x: torch.Tensor, kind: int) -> torch.Tensor:
     """The residual term, broadcastable against :func:`_split` of the output (a zero when none)."""
-    if kind == 2:
+    if kind == LayerKind.DOUBLED_WIDTH.value:
         return x.unsqueeze(1)
-    if kind == 1:
+    if kind == LayerKind.SAME_WIDTH.value:
         return x
     return x.new_zeros(())
 
@@ -73,7 +83,7 @@ def layer_value_and_tangent(
 
 
 class DenseLayer(nn.Module):
-    """``y = act(x @ matrix + bias)``; with ``idt``: ``y *= idt``; residual ``kind`` 0 none, 1 same, 2 doubled.
+    """``y = act(x @ matrix + bias)``; with ``idt``: ``y *= idt``; residual ``kind`` a :class:`LayerKind`.
 
     ``matrix`` is (in, out) as in DeePMD checkpoints. ``activate`` False gives a plain linear layer.
     """
@@ -84,9 +94,11 @@ class DenseLayer(nn.Module):
         std = 1.0 / math.sqrt(n_in + n_out)
         self.matrix = nn.Parameter(torch.randn(n_in, n_out, dtype=dtype, generator=generator) * std)
         self.bias = nn.Parameter(torch.randn(n_out, dtype=dtype, generator=generator))
-        kind = 1 if n_out == n_in else 2 if n_out == 2 * n_in else 0
-        self.kind = kind if residual else 0
-        if use_idt and self.kind:
+        kind = LayerKind.NO_RESIDUAL
+        if residual and n_out in (n_in, 2 * n_in):
+            kind = LayerKind.SAME_WIDTH if n_out == n_in else LayerKind.DOUBLED_WIDTH
+        self.kind = int(kind)
+        if use_idt and self.kind != LayerKind.NO_RESIDUAL.value:
             self.idt = nn.Parameter(0.1 + 0.001 * torch.randn(n_out, dtype=dtype, generator=generator))
         else:
             self.register_parameter("idt", None)
@@ -130,6 +142,8 @@ class ResidualMLP(nn.Module):
         self.layers = nn.ModuleList(layers)
         #: value_and_tangent through the hand-written backward when autograd records (tanh layers only)
         self.fused_tangent = all(layer.activate for layer in layers)
+        #: compiled CPU kernels: auto / on / off (set for the whole model by EnergyModel.kernels)
+        self.kernels = "off"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         for layer in self.layers:
@@ -157,11 +171,10 @@ class ResidualMLP(nn.Module):
     @torch.jit.unused
     def _compiled_kernel(self, s: torch.Tensor):
         """The compiled embedding kernel's extension when it is in use and applies to ``s``, else None."""
-        from dpfit.model.kernels import embedding_extension
+        from dpfit.model.kernels import compiled_kernels
         from dpfit.model.kernels.embedding import kernel_applies
 
-        ext = embedding_extension()
-        return ext if ext is not None and kernel_applies(s, self.layers[0].matrix.shape[0]) else None
+        return compiled_kernels(self.kernels) if kernel_applies(s, self.layers[0].matrix.shape[0]) else None
 
     @torch.jit.unused
     def _value_and_tangent_fused(self, s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -193,12 +206,12 @@ class ResidualMLP(nn.Module):
     @torch.jit.unused
     def _compiled_fitting(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
         """(output, input gradient) from the compiled fitting kernel, or None where it is not in use."""
-        from dpfit.model.kernels import embedding_extension
+        from dpfit.model.kernels import compiled_kernels
         from dpfit.model.kernels.fitting import compiled_fitting, fitting_kernel_applies
 
         if not fitting_kernel_applies(x, self.layers):
             return None
-        ext = embedding_extension()
+        ext = compiled_kernels(self.kernels)
         return None if ext is None else compiled_fitting(ext, self.layers, x)
 
     def value_and_input_grad(self, x: torch.Tensor, grad_out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -225,22 +238,22 @@ class ResidualMLP(nn.Module):
             else:  # linear layer: derivative 1, no residual
                 hidden.append(y)
                 scales.append(None)
-                kinds.append(-1)
+                kinds.append(LayerKind.LINEAR.value)
             x = y
         grad = grad_out.expand(x.shape[0], grad_out.shape[0])
         for k in range(len(kinds) - 1, -1, -1):  # (TorchScript cannot iterate a ModuleList backwards)
             gz = grad
             kind = kinds[k]
-            if kind >= 0:
+            if kind != LayerKind.LINEAR.value:
                 idt = scales[k]
                 if idt is not None:
                     gz = gz * idt
                 h = hidden[k]
                 gz = gz * torch.addcmul(torch.ones_like(h), h, h, value=-1.0)
             gx = torch.mm(gz, matrices[k].t())
-            if kind == 1:
+            if kind == LayerKind.SAME_WIDTH.value:
                 gx = gx + grad
-            elif kind == 2:
+            elif kind == LayerKind.DOUBLED_WIDTH.value:
                 w = widths[k]
                 gx = gx + grad[:, :w] + grad[:, w:]
             grad = gx

@@ -16,14 +16,14 @@ from __future__ import annotations
 import torch
 from torch.autograd.function import once_differentiable
 
-from dpfit.model.network import layer_value_and_tangent
+from dpfit.model.network import LayerKind, layer_value_and_tangent
 
 
 def _fold(grad: torch.Tensor, kind: int, width: int) -> torch.Tensor | None:
-    """Gradient reaching a residual input: ``grad`` (kind 1), both halves summed (kind 2), or None."""
-    if kind == 1:
+    """Gradient reaching a residual input: ``grad`` (SAME_WIDTH), both halves summed (DOUBLED_WIDTH), or None."""
+    if kind == LayerKind.SAME_WIDTH:
         return grad
-    if kind == 2:
+    if kind == LayerKind.DOUBLED_WIDTH:
         return grad.reshape(grad.shape[0], 2, width).sum(1)
     return None
 

@@ -12,9 +12,9 @@ from torchmetrics import MeanMetric
 
 from dpfit.data.batch import model_inputs
 from dpfit.io.checkpoint import MODEL_CONFIG_KEY
-from dpfit.model import EnergyModel
-from dpfit.model.kernels import set_compiled_kernels
-from dpfit.model.kernels.build import MODES
+from dpfit.model import build_model
+from dpfit.model.kernels import compiled_kernels
+from dpfit.model.kernels.build import check_mode
 from dpfit.training.loss import EnergyLoss
 from dpfit.training.metrics import error_metrics, update_error_metrics
 from dpfit.training.schedule import ExponentialDecay, worker_scale
@@ -27,9 +27,8 @@ class DeepPotentialModule(L.LightningModule):
     """Trains an :class:`EnergyModel` (built from the plain ``model`` config) with an :class:`EnergyLoss`.
 
     Forces (and the virial when a virial term is on) are written out in closed form by the model and
-    differentiated with the loss in one backward pass. ``kernels`` (off / auto / on): compiled CPU
-    kernels for the embedding nets and the descriptor's slot contractions (:mod:`dpfit.model.kernels`)
-    on CPU runs. Data statistics are computed once on the first fit and kept in the checkpoint
+    differentiated with the loss in one backward pass. ``kernels`` (off / auto / on; None: the model
+    config's ``kernels``) overrides the model's compiled CPU kernels option (:mod:`dpfit.model.kernels`). Data statistics are computed once on the first fit and kept in the checkpoint
     (``stats_ready`` buffer), never recomputed on resume.
     """
 
@@ -41,21 +40,20 @@ class DeepPotentialModule(L.LightningModule):
         scale_by_worker: str = "none",
         data_stat_protect: float = 1e-2,
         weight_decay: float = 0.0,
-        kernels: str = "off",
+        kernels: str | None = None,
     ) -> None:
         super().__init__()
-        if kernels not in MODES:
-            raise ValueError(f"kernels={kernels!r}: choose one of {', '.join(MODES)}")
         model = _plain(model)
+        if kernels is not None:
+            model = {**model, "kernels": check_mode(kernels)}
         self.save_hyperparameters({MODEL_CONFIG_KEY: model, "scale_by_worker": scale_by_worker,
                                    "data_stat_protect": data_stat_protect})
-        self.model = EnergyModel.from_config(model)
+        self.model = build_model(model)
         self.loss = loss
         self.schedule = schedule
         self.scale_by_worker = scale_by_worker
         self.data_stat_protect = data_stat_protect
         self.weight_decay = weight_decay
-        self.kernels = kernels
         self.register_buffer("stats_ready", torch.zeros((), dtype=torch.bool))
         self.metrics = torch.nn.ModuleDict({f"{s}_": error_metrics() for s in ("val", "test")})
         # frame-weighted mean of the loss over the evaluation set, summed over DDP ranks
@@ -63,15 +61,12 @@ class DeepPotentialModule(L.LightningModule):
         self.last_train: dict[str, float | torch.Tensor] = {}
 
     def setup(self, stage: str) -> None:
-        """Compiled CPU kernels (``kernels``) in this process, for CPU runs (the kernels are CPU-only:
-        GPU runs skip the build)."""
+        """The model's compiled CPU kernels (``model.kernels``) built or loaded now, before the first
+        step, for CPU runs (the kernels are CPU-only: GPU runs skip the build)."""
         strategy = getattr(self.trainer, "strategy", None) if self._trainer is not None else None
         device = getattr(strategy, "root_device", self.device)
-        if self.kernels != "off" and device.type == "cpu":
-            if set_compiled_kernels(self.kernels):
-                log.info("compiled CPU kernels in use (embedding nets, slot contractions)")
-        else:
-            set_compiled_kernels("off")
+        if device.type == "cpu" and compiled_kernels(getattr(self.model, "kernels", "off")) is not None:
+            log.info("compiled CPU kernels in use")
 
     # ------------------------------------------------------------ statistics
     def on_fit_start(self) -> None:

@@ -595,7 +595,7 @@ std::vector<at::Tensor> block_rows(const at::Tensor& s, const at::Tensor& mask, 
                                    const std::vector<int64_t>& centers, const at::Tensor& pad);
 at::Tensor slot_rows(const at::Tensor& coef, const at::Tensor& per_atom, const at::Tensor& order, const at::Tensor& ptr,
                      int64_t n_rows, int64_t k, const c10::optional<at::Tensor>& base);
-std::vector<at::Tensor> slot_rows2(const at::Tensor& coef_a, const at::Tensor& coef_b, const at::Tensor& per_atom,
+std::vector<at::Tensor> slot_rows_value_and_tangent(const at::Tensor& coef_a, const at::Tensor& coef_b, const at::Tensor& per_atom,
                                    const at::Tensor& order, const at::Tensor& ptr, const at::Tensor& valid, int64_t n_rows,
                                    int64_t k);
 std::vector<at::Tensor> slot_env(const at::Tensor& g, const at::Tensor& t, const at::Tensor& index, const at::Tensor& valid,
@@ -638,7 +638,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("slots_of_rows", &slots_of_rows, "CSR of rows -> flat slots (counting sort)");
   m.def("slot_gt", &slot_gt, "sum_j R[n, j]^T G[index[n, j]] per atom");
   m.def("slot_rows", &slot_rows, "per-row sums over slots of coef[s] . per_atom[n(s)], onto base (or zeros)");
-  m.def("slot_rows2", &slot_rows2, "slot_rows for two coefficient sets sharing per_atom, over the valid slots");
+  m.def("slot_rows_value_and_tangent", &slot_rows_value_and_tangent, "slot_rows for two coefficient sets sharing per_atom, over the valid slots");
   m.def("slot_env", &slot_env, "G[index] . gbar and T[index] . gbar per valid slot (zeros elsewhere)");
   m.def("slot_env_gbar", &slot_env_gbar, "the gradient of slot_env for gbar");
   m.def("value_and_tangent", &value_and_tangent, "embedding net value and ds-tangent, in row blocks");

@@ -326,7 +326,7 @@ at::Tensor slot_rows(const at::Tensor& coef, const at::Tensor& per_atom, const a
 }
 
 // slot_rows for two coefficient sets (N, k, 4) sharing per_atom: the rows' gradients of G and T.
-std::vector<at::Tensor> slot_rows2(const at::Tensor& coef_a, const at::Tensor& coef_b, const at::Tensor& per_atom,
+std::vector<at::Tensor> slot_rows_value_and_tangent(const at::Tensor& coef_a, const at::Tensor& coef_b, const at::Tensor& per_atom,
                                    const at::Tensor& order, const at::Tensor& ptr, const at::Tensor& valid, int64_t n_rows,
                                    int64_t k) {
   TORCH_CHECK(coef_a.is_contiguous() && coef_b.is_contiguous() && per_atom.is_contiguous() && order.is_contiguous() &&
@@ -337,7 +337,7 @@ std::vector<at::Tensor> slot_rows2(const at::Tensor& coef_a, const at::Tensor& c
   const int64_t m = per_atom.size(2);
   at::Tensor out_a = at::empty({n_rows, m}, per_atom.options());
   at::Tensor out_b = at::empty({n_rows, m}, per_atom.options());
-  AT_DISPATCH_FLOATING_TYPES(per_atom.scalar_type(), "slot_rows2", [&] {
+  AT_DISPATCH_FLOATING_TYPES(per_atom.scalar_type(), "slot_rows_value_and_tangent", [&] {
     rows_from_slots2<scalar_t>(coef_a.data_ptr<scalar_t>(), coef_b.data_ptr<scalar_t>(), per_atom.data_ptr<scalar_t>(),
                                order.data_ptr<int64_t>(), ptr.data_ptr<int64_t>(), valid.data_ptr<bool>(), out_a.data_ptr<scalar_t>(),
                                out_b.data_ptr<scalar_t>(), n_rows, k, m);

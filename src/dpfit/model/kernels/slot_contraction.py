@@ -16,10 +16,10 @@ import torch
 from torch.autograd.function import once_differentiable
 
 
-class SlotGT(torch.autograd.Function):
+class GTFromRows(torch.autograd.Function):
     """``out[n] = sum_j R[n, j]^T G[index[n, j]]`` (N, 4, M); R (N, k, 4) carries no gradient.
 
-    Also returns G itself (a view): the later SlotEnv reads the rows through it, so its row gradient
+    Also returns G itself (a view): the later SlotProductsFromRows reads the rows through it, so its row gradient
     arrives here and is summed into this backward's rows in the same pass (no separate (R, M) array
     added by autograd)."""
 
@@ -40,7 +40,7 @@ class SlotGT(torch.autograd.Function):
         return None, grad_g, None, None, None, None
 
 
-class SlotEnv(torch.autograd.Function):
+class SlotProductsFromRows(torch.autograd.Function):
     """``part[n, j, c] = G[index[n, j]] . gbar[n, c]`` and ``tds`` likewise with T (N, k, 4 each);
     gbar (N, 4, M). Zeros on the slots where ``valid`` (N, k) is false (padded slots, whose products
     the forces' pass never uses); their gradients are not read."""
@@ -60,7 +60,7 @@ class SlotEnv(torch.autograd.Function):
         grad_part = torch.zeros(index.shape + (4,), dtype=g.dtype) if grad_part is None else grad_part.contiguous()
         grad_tds = torch.zeros(index.shape + (4,), dtype=g.dtype) if grad_tds is None else grad_tds.contiguous()
         ext, n_rows, k = ctx.ext, ctx.n_rows, ctx.k
-        grad_g, grad_t = ext.slot_rows2(grad_part, grad_tds, gbar, order, ptr, valid, n_rows, k)
+        grad_g, grad_t = ext.slot_rows_value_and_tangent(grad_part, grad_tds, gbar, order, ptr, valid, n_rows, k)
         grad_g = grad_g if ctx.needs_input_grad[1] else None
         grad_t = grad_t if ctx.needs_input_grad[2] else None
         grad_gbar = ext.slot_env_gbar(g, t, index, valid, grad_part, grad_tds) if ctx.needs_input_grad[5] else None
