@@ -272,7 +272,8 @@ def test_same_seed_same_initial_weights():
 
 def test_training_with_the_reference_equals_fast(tmp_path):
     """``model.impl=reference`` trains (Lightning, Hydra config) to the same weights as the fast model
-    from the same seed and data, and its checkpoint loads as either implementation."""
+    from the same seed and data; its checkpoint loads as either implementation, and ``test.py
+    impl=...`` gives the same errors with both."""
     from hydra_utils import FAST, compose_train
 
     from dpfit.cli.train import train
@@ -290,3 +291,18 @@ def test_training_with_the_reference_equals_fast(tmp_path):
     ckpt = tmp_path / "reference" / "checkpoints" / "last.ckpt"
     assert isinstance(load_model(ckpt), ReferenceEnergyModel)
     assert isinstance(load_model(ckpt, impl="fast"), EnergyModel)
+
+    from omegaconf import OmegaConf
+
+    from dpfit.cli.test import run
+    from dpfit.data.demo import default_cache_dir
+
+    summaries = {}
+    for impl in ("reference", "fast"):
+        cfg = OmegaConf.create({"ckpt_path": str(ckpt), "systems": [str(default_cache_dir())], "batch_size": 45,
+                                "detail_file": None, "precision": None, "impl": impl, "device": "cpu",
+                                "kernels": "off", "plots": False})
+        summaries[impl] = run(cfg)["average"]
+    assert summaries["fast"].keys() == summaries["reference"].keys() and "rmse_f" in summaries["fast"]
+    for key, value in summaries["fast"].items():
+        assert summaries["reference"][key] == pytest.approx(value, rel=1e-9), key
