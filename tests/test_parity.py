@@ -13,6 +13,8 @@ with the float64 reference of the same weights: 2e-5 for outputs and 5e-5 for th
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -43,7 +45,8 @@ OPTIONS = {
 
 
 def on_path(model: torch.nn.Module, path: str) -> torch.nn.Module:
-    """The same model (weights, statistics) as the implementation ``path``, or skip the test."""
+    """A copy of the model (weights, statistics) as the implementation ``path``, or skip the test."""
+    model = copy.deepcopy(model)  # (the fixtures' models are shared between tests)
     if path == "reference":
         return convert(model, "reference")
     fast = convert(model, "fast")
