@@ -85,9 +85,9 @@ def batch_inputs(model, frames, fparam=None, aparam=None, device="cpu") -> dict:
     return {k: v.to(device) for k, v in inputs.items()}
 
 
-def outputs(model, inputs: dict) -> dict[str, torch.Tensor]:
+def outputs(model, inputs: dict, mode=torch.no_grad) -> dict[str, torch.Tensor]:
     """Inference: every output, under ``torch.no_grad`` (the path used by test.py and ASE)."""
-    with torch.no_grad():
+    with mode():
         out = model(**inputs, do_force=True, do_virial=True, do_atomic_virial=True)
     return {k: out[k].detach().cpu().double() for k in KEYS}
 
@@ -168,6 +168,11 @@ def test_tiny_model_outputs_and_gradients_equal_reference(tiny_model, random_fra
     want = outputs(reference, inputs)
     assert float(want["force"].abs().max()) > 1e-2, "forces too small for a meaningful check"
     assert_close_to(outputs(impl, batch_inputs(model, frames, fparam, aparam, device)), want, out_tol, path)
+    if option == "one_side":  # also under torch.inference_mode (Lightning's default for validation)
+        with torch.inference_mode():
+            inference_inputs = batch_inputs(model, frames, fparam, aparam, device)
+        assert_close_to(outputs(impl, inference_inputs, torch.inference_mode), want, out_tol, f"{path} inference")
+        assert_close_to(outputs(reference, inference_inputs, torch.inference_mode), want, out_tol, "reference")
     labels = random_labels(inputs)
     want_grads = loss_gradients(reference, inputs, labels)
     assert max(float(g.abs().max()) for g in want_grads.values()) > 1e-3

@@ -231,11 +231,15 @@ class ReferenceEnergyModel(nn.Module):
         (nf, 3, 3) rows a, b, c and shift (nf, nloc, nnei, 3) integer images S (periodic only): the pair
         vector of a slot is ``d_ij = r_j + S box - r_i``. Returns energy (nf,), atom_energy (nf, nloc),
         and on request force (nf, nloc, 3), virial (nf, 9), atom_virial (nf, nloc, 9)."""
+        need_grad = do_force or do_virial or do_atomic_virial
+        if need_grad and torch.is_inference_mode_enabled():  # autograd needs a graph: leave inference mode
+            with torch.inference_mode(False):
+                inputs = [None if t is None else t.clone() for t in (coord, atype, nlist, box, shift, fparam, aparam)]
+                return self.forward(*inputs, do_force, do_virial, do_atomic_virial, create_graph)
         dtype = self.dtype
         coord, box = coord.to(dtype), None if box is None else box.to(dtype)
         fparam = None if fparam is None else fparam.to(dtype)
         aparam = None if aparam is None else aparam.to(dtype)
-        need_grad = do_force or do_virial or do_atomic_virial
         outer_grad = torch.is_grad_enabled()  # training: the parameters' graph is kept
         with torch.set_grad_enabled(need_grad or outer_grad):
             if need_grad and not coord.requires_grad:
