@@ -379,7 +379,8 @@ class SeE2A(nn.Module):
             index = indices[tj]
             order, ptr = ext.slots_of_rows(index.contiguous(), g_blocks[tj].shape[0])
             r_block = flat_rr[:, lo:lo + index.shape[1]].contiguous()
-            part, g_blocks[tj] = GTFromRows.apply(ext, g_blocks[tj], index, r_block, order, ptr)  # (SlotProductsFromRows reads them via g_blocks)
+            # (the rows come back too: SlotProductsFromRows reads them through g_blocks)
+            part, g_blocks[tj] = GTFromRows.apply(ext, g_blocks[tj], index, r_block, order, ptr)
             g_t = g_t + part
             csr += [order, ptr]
         g_t = g_t / self.nnei
@@ -387,13 +388,14 @@ class SeE2A(nn.Module):
         return d.reshape(nf, nloc, -1), g_t, g_blocks + indices, t_blocks + csr
 
     def env_gradient(
-        self, grad_d: torch.Tensor, g_t: torch.Tensor, rr: torch.Tensor, mask: torch.Tensor, g_blocks: list[torch.Tensor],
-        t_blocks: list[torch.Tensor],
+        self, grad_d: torch.Tensor, g_t: torch.Tensor, rr: torch.Tensor, mask: torch.Tensor,
+        g_blocks: list[torch.Tensor], t_blocks: list[torch.Tensor],
     ) -> torch.Tensor:
         """dE/dR~ (nf, nloc, nnei, 4) from dE/dD (nf, nloc, M * axis_neuron), written out: through
         D = G^T G<, G^T = R~^T g / nnei and, for the first column s of R~ on occupied slots, the
-        tangents dg/ds (a padded slot's s is a constant). ``g_blocks``/``t_blocks`` as :meth:`descriptor_from_env`
-        returned them (padded blocks, or rows with their indices on the compiled path)."""
+        tangents dg/ds (a padded slot's s is a constant). ``g_blocks``/``t_blocks`` as
+        :meth:`descriptor_from_env` returned them (padded blocks, or rows with their indices on the
+        compiled path)."""
         nf, nloc, nnei, _ = rr.shape
         n = nf * nloc
         m = self.neuron[-1]
@@ -403,13 +405,15 @@ class SeE2A(nn.Module):
         flat_mask = mask.reshape(n, nnei)
         if not torch.jit.is_scripting():
             if len(g_blocks) > self.ntypes:  # rows of _descriptor_from_rows
-                return self._env_gradient_rows(d_bar, g_t, flat_rr, flat_mask, g_blocks, t_blocks).reshape(nf, nloc, nnei, 4)
+                rows = self._env_gradient_rows(d_bar, g_t, flat_rr, flat_mask, g_blocks, t_blocks)
+                return rows.reshape(nf, nloc, nnei, 4)
         g_bar = torch.bmm(g_t[..., :a], d_bar.transpose(1, 2))
         g_bar = g_bar + torch.nn.functional.pad(torch.bmm(g_t, d_bar), [0, m - a])
         g_bar = (g_bar / self.nnei).transpose(1, 2)  # (N, M, 4)
         blocks: list[tuple[torch.Tensor, torch.Tensor]] = []
         for tj in range(self.ntypes):
-            blocks.append((tall_thin_bmm(g_blocks[tj], g_bar), tall_thin_bmm(t_blocks[tj], g_bar)))  # (N, k[tj], 4) each
+            # (N, k[tj], 4) each
+            blocks.append((tall_thin_bmm(g_blocks[tj], g_bar), tall_thin_bmm(t_blocks[tj], g_bar)))
         return self._slot_gradient(blocks, flat_rr, flat_mask).reshape(nf, nloc, nnei, 4)
 
     def _slot_gradient(
@@ -446,7 +450,8 @@ class SeE2A(nn.Module):
             index = g_blocks[self.ntypes + tj]
             order, ptr = t_blocks[self.ntypes + 2 * tj], t_blocks[self.ntypes + 2 * tj + 1]
             valid = flat_mask[:, self.sections[tj]:self.sections[tj] + index.shape[1]].contiguous()
-            blocks.append(SlotProductsFromRows.apply(ext, g_blocks[tj], t_blocks[tj], index, valid, g_bar, order, ptr))
+            blocks.append(SlotProductsFromRows.apply(ext, g_blocks[tj], t_blocks[tj], index, valid, g_bar, order,
+                                                     ptr))
         return self._slot_gradient(blocks, flat_rr, flat_mask)
 
     def env_matrix_vjp(

@@ -61,7 +61,8 @@ class EnergyModel(nn.Module):
     @classmethod
     @torch.jit.ignore
     def from_config(cls, config: dict[str, Any]) -> EnergyModel:
-        """Build from a plain dict: ``type_map``, ``descriptor`` and ``fitting_net`` (DeePMD key names), ``precision``."""
+        """From a plain dict: ``type_map``, ``descriptor``, ``fitting_net`` (DeePMD key names), ``precision``,
+        ``kernels`` (``impl`` is read by :func:`dpfit.model.build_model`)."""
         cfg = {k: (dict(v) if isinstance(v, dict) else v) for k, v in dict(config).items()}
         dtype = DTYPES[cfg.get("precision", "float64")]
         type_map = list(cfg["type_map"])
@@ -155,7 +156,8 @@ class EnergyModel(nn.Module):
         from dpfit.model.kernels import compiled_kernels
         from dpfit.model.kernels.environment import compiled_geometry
 
-        return compiled_geometry(compiled_kernels(self.descriptor.kernels), self.descriptor, coord, box, nlist, shift, atype, far)
+        return compiled_geometry(compiled_kernels(self.descriptor.kernels), self.descriptor, coord, box, nlist, shift,
+                                 atype, far)
 
     @torch.jit.unused
     def _apply_jacobian(self, jac: torch.Tensor, grad_rr: torch.Tensor) -> torch.Tensor:
