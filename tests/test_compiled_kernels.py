@@ -445,6 +445,11 @@ def test_build_says_so_first_and_cache_is_reused(tmp_path, monkeypatch, caplog):
         assert kernel_build._build() == "cached"
     (folder,) = tmp_path.iterdir()
     assert events[1] == ("import", next(folder.glob("*.so")))
+    (folder / "complete").unlink()  # an unfinished build whose process was killed: the lock file is named
+    (folder / "lock").write_text("")
+    with caplog.at_level("WARNING", logger="dpfit.model.kernels.build"):
+        assert kernel_build._build() == "module"
+    assert f"delete {folder / 'lock'}" in caplog.text
     key = kernel_build._cache_dir("x", [])
     monkeypatch.setattr(kernel_build.sys, "prefix", "/another/venv")  # another environment: the same folder
     assert kernel_build._cache_dir("x", []) == key

@@ -84,6 +84,9 @@ def _build() -> ModuleType:
         return _import(name, library)
     from torch.utils.cpp_extension import load
 
+    if (folder / "lock").exists():  # torch's lock file: another build is under way, or one was killed
+        log.warning("waiting for another process building the compiled CPU kernels in %s; if none is running, "
+                    "delete %s (a killed build leaves it)", folder, folder / "lock")
     log.warning("building the compiled CPU kernels (once; %s) in %s; model.kernels=off skips them", BUILD_TIME,
                 folder)
     start = time.perf_counter()
