@@ -455,3 +455,18 @@ def test_build_says_so_first_and_cache_is_reused(tmp_path, monkeypatch, caplog):
     assert kernel_build._cache_dir("x", []) == key
     monkeypatch.setattr(kernel_build, "SOURCES", kernel_build.SOURCES[:-1])  # other sources: another folder
     assert kernel_build._cache_dir("x", []) != key
+
+
+def test_environment_variable_overrides_every_model():
+    """DPFIT_KERNELS=off wins over a model's kernels=on (no build, the PyTorch path); a bad value is named."""
+    import subprocess
+    import sys
+
+    code = ("from dpfit.model.kernels import compiled_kernels, compiled_kernels_mode; "
+            "print(compiled_kernels_mode(), compiled_kernels('on'))")
+    env = {**os.environ, "DPFIT_KERNELS": "off"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert out.stdout.split() == ["off", "None"], out.stderr
+    env["DPFIT_KERNELS"] = "fast"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert "DPFIT_KERNELS='fast': choose one of off, auto, on" in out.stderr
