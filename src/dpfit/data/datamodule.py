@@ -136,7 +136,7 @@ class DeepmdDataModule(L.LightningDataModule):
         neighbor_cache_mb: float = 256.0,
         min_distance: float = 0.1,
         check_data: bool = True,
-        data_stat_max_frames: int = 1000,
+        data_stat_max_frames: int = 200,
         stat_file: str | None = None,
         max_open_files: int = 64,
     ) -> None:
