@@ -256,7 +256,12 @@ def test_open_reads_headers_only_and_holds_no_file(tmp_path, monkeypatch):
     system = DeepmdSystem(path, TYPE_MAP)
     assert loads == [] and _open_fds() == before  # no array read, no file left open
     assert {k for k in system.sets[0].arrays} == {"coord", "box", "energy", "force", "virial"}
-    # frames go through the bounded LRU of open maps
+    # small files are read and closed at once
+    for i in range(4):
+        system.frame(i)
+    assert len(system_module.OPEN_FILES) == 0 and _open_fds() == before
+    # larger ones are memory-mapped through the bounded LRU of open maps
+    monkeypatch.setattr(system_module, "SMALL_FILE", 0)
     limit = system_module.OPEN_FILES.limit
     try:
         system_module.set_max_open_files(2)
