@@ -273,3 +273,30 @@ def test_hdf5_nopbc_types_and_errors(shared_dir, tmp_path):
         h5["C4H3O1/set.000/force.npy"][0, 0] = np.nan
     with pytest.raises(DataError, match=r"mol.hdf5#/C4H3O1/set.000/force.npy: NaN or inf in frame 0"):
         load_systems([file], ["H", "O", "C"])[0].check()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# through train.py's config: the model and loss tell the data module what to read
+# ----------------------------------------------------------------------------------------------------------------
+
+TINY = ["data=deepmd", "data.type_map=[O,H]", "data.sel=[4,8]", "model.descriptor.rcut=3.0",
+        "model.descriptor.rcut_smth=0.5", "model.descriptor.neuron=[4,8]", "model.descriptor.axis_neuron=4",
+        "model.fitting_net.neuron=[8,8]", "kernels=off", "trainer.max_steps=2", "trainer.val_check_interval=2",
+        "trainer.limit_val_batches=1", "~callbacks.progress_bar", "~callbacks.lcurve_plot", "summary=false",
+        "trainer.enable_model_summary=false", "data.data_stat_nbatch=1"]
+
+
+def test_training_ignores_unused_aparam_and_refuses_data_without_labels(tmp_path):
+    from hydra_utils import compose_train
+
+    from dpfit.cli.train import train
+
+    arrays = valid_set(6)
+    arrays["aparam"] = np.ones((1, 6 * NATOMS + 1))  # malformed, and the model has numb_aparam 0
+    path = write_system(tmp_path / "sys", [arrays])
+    train(compose_train([*TINY, f"data.train_systems=[{path}]"], tmp_path / "run"))
+    assert (tmp_path / "run" / "checkpoints" / "last.ckpt").is_file()
+
+    file, message = _extxyz_without_labels(tmp_path)
+    with pytest.raises(DataError, match="no labels found"):
+        train(compose_train([*TINY, f"data.train_systems=[{file}]"], tmp_path / "run2"))
