@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -168,8 +169,13 @@ def test_non_invertible_cell(tmp_path, cell):
     arrays = valid_set(3)
     arrays["box"][1] = cell.reshape(9)
     path = write_system(tmp_path / "sys", [arrays])
-    with pytest.raises(DataError) as exc:
-        DeepmdSystem(path, TYPE_MAP)
+    system = DeepmdSystem(path, TYPE_MAP)  # headers only
+    with pytest.raises(DataError) as exc:  # the check of every frame before training
+        system.check()
+    assert_names(exc, path / "set.000" / "box.npy")
+    assert "frame 1" in str(exc.value)
+    with pytest.raises(DataError) as exc:  # and when the frame is read
+        system.frame(1)
     assert_names(exc, path / "set.000" / "box.npy")
 
 
@@ -230,21 +236,43 @@ def test_corrupt_npy(tmp_path):
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def test_open_is_lazy(tmp_path, monkeypatch):
+def _open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="needs /proc")
+def test_open_reads_headers_only_and_holds_no_file(tmp_path, monkeypatch):
     path = write_system(tmp_path / "sys", [valid_set(4, labels=("energy", "force", "virial"))])
-    calls = []
+    loads = []
     real_load = np.load
 
     def spy(*args, **kwargs):
-        calls.append(kwargs.get("mmap_mode"))
+        loads.append(args)
         return real_load(*args, **kwargs)
 
     monkeypatch.setattr(system_module.np, "load", spy)
+    system_module.OPEN_FILES.clear()
+    before = _open_fds()
     system = DeepmdSystem(path, TYPE_MAP)
-    assert calls and all(mode == "r" for mode in calls), calls
-    arrays = system._arrays[0]
-    assert set(arrays) == {"coord", "box", "energy", "force", "virial"}
-    assert all(isinstance(a, np.memmap) for a in arrays.values())
+    assert loads == [] and _open_fds() == before  # no array read, no file left open
+    assert {k for k in system.sets[0].arrays} == {"coord", "box", "energy", "force", "virial"}
+    # small files are read and closed at once
+    for i in range(4):
+        system.frame(i)
+    assert len(system_module.OPEN_FILES) == 0 and _open_fds() == before
+    # larger ones are memory-mapped through the bounded LRU of open maps
+    monkeypatch.setattr(system_module, "SMALL_FILE", 0)
+    limit = system_module.OPEN_FILES.limit
+    try:
+        system_module.set_max_open_files(2)
+        for i in range(4):
+            system.frame(i)
+        assert len(system_module.OPEN_FILES) == 2
+        assert _open_fds() <= before + 2
+    finally:
+        system_module.set_max_open_files(limit)
+        system_module.OPEN_FILES.clear()
+    assert _open_fds() == before
 
 
 def test_frames_are_float64_from_float32_files(tmp_path):

@@ -6,14 +6,19 @@ import numpy as np
 import torch
 
 from dpfit.data.neighbor import build_neighbor_list
-from dpfit.data.system import INPUTS, LABELS, FrameSource
+from dpfit.data.system import INPUTS, LABELS, FrameSource, check_min_distance
 
 #: Keys of a batch given to the model (besides labels): coord, atype, box, nlist, shift, fparam, aparam.
 
 
-def make_sample(system: FrameSource, index: int, rcut: float, sel: list[int], backend: str = "vesin") -> dict:
-    """One frame with its DeePMD neighbor list (numpy); the unit of work of DataLoader workers."""
+def make_sample(system: FrameSource, index: int, rcut: float, sel: list[int], backend: str = "vesin",
+                min_distance: float = 0.0) -> dict:
+    """One frame with its DeePMD neighbor list (numpy); the unit of work of DataLoader workers.
+
+    ``min_distance`` > 0: a :class:`~dpfit.data.system.DataError` naming file and frame when two atoms are
+    closer (the check of frames not scanned before training)."""
     frame = system.frame(index)
+    check_min_distance(system, index, frame["coord"], frame["box"], min_distance)
     nl = build_neighbor_list(frame["coord"], frame["atype"], frame["box"], rcut, sel, warn=False, backend=backend)
     frame["nlist"] = nl.nlist
     frame["shift"] = nl.shift

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from collections import OrderedDict
 from collections.abc import Sequence
 from pathlib import Path
@@ -20,7 +21,7 @@ from dpfit.data.sampler import (
     resolve_batch_size,
     system_probabilities,
 )
-from dpfit.data.system import FrameSource, load_systems
+from dpfit.data.system import DataError, FrameSource, Needs, load_systems, set_max_open_files
 
 log = logging.getLogger(__name__)
 
@@ -34,8 +35,9 @@ class FrameDataset(Dataset):
     DataLoader worker holds its own cache."""
 
     def __init__(self, views: Sequence[SystemView], rcut: float, sel: Sequence[int], backend: str = "vesin",
-                 cache_mb: float = 0.0) -> None:
+                 cache_mb: float = 0.0, min_distance: float = 0.0) -> None:
         self.views = list(views)
+        self.min_distance = float(min_distance)
         self.rcut = float(rcut)
         self.sel = list(sel)
         self.backend = backend
@@ -50,7 +52,7 @@ class FrameDataset(Dataset):
         s, f = key
         cached = self._cache.get((s, f)) if self.cache_bytes else None
         if cached is None:
-            sample = make_sample(self.views[s].system, f, self.rcut, self.sel, self.backend)
+            sample = make_sample(self.views[s].system, f, self.rcut, self.sel, self.backend, self.min_distance)
             if self.cache_bytes:
                 self._store((s, f), sample)
         else:
@@ -78,6 +80,15 @@ class FrameDataset(Dataset):
         self._cached_bytes += size
 
 
+def _check_labels(systems: list[FrameSource], needs: Needs) -> None:
+    """Refuse training data with none of the labels the loss fits."""
+    if not needs.labels or any(s.available & set(needs.labels) for s in systems):
+        return
+    first = systems[0].name + (f" (and {len(systems) - 1} more systems)" if len(systems) > 1 else "")
+    raise DataError(f"{first}: no labels found: the loss fits {sorted(needs.labels)} but no training system has "
+                    "any (deepmd/npy: energy.npy, force.npy, ...; extxyz: energy and forces from a calculator)")
+
+
 def _as_list(paths) -> list:
     if paths is None:
         return []
@@ -92,7 +103,15 @@ class DeepmdDataModule(L.LightningDataModule):
     ``batch_size``: int, ``auto`` or ``auto:N`` per system. Training batches are drawn system by
     system with ``auto_prob`` / ``sys_probs`` weights, seeded by ``seed`` and the global step (so a
     resumed run sees the same batches). Without ``val_systems``, ``val_fraction`` of each training
-    system's frames (at least one, for systems of 2+ frames) is held out for validation.
+    system's frames (at least one, for systems of 2+ frames) is held out for validation, and
+    ``val_fraction`` of the one-frame systems (at least one when nothing else validates) whole.
+
+    Systems open from headers only; before training every frame the model and loss read is checked
+    once (``check_data``: NaN/inf, singular cells, atoms closer than ``min_distance`` Å), naming file
+    and frame. ``max_open_files``: files each process keeps open for reading frames (LRU).
+    Statistics use ``data_stat_nbatch`` batches per system, at most ``data_stat_max_frames`` frames in
+    all (systems drawn across compositions); ``stat_file`` caches them (see
+    :mod:`dpfit.training.statistics`).
     """
 
     def __init__(
@@ -116,6 +135,11 @@ class DeepmdDataModule(L.LightningDataModule):
         epoch_length: int | None = None,
         neighbor_backend: str = "vesin",
         neighbor_cache_mb: float = 256.0,
+        min_distance: float = 0.1,
+        check_data: bool = True,
+        data_stat_max_frames: int = 200,
+        stat_file: str | None = None,
+        max_open_files: int = 64,
     ) -> None:
         super().__init__()
         self.train_paths = _as_list(train_systems)
@@ -147,6 +171,19 @@ class DeepmdDataModule(L.LightningDataModule):
         if not float(neighbor_cache_mb) >= 0:
             raise ValueError(f"data.neighbor_cache_mb must be >= 0 (0: no cache), got {neighbor_cache_mb!r}")
         self.neighbor_cache_mb = float(neighbor_cache_mb)
+        if not float(min_distance) >= 0:
+            raise ValueError(f"data.min_distance must be >= 0 Å (0: no check), got {min_distance!r}")
+        self.min_distance = float(min_distance)
+        self.check_data = bool(check_data)
+        if int(data_stat_max_frames) < 1:
+            raise ValueError(f"data.data_stat_max_frames must be >= 1, got {data_stat_max_frames!r}")
+        self.data_stat_max_frames = int(data_stat_max_frames)
+        self.stat_file = str(stat_file) if stat_file else None
+        if int(max_open_files) < 1:
+            raise ValueError(f"data.max_open_files must be >= 1, got {max_open_files!r}")
+        self.max_open_files = int(max_open_files)
+        #: arrays the model and loss read (None: asked of the trainer's LightningModule at setup, else all)
+        self.needs: Needs | None = None
         self.train_views: list[SystemView] | None = None
         self.val_views: list[SystemView] = []
         self.test_views: list[SystemView] = []
@@ -160,29 +197,70 @@ class DeepmdDataModule(L.LightningDataModule):
                 views.append(SystemView(s, np.asarray(idx, dtype=np.int64), resolve_batch_size(batch_size, s.natoms)))
         return views
 
+    def _needs(self) -> Needs:
+        """What the model and loss read: ``self.needs``, else the LightningModule's ``data_needs()``."""
+        if self.needs is not None:
+            return self.needs
+        module = getattr(self.trainer, "lightning_module", None) if self.trainer is not None else None
+        ask = getattr(module, "data_needs", None)
+        if callable(ask):
+            got = ask()
+            return Needs(frozenset(got["labels"]), got.get("numb_fparam"), got.get("numb_aparam"),
+                         frozenset(got.get("reported", ())))
+        return Needs()
+
+    def _load(self, paths, needs: Needs) -> list[FrameSource]:
+        start = time.perf_counter()
+        systems = load_systems(paths, self.type_map, needs)
+        opened = time.perf_counter()
+        if self.check_data:
+            for s in systems:
+                s.check(self.min_distance)
+            log.info("%d systems opened in %.1f s; their %d frames checked in %.1f s (data.check_data=false skips "
+                     "this; frames are then checked when drawn)", len(systems), opened - start,
+                     sum(s.nframes for s in systems), time.perf_counter() - opened)
+        return systems
+
     def setup(self, stage: str | None = None) -> None:
         if self.train_views is not None:
             return
+        set_max_open_files(self.max_open_files)
+        needs = self._needs()
         if stage in ("fit", None, "validate"):
             if not self.train_paths:
                 raise ValueError("data.train_systems is empty: give deepmd/npy folders or ASE-readable files")
-            train = load_systems(self.train_paths, self.type_map)
+            train = self._load(self.train_paths, needs)
+            _check_labels(train, needs)
             if self.val_paths:
                 self.train_views = self._views(train, self.batch_size)
-                self.val_views = self._views(load_systems(self.val_paths, self.type_map), self.val_batch_size)
+                self.val_views = self._views(self._load(self.val_paths, needs), self.val_batch_size)
             else:
-                rng = np.random.default_rng(self.seed)
-                tr_idx, va_idx = [], []
-                for s in train:
-                    perm = rng.permutation(s.nframes)
-                    nval = 0 if s.nframes < 2 else max(1, round(self.val_fraction * s.nframes))
-                    va_idx.append(np.sort(perm[:nval]))
-                    tr_idx.append(np.sort(perm[nval:]))
+                tr_idx, va_idx = self._split(train)
                 self.train_views = self._views(train, self.batch_size, tr_idx)
                 self.val_views = self._views(train, self.val_batch_size, va_idx)
-            log.info("training systems: %s", ", ".join(f"{v.system.name} ({len(v.indices)})" for v in self.train_views))
+            names = [f"{v.system.name} ({len(v.indices)})" for v in self.train_views]
+            log.info("%d training systems: %s%s", len(names), ", ".join(names[:5]),
+                     f", ... ({len(names) - 5} more)" if len(names) > 5 else "")
         if self.test_paths:
-            self.test_views = self._views(load_systems(self.test_paths, self.type_map), self.val_batch_size)
+            self.test_views = self._views(self._load(self.test_paths, needs), self.val_batch_size)
+
+    def _split(self, train: list[FrameSource]) -> tuple[list, list]:
+        """Validation frames held out of the training systems (seeded): ``val_fraction`` of each system of
+        2+ frames (at least one), and ``val_fraction`` of the one-frame systems whole."""
+        rng = np.random.default_rng(self.seed)
+        tr_idx, va_idx = [], []
+        for s in train:
+            perm = rng.permutation(s.nframes)
+            nval = 0 if s.nframes < 2 else max(1, round(self.val_fraction * s.nframes))
+            va_idx.append(np.sort(perm[:nval]))
+            tr_idx.append(np.sort(perm[nval:]))
+        single = [k for k, s in enumerate(train) if s.nframes == 1]
+        nval = round(self.val_fraction * len(single))
+        if nval == 0 and self.val_fraction > 0 and len(single) >= 2 and not any(len(v) for v in va_idx):
+            nval = 1
+        for k in rng.permutation(single)[:nval] if single else []:
+            va_idx[k], tr_idx[k] = tr_idx[k], va_idx[k]
+        return tr_idx, va_idx
 
     @property
     def train_systems(self) -> list[FrameSource]:
@@ -215,7 +293,8 @@ class DeepmdDataModule(L.LightningDataModule):
     def _loader(self, views, batch_sampler) -> DataLoader:
         workers, pin = self.loader_settings()
         return DataLoader(
-            FrameDataset(views, self.rcut, self.sel, self.neighbor_backend, self.neighbor_cache_mb),
+            FrameDataset(views, self.rcut, self.sel, self.neighbor_backend, self.neighbor_cache_mb,
+                         0.0 if self.check_data else self.min_distance),
             batch_sampler=batch_sampler,
             collate_fn=collate,
             num_workers=workers,
@@ -248,17 +327,53 @@ class DeepmdDataModule(L.LightningDataModule):
         rank, world = self._rank()
         return self._loader(self.test_views, EvalBatchSampler(self.test_views, None, rank, world))
 
-    def stat_batches(self) -> list[dict]:
-        """``data_stat_nbatch`` batches per training system (seeded) for the data statistics."""
-        dataset = FrameDataset(self.train_views, self.rcut, self.sel, self.neighbor_backend)
+    def stat_plan(self) -> list[tuple[int, np.ndarray]]:
+        """(training view, frames) sampled for the statistics (seeded): ``data_stat_nbatch`` batches per
+        system, at most ``data_stat_max_frames`` frames in all. When the cap binds, systems are taken in
+        turn from each composition (type counts), so every element and stoichiometry stays represented."""
         rng = np.random.default_rng([self.seed, 7])
+        views = self.train_views or []
+        want = [min(len(v.indices), self.data_stat_nbatch * v.batch_size) for v in views]
+        order = list(range(len(views)))
+        if sum(want) > self.data_stat_max_frames:
+            groups: dict[tuple, list[int]] = {}
+            for k in rng.permutation(len(views)):
+                groups.setdefault(tuple(views[k].system.type_counts.tolist()) + (views[k].system.natoms,), []).append(int(k))
+            queues = list(groups.values())
+            order = []
+            while queues:
+                order.extend(q.pop(0) for q in queues)
+                queues = [q for q in queues if q]
+        plan, total = [], 0
+        for k in order:
+            n = min(want[k], self.data_stat_max_frames - total)
+            if n <= 0:
+                break
+            plan.append((k, np.sort(rng.choice(views[k].indices, size=n, replace=False))))
+            total += n
+        return sorted(plan, key=lambda p: p[0])
+
+    def stat_batches(self) -> list[dict]:
+        """The batches of :meth:`stat_plan` (neighbor-listed) for the data statistics."""
+        dataset = FrameDataset(self.train_views, self.rcut, self.sel, self.neighbor_backend,
+                               min_distance=self.min_distance)
         batches = []
-        for s, view in enumerate(self.train_views):
-            n = min(len(view.indices), self.data_stat_nbatch * view.batch_size)
-            frames = np.sort(rng.choice(view.indices, size=n, replace=False))
-            for i in range(0, n, view.batch_size):
-                batches.append(collate([dataset[(s, int(f))] for f in frames[i: i + view.batch_size]]))
+        for s, frames in self.stat_plan():
+            bs = self.train_views[s].batch_size
+            for i in range(0, len(frames), bs):
+                batches.append(collate([dataset[(s, int(f))] for f in frames[i: i + bs]]))
         return batches
+
+    def stat_identity(self) -> dict:
+        """What the sampled statistics depend on (for ``stat_file``): the sample's systems and frames."""
+        import hashlib
+
+        h = hashlib.sha256()
+        for s, frames in self.stat_plan():
+            sys_ = self.train_views[s].system
+            h.update(f"{sys_.name}|{sys_.nframes}|{sys_.natoms}|".encode())
+            h.update(np.asarray(frames, dtype=np.int64).tobytes())
+        return {"frames": h.hexdigest(), "rcut": self.rcut, "sel": list(self.sel), "type_map": self.type_map}
 
     def transfer_batch_to_device(self, batch, device, dataloader_idx: int):
         return batch_to_device(batch, device)

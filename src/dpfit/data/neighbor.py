@@ -90,6 +90,28 @@ def _pairs(coord: np.ndarray, box: np.ndarray | None, rcut: float, backend: str 
     return i[keep].astype(np.int64), j[keep].astype(np.int64), np.asarray(s)[keep].astype(np.int64), d[keep]
 
 
+def closest_pair(coord: np.ndarray, box: np.ndarray | None, cutoff: float) -> tuple[int, int, float] | None:
+    """(i, j, distance) of the closest pair of atoms (an atom and a periodic image included) nearer than
+    ``cutoff`` Å, else None: a cell-list search with that small cutoff."""
+    coord = np.ascontiguousarray(coord, dtype=np.float64)
+    box = None if box is None else np.ascontiguousarray(box, dtype=np.float64).reshape(3, 3)
+    # search at least as far as the mean spacing of the atoms: the cell list then has about one cell per
+    # atom (a 0.1 Å cutoff would make ~1000 cells per Å^3 and cost milliseconds)
+    if box is not None:
+        volume = abs(float(np.linalg.det(box)))
+    else:
+        volume = float(np.prod(np.ptp(coord, axis=0) + 1.0))
+    search = max(float(cutoff), (volume / max(len(coord), 1)) ** (1 / 3))
+    if box is not None:
+        heights = volume / np.linalg.norm(np.cross(box[[1, 2, 0]], box[[2, 0, 1]]), axis=1)
+        search = min(search, max(float(cutoff), 0.49 * float(heights.min())))
+    i, j, _, d = _pairs(coord, box, search)
+    if not len(d) or d.min() >= cutoff:
+        return None
+    k = int(np.argmin(d))
+    return int(i[k]), int(j[k]), float(d[k])
+
+
 def build_neighbor_list(
     coord: np.ndarray,
     atype: np.ndarray,

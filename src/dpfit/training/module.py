@@ -18,7 +18,7 @@ from dpfit.model.kernels.build import check_mode
 from dpfit.training.loss import EnergyLoss
 from dpfit.training.metrics import error_metrics, update_error_metrics
 from dpfit.training.schedule import ExponentialDecay, worker_scale
-from dpfit.training.statistics import compute_statistics
+from dpfit.training.statistics import compute_statistics, load_statistics, save_statistics, statistics_key
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +69,14 @@ class DeepPotentialModule(L.LightningModule):
             log.info("compiled CPU kernels in use")
 
     # ------------------------------------------------------------ statistics
+    def data_needs(self) -> dict:
+        """What the data module reads (:class:`dpfit.data.system.Needs`): the labels the loss fits (a
+        malformed file of one is an error), the labels reported as validation errors (read when well
+        formed), and the model's fparam/aparam widths (0: the files are not read)."""
+        fit = self.model.fitting
+        return {"labels": set(self.loss.labels), "reported": {"energy", "force", "virial"},
+                "numb_fparam": int(fit.numb_fparam), "numb_aparam": int(fit.numb_aparam)}
+
     def on_fit_start(self) -> None:
         dm = self.trainer.datamodule
         if "de" in self.loss.active:
@@ -83,11 +91,20 @@ class DeepPotentialModule(L.LightningModule):
             log.info("data statistics restored from the checkpoint")
             return
         if self.trainer.is_global_zero:
-            batches = dm.stat_batches()
-            _warn_if_sel_too_small(batches, self.model.sel, self.model.type_map)
-            compute_statistics(self.model, batches, self.data_stat_protect)
-            log.info("data statistics computed from %d batches%s", len(batches),
-                     " and sent to every rank" if self.trainer.world_size > 1 else "")
+            stat_file = getattr(dm, "stat_file", None)
+            key = statistics_key(self.model, dm.stat_identity(), self.data_stat_protect) if stat_file else None
+            if stat_file and load_statistics(self.model, stat_file, key):
+                log.info("data statistics read from %s", stat_file)
+            else:
+                batches = dm.stat_batches()
+                _warn_if_sel_too_small(batches, self.model.sel, self.model.type_map)
+                compute_statistics(self.model, batches, self.data_stat_protect)
+                log.info("data statistics computed from %d batches (%d frames)%s", len(batches),
+                         sum(int(b["coord"].shape[0]) for b in batches),
+                         " and sent to every rank" if self.trainer.world_size > 1 else "")
+                if stat_file:
+                    save_statistics(self.model, stat_file, key)
+                    log.info("data statistics saved to %s", stat_file)
         if self.trainer.world_size > 1:
             names = [n for n, _ in self.model.named_buffers()]
             state = {n: b.cpu() for n, b in self.model.named_buffers()} if self.trainer.is_global_zero else None

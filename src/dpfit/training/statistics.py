@@ -83,3 +83,76 @@ def compute_statistics(model: EnergyModel, batches: list[dict], protect: float =
     """All data-derived buffers of the model, from the sampled training batches."""
     descriptor_statistics(model, batches, protect)
     fitting_statistics(model, batches, protect)
+
+
+# ------------------------------------------------------------------ stat_file: a cache of the statistics
+#: the model buffers the statistics set (those present in the model)
+STAT_BUFFERS = ("descriptor.davg", "descriptor.dstd", "fitting.bias_atom_e", "fitting.fparam_avg",
+                "fitting.fparam_inv_std", "fitting.aparam_avg", "fitting.aparam_inv_std")
+
+
+def statistics_key(model: EnergyModel, data_identity: dict, protect: float) -> str:
+    """A hash of everything the statistics depend on: the sampled frames (``data_identity``), the
+    descriptor's geometry (type_map, rcut, rcut_smth, sel, set_davg_zero), fparam/aparam widths, protect."""
+    import hashlib
+    import json
+
+    desc, fit = model.descriptor, model.fitting
+    parts = {
+        "data": data_identity, "type_map": list(model.type_map), "rcut": float(desc.rcut),
+        "rcut_smth": float(getattr(desc, "rcut_smth", 0.0)), "sel": [int(n) for n in model.sel],
+        "set_davg_zero": bool(getattr(desc, "set_davg_zero", False)), "numb_fparam": int(fit.numb_fparam),
+        "numb_aparam": int(fit.numb_aparam), "protect": float(protect),
+    }
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _stat_buffers(model: EnergyModel) -> dict[str, torch.Tensor]:
+    buffers = dict(model.named_buffers())
+    return {n: buffers[n] for n in STAT_BUFFERS if n in buffers}
+
+
+def _read_stat_file(path) -> dict[str, np.ndarray]:
+    from pathlib import Path
+
+    path = Path(path)
+    if not path.is_file():
+        return {}
+    try:
+        with np.load(path) as data:
+            return {k: data[k] for k in data.files}
+    except Exception as exc:  # noqa: BLE001 - an unreadable cache is recomputed, never trusted
+        import logging
+
+        logging.getLogger(__name__).warning("stat_file %s cannot be read (%s): statistics are recomputed", path, exc)
+        return {}
+
+
+def load_statistics(model: EnergyModel, path, key: str) -> bool:
+    """Set the model's statistics from ``path`` (an ``.npz`` of entries ``<key>/<buffer>``) when it holds
+    an entry for ``key``; False when it does not (nothing changed)."""
+    stored = _read_stat_file(path)
+    buffers = _stat_buffers(model)
+    if not buffers or any(f"{key}/{n}" not in stored for n in buffers):
+        return False
+    if any(tuple(stored[f"{key}/{n}"].shape) != tuple(b.shape) for n, b in buffers.items()):
+        return False
+    with torch.no_grad():
+        for n, b in buffers.items():
+            b.copy_(torch.from_numpy(stored[f"{key}/{n}"]).to(b.dtype))
+    return True
+
+
+def save_statistics(model: EnergyModel, path, key: str) -> None:
+    """Add the model's statistics to ``path`` under ``key`` (other entries kept; written atomically)."""
+    import os
+    from pathlib import Path
+
+    path = Path(path)
+    stored = _read_stat_file(path)
+    stored.update({f"{key}/{n}": b.detach().cpu().numpy() for n, b in _stat_buffers(model).items()})
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "wb") as f:
+        np.savez(f, **stored)
+    os.replace(tmp, path)
