@@ -195,7 +195,8 @@ _USER_FULL_ERROR = "DPFIT_USER_HYDRA_FULL_ERROR"
 def run_cli(entry: Callable[[], object], argv: list[str] | None = None) -> None:
     """Run a Hydra entry point; expected errors end in one ``error: ...`` line and their exit code."""
     argv = sys.argv[1:] if argv is None else argv
-    if _USER_FULL_ERROR not in os.environ:  # child processes (DDP ranks) inherit the first process's choice
+    first = _USER_FULL_ERROR not in os.environ
+    if first:  # child processes (DDP ranks) inherit the first process's choice
         os.environ[_USER_FULL_ERROR] = os.environ.get("HYDRA_FULL_ERROR", "")
     verbose = wants_traceback(argv)
     os.environ["HYDRA_FULL_ERROR"] = "1"  # Hydra re-raises instead of printing its own report
@@ -212,3 +213,5 @@ def run_cli(entry: Callable[[], object], argv: list[str] | None = None) -> None:
             os.environ["HYDRA_FULL_ERROR"] = user
         else:
             os.environ.pop("HYDRA_FULL_ERROR", None)
+        if first:
+            os.environ.pop(_USER_FULL_ERROR, None)

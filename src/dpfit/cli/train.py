@@ -231,6 +231,8 @@ def _fit(cfg: DictConfig, out: Path, ckpt_path: str | None, resume_from: str | N
 
         raise Preempted(f"stopped by a signal at step {trainer.global_step}; continue with "
                         f"`python train.py hydra.run.dir={out} ckpt_path=last`", signal.SIGTERM) from exc
+    except Preempted:
+        raise  # the Preemption callback wrote the marker
     except Exception as exc:
         if trainer.is_global_zero:
             write_marker(out, f"stopped at step {trainer.global_step} by an error: {str(exc).strip()[:500]}\n")

@@ -128,7 +128,7 @@ class DeepPotentialModule(L.LightningModule):
             self.skipped_batches += 1
             log.warning("%s: batch skipped (%d so far)", message, self.skipped_batches)
             self.log("train/skipped_batches", float(self.skipped_batches), batch_size=nf, reduce_fx="max")
-            return None  # Lightning skips the backward pass and the optimizer step
+            return None  # Lightning skips the backward pass: no weight changes (the step still counts)
         lr = self.optimizers().param_groups[0]["lr"]
         if self._loggers_write_this_step():
             self.log("train/loss", loss.detach(), batch_size=nf, prog_bar=True)
