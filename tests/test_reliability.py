@@ -319,3 +319,4 @@ def test_sigterm_saves_the_current_step_exits_143_and_resumes_exactly(tmp_path):
     for k in w_full:
         torch.testing.assert_close(w_res[k], w_full[k], rtol=1e-12, atol=1e-12, msg=k)
     assert not (run / "INCOMPLETE").exists()  # the resumed run finished
+    assert sorted(p.name for p in (run / "checkpoints").iterdir())[-1] == "last.ckpt"  # no last-v1.ckpt

@@ -103,6 +103,9 @@ class Preemption(L.Callback):
         tmp = path.with_name(f".{path.name}.partial")
         if trainer.is_global_zero:
             path.parent.mkdir(parents=True, exist_ok=True)
+        cb = trainer.checkpoint_callback
+        if cb is not None and hasattr(cb, "last_model_path"):
+            cb.last_model_path = str(path)  # the resumed run keeps writing last.ckpt (not last-v1.ckpt)
         trainer.save_checkpoint(str(tmp))
         if trainer.is_global_zero:
             os.replace(tmp, path)  # a kill during the save leaves the previous last.ckpt intact
