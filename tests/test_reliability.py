@@ -180,6 +180,25 @@ def test_unwritable_run_folder_is_named(tmp_path, capsys, monkeypatch):
     assert rc == 1 and str(blocker) in line, line
 
 
+def test_run_folder_whose_log_cannot_be_written_is_named(tmp_path, capsys, monkeypatch):
+    run = tmp_path / "run"
+    (run / "train.log").mkdir(parents=True)  # Hydra's log file cannot be opened (as in a read-only folder)
+    rc, out, err = _cli("train", [*SMALL, f"hydra.run.dir={run}"], capsys, monkeypatch)
+    line = _one_error_line(out, err)
+    assert rc == 1 and f"cannot write {run / 'train.log'}" in line and "hydra.run.dir" in line, line
+
+
+def test_a_run_that_failed_before_its_first_step_can_be_rerun(tmp_path, capsys, monkeypatch):
+    run = tmp_path / "run"
+    rc, out, err = _cli("train", [*SMALL, f"hydra.run.dir={run}", "loss=relative_energy", "data.batch_size=1"],
+                        capsys, monkeypatch)
+    assert rc == 1 and "2+ frames" in _one_error_line(out, err)
+    assert (run / "INCOMPLETE").is_file()
+    rc, out, err = _cli("train", [*SMALL, f"hydra.run.dir={run}"], capsys, monkeypatch)
+    assert rc == 0, err[-2000:]
+    assert (run / "checkpoints" / "last.ckpt").is_file() and not (run / "INCOMPLETE").exists()
+
+
 def test_test_and_freeze_errors_are_one_line(trained, tmp_path, capsys, monkeypatch):
     cases = [
         ("test", [f"ckpt_path={tmp_path / 'none.ckpt'}", "systems=[x]"], "none.ckpt: checkpoint not found", 1),

@@ -128,8 +128,23 @@ def describe(exc: BaseException) -> tuple[str, int] | None:
         return _first_line(str(exc)), 1
     if isinstance(exc, OSError) and exc.filename and exc.errno is not None:
         return f"{exc.filename}: {(exc.strerror or str(exc)).lower()}", 1
+    cause = _os_error_in_chain(exc)
+    if cause is not None:  # e.g. Hydra's "Unable to configure handler 'file'": a run folder that cannot be written
+        return f"cannot write {cause.filename}: {(cause.strerror or str(cause)).lower()} (choose a writable run " \
+               "folder with hydra.run.dir=<folder>)", 1
     if isinstance(exc, ValueError):  # raised on bad input throughout dpfit, with the key or file named
         return _first_line(str(exc)), 1
+    return None
+
+
+def _os_error_in_chain(exc: BaseException) -> OSError | None:
+    seen = set()
+    link = exc.__cause__ or exc.__context__
+    while link is not None and id(link) not in seen:
+        seen.add(id(link))
+        if isinstance(link, OSError) and link.filename:
+            return link
+        link = link.__cause__ or link.__context__
     return None
 
 

@@ -21,18 +21,27 @@ from dpfit.errors import RunFolderError
 log = logging.getLogger("dpfit.train")
 
 LOCK = ".dpfit.lock"
-#: what a training run writes into its folder (Hydra's own .hydra/ and train.log are not counted)
-RUN_FILES = ("config.yaml", "lcurve.out", "checkpoints", "csv", "metrics.csv", "INCOMPLETE")
+def _rows(path: Path) -> int:
+    try:
+        with open(path) as fh:
+            return sum(1 for line in fh if line.strip() and not line.startswith("#"))
+    except OSError:
+        return 0
 
 
 def holds_run(folder: Path) -> list[str]:
-    """The files of an earlier training run in ``folder`` (empty when there are none)."""
+    """What an earlier training run left in ``folder`` that a new run would overwrite: checkpoints,
+    learning-curve or CSV rows (empty when there is none; a run that failed before its first row or
+    checkpoint leaves nothing to lose)."""
     found = []
-    for name in RUN_FILES:
-        p = folder / name
-        if p.is_file() or (p.is_dir() and any(p.iterdir())):
-            found.append(name)
+    ckpts = folder / "checkpoints"
+    if ckpts.is_dir() and any(ckpts.glob("*.ckpt")):
+        found.append("checkpoints/")
     found += sorted(p.name for p in folder.glob("hpc_ckpt_*.ckpt"))
+    if _rows(folder / "lcurve.out") > 0:
+        found.append("lcurve.out")
+    if any(_rows(p) > 1 for p in folder.glob("csv/metrics*.csv")):
+        found.append("csv/metrics.csv")
     return found
 
 
