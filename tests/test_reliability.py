@@ -86,6 +86,8 @@ CONFIG_CASES = [
     (["data.sel=[0,0]"], "data.sel=[0,0]", None, 2),
     (["data.sel=[8]"], "data.sel=[8]: has 1 entries for the 2 types", None, 2),
     (["model.descriptor.rcut_smth=7.0"], "model.descriptor.rcut_smth=7.0: must be smaller", None, 2),
+    (["data=deepmd", "data.train_systems=[x]", "data.type_map=[O,H]", "data.sel=???"],
+     "data.sel is not set", None, 2),
     (["ckpt_path=no/such.ckpt"], "ckpt_path=no/such.ckpt: no such checkpoint", None, 1),
     (["nonfinite_loss=ignore"], "nonfinite_loss=ignore: choose one of stop, skip, off", None, 2),
 ]

@@ -35,8 +35,20 @@ def _first_line(text: str) -> str:
     return " ".join(str(text).strip().splitlines()[:1]).strip() or text.__class__.__name__
 
 
+def missing_value_message(text: str) -> str | None:
+    """``data.sel is not set: ...`` for an OmegaConf "Missing mandatory value: data.sel" message."""
+    marker = "Missing mandatory value: "
+    if marker not in text:
+        return None
+    key = text.split(marker, 1)[1].split()[0].rstrip(".,")
+    return f"{key} is not set (??? in the config): give it on the command line, {key}=..."
+
+
 def _omegaconf_message(exc) -> str:
     """One line for an OmegaConf error: its message's first line and the key it concerns."""
+    missing = missing_value_message(str(exc))
+    if missing:
+        return missing
     msg = _first_line(getattr(exc, "msg", None) or str(exc))
     key = getattr(exc, "full_key", None)
     if key and key not in msg:

@@ -101,6 +101,11 @@ def validate_train_config(cfg: DictConfig) -> None:
         from omegaconf.errors import OmegaConfBaseException
 
         if isinstance(exc, OmegaConfBaseException):
+            from dpfit.cli.errors import missing_value_message
+
+            missing = missing_value_message(str(exc))
+            if missing:
+                raise ConfigError(missing) from exc
             key = getattr(exc, "full_key", None) or "config"
             raise ConfigError(f"{key}: {str(exc).strip().splitlines()[0]}") from exc
         raise
