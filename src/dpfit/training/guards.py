@@ -62,6 +62,7 @@ class Preemption(L.Callback):
         self.filename = filename
         self.signum: int | None = None
         self.saved: str | None = None
+        self.stopped: Preempted | None = None  # set when Lightning stopped the run on SIGTERM (on_exception)
         self._previous: dict[int, object] = {}
 
     # ------------------------------------------------------------ signal handlers
