@@ -48,7 +48,7 @@ class DeepPotentialModule(L.LightningModule):
     ) -> None:
         super().__init__()
         if kernels not in MODES:
-            raise ConfigError(f"kernels={kernels}: choose one of {', '.join(MODES)}")
+            raise ConfigError(f"kernels={kernels!r}: choose one of {', '.join(MODES)}")
         if nonfinite_loss not in NONFINITE_MODES:
             raise ConfigError(f"nonfinite_loss={nonfinite_loss}: choose one of {', '.join(NONFINITE_MODES)}")
         model = _plain(model)
