@@ -18,6 +18,7 @@ from hydra.utils import to_absolute_path
 from omegaconf import DictConfig, ListConfig
 
 from dpfit.cli.config_dir import CONFIG_DIR
+from dpfit.cli.errors import one_line_errors, run_cli
 from dpfit.data.system import DataError, load_systems
 from dpfit.inference.evaluate import (
     error_metrics,
@@ -117,12 +118,14 @@ def run(cfg: DictConfig, out_dir: Path | None = None) -> dict:
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="test")
-def main(cfg: DictConfig) -> None:
-    """Hydra entry point of ``test.py`` / ``dpfit-test``."""
-    try:
-        run(cfg, out_dir=Path(HydraConfig.get().runtime.output_dir))
-    except (DataError, FileNotFoundError) as exc:
-        raise SystemExit(f"error: {exc}") from exc
+@one_line_errors
+def _hydra_main(cfg: DictConfig) -> None:
+    run(cfg, out_dir=Path(HydraConfig.get().runtime.output_dir))
+
+
+def main() -> None:
+    """``test.py`` / ``dpfit-test``: expected errors end in one ``error: ...`` line (dpfit.cli.errors)."""
+    run_cli(_hydra_main)
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sys
@@ -15,11 +16,17 @@ from hydra.types import RunMode
 from hydra.utils import instantiate, to_absolute_path
 from lightning.pytorch.loggers import CSVLogger, WandbLogger
 from lightning.pytorch.strategies.launchers import _SubprocessScriptLauncher
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
 from dpfit.cli.config_dir import CONFIG_DIR
+from dpfit.cli.errors import one_line_errors, run_cli
+from dpfit.cli.run_folder import refuse_fresh_run, run_folder_lock
+from dpfit.cli.validate import validate_train_config
+from dpfit.errors import CheckpointError, ConfigError, Preempted
 from dpfit.training.allocator import keep_freed_memory
 from dpfit.training.callbacks import summary_rows
+from dpfit.training.guards import Preemption, remove_marker, write_marker
 from dpfit.training.module import WANDB_RUN_ID_KEY, DeepPotentialModule
 
 log = logging.getLogger("dpfit.train")
@@ -37,8 +44,11 @@ def build(cfg: DictConfig, wandb_id: str | None = None):
         schedule=instantiate(cfg.schedule),
         scale_by_worker=cfg.get("scale_by_worker", "none"),
         kernels=cfg.get("kernels"),
+        nonfinite_loss=cfg.get("nonfinite_loss", "stop"),
     )
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c]
+    if not any(isinstance(c, Preemption) for c in callbacks):
+        callbacks.append(Preemption())  # SIGTERM / SIGUSR1: checkpoint at the current step, exit 128 + signal
     loggers = []
     for c in (cfg.get("logger") or {}).values():
         if not c:
@@ -57,13 +67,20 @@ def _init_from(module: DeepPotentialModule, path: str) -> None:
 
     source = load_model(to_absolute_path(path), precision=module.model.config.get("precision"))
     if source.type_map != module.model.type_map:
-        raise ValueError(f"{path}: type_map {source.type_map} differs from the config's {module.model.type_map}")
+        raise CheckpointError(f"ckpt_init={path}: type_map {source.type_map} differs from the config's "
+                              f"{module.model.type_map}: set data.type_map={_list(source.type_map)}")
     try:
         module.model.load_state_dict(source.state_dict())
     except RuntimeError as exc:
-        raise ValueError(f"{path}: architecture differs from the config ({exc})") from exc
+        first = str(exc).strip().splitlines()
+        detail = next((ln.strip() for ln in first if "size mismatch" in ln or "Missing key" in ln), first[0] if first else "")
+        raise CheckpointError(f"ckpt_init={path}: its architecture differs from the config ({detail})") from exc
     module.stats_ready.fill_(True)
     log.info("initialised weights and statistics from %s", path)
+
+
+def _list(values) -> str:
+    return "[" + ",".join(str(v) for v in values) + "]"
 
 
 def _resolve_ckpt(ckpt_path: str | None) -> str | None:
@@ -71,7 +88,7 @@ def _resolve_ckpt(ckpt_path: str | None) -> str | None:
         return ckpt_path
     path = Path(to_absolute_path(ckpt_path))
     if not path.is_file():
-        raise FileNotFoundError(f"ckpt_path={ckpt_path}: no such checkpoint")
+        raise CheckpointError(f"ckpt_path={ckpt_path}: no such checkpoint")
     return str(path)
 
 
@@ -84,7 +101,7 @@ def _last_checkpoint(cfg: DictConfig) -> str | None:
     return str(max(found, key=lambda p: p.stat().st_mtime)) if found else None
 
 
-def checkpoint_wandb_id(path: str | None) -> str | None:
+def checkpoint_wandb_id(path: str | None) -> str | None:  # kept for scripts and tests
     """The W&B run id stored in a dpfit checkpoint (by the module's ``on_save_checkpoint``), if any."""
     if not path or not Path(path).is_file():
         return None
@@ -109,15 +126,15 @@ def _check_launch(cfg: DictConfig, trainer) -> None:
     run_dir_given = any(o.startswith("hydra.run.dir=") for o in hydra_overrides)
     if mode == RunMode.RUN and not run_dir_given:
         if cfg.get("ckpt_path") == "last" and _last_checkpoint(cfg) is None:
-            raise ValueError("ckpt_path=last resumes <run folder>/checkpoints/last.ckpt: name the run folder with "
+            raise ConfigError("ckpt_path=last resumes <run folder>/checkpoints/last.ckpt: name the run folder with "
                              "hydra.run.dir=<run folder> (e.g. hydra.run.dir=outputs/2026-01-31/12-00-00-000000)")
         if trainer.world_size > 1 and trainer.strategy.cluster_environment.creates_processes_externally:
-            raise ValueError(
+            raise ConfigError(
                 f"{trainer.world_size} processes started by torchrun/srun each composed their own run folder: give "
                 "them one with hydra.run.dir=<run folder> (e.g. hydra.run.dir=outputs/run-$SLURM_JOB_ID)")
     launches = isinstance(trainer.strategy.launcher, _SubprocessScriptLauncher) and trainer.world_size > 1
     if mode == RunMode.MULTIRUN and launches and not trainer.strategy.cluster_environment.creates_processes_externally:
-        raise ValueError("a local multirun (-m) cannot start DDP processes: each would re-run the whole sweep. "
+        raise ConfigError("a local multirun (-m) cannot start DDP processes: each would re-run the whole sweep. "
                          "Sweep with one process per run, or launch on SLURM: -m hydra/launcher=slurm")
 
 
@@ -142,31 +159,91 @@ def log_config(trainer, cfg: DictConfig, module: DeepPotentialModule) -> None:
         logger.log_hyperparams(params)
 
 
+def _rank_zero_process() -> bool:
+    """False in the processes a launcher started for ranks other than 0 (their rank is in the environment)."""
+    for var in ("RANK", "LOCAL_RANK", "SLURM_PROCID"):
+        value = os.environ.get(var)
+        if value not in (None, "", "0") and not (var == "SLURM_PROCID" and os.environ.get("SLURM_NTASKS", "1") == "1"):
+            return False
+    return True
+
+
+def _slurm_requeued(out: Path) -> str | None:
+    """On SLURM, a requeued job (preempted or timed out) continues its run: the newest checkpoint to resume."""
+    from lightning.fabric.plugins.environments import SLURMEnvironment
+
+    if not SLURMEnvironment.detect() or not (out / "INCOMPLETE").is_file():
+        return None
+    from dpfit.training.resume import newest_readable
+
+    found = [f for f in (newest_readable(out / "checkpoints"), newest_readable(out)) if f]
+    return str(max(found, key=lambda f: f[1])[0]) if found else None
+
+
 def train(cfg: DictConfig) -> float | None:
     """Fit and return ``cfg.optimized_metric`` (for sweeps)."""
+    from dpfit.training.resume import check_resume, read_checkpoint
+
+    validate_train_config(cfg)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     torch.set_default_dtype(torch.float32)
     if cfg.get("keep_freed_memory", True):
         keep_freed_memory()
+    out = Path(cfg.paths.output_dir)
     ckpt_path = _resolve_ckpt(cfg.get("ckpt_path"))
+    if ckpt_path is None and not cfg.get("ckpt_init"):
+        ckpt_path = _slurm_requeued(out)
+        if ckpt_path:
+            log.info("requeued SLURM job: resuming %s", ckpt_path)
     resume_from = _last_checkpoint(cfg) if ckpt_path == "last" else ckpt_path
-    datamodule, module, trainer = build(cfg, wandb_id=checkpoint_wandb_id(resume_from))
+    wandb_id = None
+    if resume_from:  # read and compared before anything in the run folder changes
+        ckpt = read_checkpoint(resume_from)
+        check_resume(ckpt, resume_from, OmegaConf.to_container(cfg.model, resolve=True))
+        wandb_id = ckpt.get(WANDB_RUN_ID_KEY)
+        del ckpt
+    rank0 = _rank_zero_process()
+    if rank0:
+        refuse_fresh_run(out, resume_from)
+    with run_folder_lock(out) if rank0 else contextlib.nullcontext():
+        return _fit(cfg, out, ckpt_path, resume_from, wandb_id)
+
+
+def _fit(cfg: DictConfig, out: Path, ckpt_path: str | None, resume_from: str | None, wandb_id: str | None):
+    datamodule, module, trainer = build(cfg, wandb_id=wandb_id)
     _check_launch(cfg, trainer)
     if cfg.get("ckpt_init"):
         _init_from(module, cfg.ckpt_init)
-    out = Path(cfg.paths.output_dir)
     if trainer.is_global_zero:
         out.mkdir(parents=True, exist_ok=True)
+        write_marker(out, "training (or stopped without a trace: killed); continue with ckpt_path=last\n")
         (out / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
         if resume_from:
             _keep_csv_history(trainer)
         log_config(trainer, cfg, module)
-    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+    try:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+    except SIGTERMException as exc:  # SIGTERM during validation: the Preemption callback saved a checkpoint
+        stop = next((c for c in trainer.callbacks if isinstance(c, Preemption) and getattr(c, "stopped", None)), None)
+        if stop is not None:
+            raise stop.stopped from None
+        import signal
+
+        raise Preempted(f"stopped by a signal at step {trainer.global_step}; continue with "
+                        f"`python train.py hydra.run.dir={out} ckpt_path=last`", signal.SIGTERM) from exc
+    except Preempted:
+        raise  # the Preemption callback wrote the marker
+    except Exception as exc:
+        if trainer.is_global_zero:
+            write_marker(out, f"stopped at step {trainer.global_step} by an error: {str(exc).strip()[:500]}\n")
+        raise
     if cfg.get("summary", True) and "val/rmse_f" not in trainer.callback_metrics and "val/rmse_e" not in trainer.callback_metrics:
         trainer.validate(module, datamodule=datamodule, verbose=False)
     metrics = dict(trainer.callback_metrics)
     if cfg.get("summary", True) and trainer.is_global_zero:
         _print_summary(metrics, trainer, out)
+    if trainer.is_global_zero:
+        remove_marker(out)
     value = metrics.get(cfg.get("optimized_metric") or "")
     _finish_wandb(trainer)
     return float(value) if value is not None else None
@@ -215,7 +292,24 @@ def refuse_split_run_folder(argv: list[str]) -> None:
                  "hydra.run.dir=<run folder>, e.g. hydra.run.dir=outputs/run-$SLURM_JOB_ID")
 
 
+def refuse_fresh_run_early(argv: list[str]) -> None:
+    """``hydra.run.dir=<folder holding a run>`` without ``ckpt_path``: refuse before Hydra writes its own files
+    (.hydra/, train.log) into that folder. :func:`train` checks again with the composed config."""
+    if any(a in ("-m", "--multirun") for a in argv):
+        return
+    given = [a.split("=", 1)[1] for a in argv if a.startswith("hydra.run.dir=")]
+    if not given or any(a.lstrip("+").startswith("ckpt_path=") and a.split("=", 1)[1] not in ("", "null")
+                        for a in argv):
+        return
+    try:
+        refuse_fresh_run(Path(given[-1]), None)
+    except Exception as exc:  # noqa: BLE001 - reported as one line
+        sys.stderr.write(f"error: {exc}\n")
+        raise SystemExit(getattr(exc, "exit_code", 1)) from None
+
+
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
+@one_line_errors
 def _hydra_main(cfg: DictConfig) -> float | None:
     return train(cfg)
 
@@ -223,7 +317,8 @@ def _hydra_main(cfg: DictConfig) -> float | None:
 def main() -> None:
     """``python train.py`` / ``dpfit-train``."""
     refuse_split_run_folder(sys.argv[1:])
-    _hydra_main()
+    refuse_fresh_run_early(sys.argv[1:])
+    run_cli(_hydra_main)
 
 
 if __name__ == "__main__":

@@ -11,10 +11,12 @@ import torch
 from torchmetrics import MeanMetric
 
 from dpfit.data.batch import model_inputs
+from dpfit.errors import ConfigError, NonFiniteLossError
 from dpfit.io.checkpoint import MODEL_CONFIG_KEY
 from dpfit.model import build_model
 from dpfit.model.kernels import compiled_kernels
-from dpfit.model.kernels.build import check_mode
+from dpfit.model.kernels.build import MODES
+from dpfit.training.guards import NONFINITE_MODES, nonfinite_message
 from dpfit.training.loss import EnergyLoss
 from dpfit.training.metrics import error_metrics, update_error_metrics
 from dpfit.training.schedule import ExponentialDecay, worker_scale
@@ -41,11 +43,16 @@ class DeepPotentialModule(L.LightningModule):
         data_stat_protect: float = 1e-2,
         weight_decay: float = 0.0,
         kernels: str | None = None,
+        nonfinite_loss: str = "stop",
     ) -> None:
         super().__init__()
+        if kernels is not None and kernels not in MODES:
+            raise ConfigError(f"kernels={kernels!r}: choose one of {', '.join(MODES)}")
+        if nonfinite_loss not in NONFINITE_MODES:
+            raise ConfigError(f"nonfinite_loss={nonfinite_loss}: choose one of {', '.join(NONFINITE_MODES)}")
         model = _plain(model)
         if kernels is not None:
-            model = {**model, "kernels": check_mode(kernels)}
+            model = {**model, "kernels": kernels}
         self.save_hyperparameters({MODEL_CONFIG_KEY: model, "scale_by_worker": scale_by_worker,
                                    "data_stat_protect": data_stat_protect})
         self.model = build_model(model)
@@ -54,6 +61,8 @@ class DeepPotentialModule(L.LightningModule):
         self.scale_by_worker = scale_by_worker
         self.data_stat_protect = data_stat_protect
         self.weight_decay = weight_decay
+        self.nonfinite_loss = nonfinite_loss
+        self.skipped_batches = 0
         self.register_buffer("stats_ready", torch.zeros((), dtype=torch.bool))
         self.metrics = torch.nn.ModuleDict({f"{s}_": error_metrics() for s in ("val", "test")})
         # frame-weighted mean of the loss over the evaluation set, summed over DDP ranks
@@ -126,6 +135,14 @@ class DeepPotentialModule(L.LightningModule):
         pred = self(batch, do_force=self.loss.needs_force, do_virial=self.loss.needs_virial, create_graph=True)
         loss, logs = self.loss(pred, batch, self._lr_ratio())
         nf = batch["coord"].shape[0]
+        if self.nonfinite_loss != "off" and not bool(torch.isfinite(loss)):  # one device sync a step on GPUs
+            message = nonfinite_message(self.global_step, batch, pred, logs, self._system_name(batch))
+            if self.nonfinite_loss == "stop":
+                raise NonFiniteLossError(f"{message}; the run stopped (nonfinite_loss=skip skips such batches)")
+            self.skipped_batches += 1
+            log.warning("%s: batch skipped (%d so far)", message, self.skipped_batches)
+            self.log("train/skipped_batches", float(self.skipped_batches), batch_size=nf, reduce_fx="max")
+            return None  # Lightning skips the backward pass: no weight changes (the step still counts)
         lr = self.optimizers().param_groups[0]["lr"]
         if self._loggers_write_this_step():
             self.log("train/loss", loss.detach(), batch_size=nf, prog_bar=True)
@@ -138,6 +155,12 @@ class DeepPotentialModule(L.LightningModule):
         if batch.get("n_dropped"):
             self.log("train/neighbors_dropped", float(batch["n_dropped"]), batch_size=nf, reduce_fx="sum")
         return loss
+
+    def _system_name(self, batch: dict) -> str | None:
+        try:
+            return str(self.trainer.datamodule.train_views[int(batch["system"])].system.name)
+        except Exception:  # noqa: BLE001 - no datamodule (a bare loop): the index alone
+            return None
 
     def _loggers_write_this_step(self) -> bool:
         """Whether Lightning's loggers write this step's values (every ``trainer.log_every_n_steps``
