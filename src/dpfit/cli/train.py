@@ -18,6 +18,7 @@ from lightning.pytorch.strategies.launchers import _SubprocessScriptLauncher
 from omegaconf import DictConfig, OmegaConf
 
 from dpfit.cli.config_dir import CONFIG_DIR
+from dpfit.cli.deepmd import expand_deepmd_input, keep_input_copy, resolve_auto_sel
 from dpfit.training.allocator import keep_freed_memory
 from dpfit.training.callbacks import summary_rows
 from dpfit.training.module import WANDB_RUN_ID_KEY, DeepPotentialModule
@@ -150,6 +151,7 @@ def train(cfg: DictConfig) -> float | None:
         keep_freed_memory()
     ckpt_path = _resolve_ckpt(cfg.get("ckpt_path"))
     resume_from = _last_checkpoint(cfg) if ckpt_path == "last" else ckpt_path
+    resolve_auto_sel(cfg, resume_from)  # data.sel=auto: counted (or the checkpoint's) before anything is built
     datamodule, module, trainer = build(cfg, wandb_id=checkpoint_wandb_id(resume_from))
     _check_launch(cfg, trainer)
     if cfg.get("ckpt_init"):
@@ -158,15 +160,16 @@ def train(cfg: DictConfig) -> float | None:
     if trainer.is_global_zero:
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+        keep_input_copy(cfg, out)
         if resume_from:
             _keep_csv_history(trainer)
         log_config(trainer, cfg, module)
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
-    if cfg.get("summary", True) and "val/rmse_f" not in trainer.callback_metrics and "val/rmse_e" not in trainer.callback_metrics:
-        trainer.validate(module, datamodule=datamodule, verbose=False)
+    if cfg.get("summary", True) and module.validated_at != trainer.global_step:
+        trainer.validate(module, datamodule=datamodule, verbose=False)  # the final numbers are the final weights
     metrics = dict(trainer.callback_metrics)
     if cfg.get("summary", True) and trainer.is_global_zero:
-        _print_summary(metrics, trainer, out)
+        _print_summary(metrics, module.validated_at, out, getattr(datamodule, "val_set_names", ()))
     value = metrics.get(cfg.get("optimized_metric") or "")
     _finish_wandb(trainer)
     return float(value) if value is not None else None
@@ -179,14 +182,14 @@ def _finish_wandb(trainer) -> None:
             logger.experiment.finish()
 
 
-def _print_summary(metrics: dict, trainer, out: Path) -> None:
+def _print_summary(metrics: dict, step: int, out: Path, sets: list[str] | tuple = ()) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title=f"Validation errors after {trainer.global_step} steps")
-    for col in ("quantity", "RMSE", "MAE"):
+    table = Table(title=f"Validation errors at step {step} (the last step)")
+    for col in (("set",) if sets else ()) + ("quantity", "RMSE", "MAE"):
         table.add_column(col)
-    for row in summary_rows(metrics):
+    for row in summary_rows(metrics, sets):
         table.add_row(*row)
     console = Console()
     console.print(table)
@@ -222,6 +225,7 @@ def _hydra_main(cfg: DictConfig) -> float | None:
 
 def main() -> None:
     """``python train.py`` / ``dpfit-train``."""
+    sys.argv[1:] = expand_deepmd_input(sys.argv[1:])  # deepmd_input=input.json -> overrides
     refuse_split_run_folder(sys.argv[1:])
     _hydra_main()
 

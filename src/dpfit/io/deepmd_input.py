@@ -167,10 +167,12 @@ class _Converter:
         precision = {"value": None}
 
         def sel(v):
-            if isinstance(v, str):
-                self.reject("model.descriptor.sel", v, show_value=True)  # "auto": give data.sel=[...] yourself
-            else:
+            if isinstance(v, str) and (v == "auto" or v.startswith("auto:")):
+                self.put("data.sel", v)  # counted from the training data when training starts
+            elif isinstance(v, (list, tuple)):
                 self.put("data.sel", [int(s) for s in v])
+            else:
+                self.reject("model.descriptor.sel", v, show_value=True)
 
         def keep(key, cast=lambda x: x):
             return _setter(values, key, cast)
@@ -188,7 +190,7 @@ class _Converter:
         }
         self.walk(desc, "model.descriptor", handlers, skip=("type",))
         if "sel" not in desc:
-            self.reject("model.descriptor.sel (missing: DeePMD's default is auto)")
+            self.put("data.sel", "auto")  # DeePMD-kit's default
         for key, value in values.items():
             self.put(f"model.descriptor.{key}", value)
         self.put("model.precision", precision["value"] or "float64")
@@ -286,13 +288,15 @@ class _Converter:
             self.put("trainer.max_steps", int(v))
 
         self.put("trainer.val_check_interval", TRAINING_DEFAULTS["disp_freq"])
+        self.put("callbacks.lcurve.disp_freq", TRAINING_DEFAULTS["disp_freq"])
         self.put("callbacks.model_checkpoint.every_n_train_steps", TRAINING_DEFAULTS["save_freq"])
         self.walk(tr, "training", {
             "training_data": lambda v: data("training_data", v, val=False),
             "validation_data": lambda v: data("validation_data", v, val=True),
             "numb_steps": steps, "stop_batch": steps,
             "seed": lambda v: self.put("seed", v),
-            "disp_freq": lambda v: self.put("trainer.val_check_interval", int(v)),
+            "disp_freq": lambda v: (self.put("trainer.val_check_interval", int(v)),  # DeePMD validates at each row
+                                    self.put("callbacks.lcurve.disp_freq", int(v))),
             "save_freq": lambda v: self.put("callbacks.model_checkpoint.every_n_train_steps", int(v)),
             "disp_file": lambda v: self.put("callbacks.lcurve.filename", str(v)),
             "warmup_steps": lambda v: self.put("schedule.warmup_steps", int(v)),
