@@ -184,13 +184,14 @@ def _finish_wandb(trainer) -> None:
 
 def _print_summary(metrics: dict, step: int, out: Path, sets: list[str] | tuple = ()) -> None:
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
     table = Table(title=f"Validation errors at step {step} (the last step)")
     for col in (("set",) if sets else ()) + ("quantity", "RMSE", "MAE"):
         table.add_column(col)
     for row in summary_rows(metrics, sets):
-        table.add_row(*row)
+        table.add_row(*(escape(c) for c in row))  # "[eV]" would be read as rich markup
     console = Console()
     console.print(table)
     console.print(f"run folder: {out}")

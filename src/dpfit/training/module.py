@@ -185,6 +185,13 @@ class DeepPotentialModule(L.LightningModule):
         if not self.trainer.sanity_checking:
             self.validated_at = self.global_step
 
+    def on_validation_end(self) -> None:
+        # "step" only labels the loggers' row: ModelCheckpoint's file names would take a stale one later
+        self.trainer.callback_metrics.pop("step", None)
+
+    def on_test_end(self) -> None:
+        self.trainer.callback_metrics.pop("step", None)
+
     def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
         """Stop at ``max_steps`` through ``should_stop``: Lightning then validates at the last step whatever
         ``val_check_interval`` is, so the final numbers are those of the final weights."""
