@@ -130,3 +130,14 @@ def test_train_with_sel_auto_stores_it(systems, tmp_path):
     assert list(saved.data.sel) == expected and list(saved.model.descriptor.sel) == expected
     ckpt = torch.load(tmp_path / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
     assert ckpt["hyper_parameters"]["model_config"]["descriptor"]["sel"] == expected
+
+
+def test_auto_sel_counts_the_water_data_and_fine_tuning_keeps_the_initial_models(shared_dir, water_fixture, tmp_path):
+    water = shared_dir / "data" / "water"
+    cfg = compose_train(["data=deepmd", f"data.train_systems=[{water / 'data_0'}]", "data.type_map=[O,H]"], tmp_path)
+    counted = resolve_auto_sel(cfg)
+    stat = neighbor_stat(load_systems([water / "data_0"], ["O", "H"]), 6.0, 2)
+    assert counted == auto_sel(stat.max_nbor) and stat.max_nbor[0] < stat.max_nbor[1]
+    cfg = compose_train(["data=deepmd", f"data.train_systems=[{water / 'data_0'}]", "data.type_map=[O,H]",
+                         f"ckpt_init={water_fixture / 'model.ckpt.pt'}"], tmp_path)
+    assert resolve_auto_sel(cfg) == [46, 92]  # the DeePMD-kit model's sel, not a recount

@@ -126,8 +126,9 @@ def _checkpoint_sel(path: str) -> list[int] | None:
 def resolve_auto_sel(cfg: DictConfig, resume_from: str | None = None) -> list[int] | None:
     """Replace ``data.sel=auto`` / ``auto:R`` in ``cfg`` by counts per type (None when sel is a list).
 
-    A resumed run takes the checkpoint's sel; otherwise the training systems are counted as DeePMD-kit's
-    neighbor-stat does and rounded as its ``sel: "auto"`` (count * R, up to a multiple of 4)."""
+    A resumed run takes the checkpoint's sel, a fine-tuned one (``ckpt_init``) its initial model's; otherwise
+    the training systems are counted as DeePMD-kit's neighbor-stat does and rounded as its ``sel: "auto"``
+    (count * R, up to a multiple of 4)."""
     from dpfit.data.neighbor_stat import auto_sel, describe, neighbor_stat, parse_auto_sel
 
     sel = OmegaConf.select(cfg, "data.sel", throw_on_missing=False)
@@ -135,8 +136,16 @@ def resolve_auto_sel(cfg: DictConfig, resume_from: str | None = None) -> list[in
     if ratio is None:
         return None
     found = _checkpoint_sel(resume_from) if resume_from else None
+    init = cfg.get("ckpt_init")
     if found is not None:
         log.info("data.sel=%s: sel=%s from the checkpoint %s (not recounted)", sel, found, resume_from)
+    elif init:  # fine-tuning keeps the architecture of the model it starts from (as DeePMD-kit's finetune)
+        from hydra.utils import to_absolute_path
+
+        from dpfit.io.checkpoint import load_model
+
+        found = [int(s) for s in load_model(to_absolute_path(init)).sel]
+        log.info("data.sel=%s: sel=%s from ckpt_init=%s", sel, found, init)
     else:
         from dpfit.data.system import load_systems
 
