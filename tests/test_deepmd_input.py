@@ -67,7 +67,8 @@ def test_water_input_translates_completely(water_json):
     assert preset["loss"]["start_pref_e"] == 0.02 and preset["loss"]["limit_pref_f"] == 1.0
     assert preset["loss"]["start_pref_v"] == preset["loss"]["limit_pref_v"] == 0.0
     assert preset["trainer"] == {"val_check_interval": 100, "max_steps": 1000000}
-    assert preset["callbacks"] == {"model_checkpoint": {"every_n_train_steps": 1000}, "lcurve": {"filename": "lcurve.out"}}
+    assert preset["callbacks"] == {"model_checkpoint": {"every_n_train_steps": 1000},
+                                   "lcurve": {"disp_freq": 100, "filename": "lcurve.out"}}
     assert preset["scale_by_worker"] == "linear"  # DeePMD-kit's default
 
 
@@ -192,3 +193,128 @@ def test_finetune_from_deepmd_checkpoint_starts_from_its_predictions(water_fixtu
     start = module.model.state_dict()
     moved = [k for k, v in start.items() if v.is_floating_point() and not torch.equal(state[f"model.{k}"], v)]
     assert moved, "two Adam steps should move the weights"
+
+
+# ------------------------------------------------------------------------------------------------------------
+# python train.py deepmd_input=input.json [overrides]: DeePMD-kit's dialects
+# ------------------------------------------------------------------------------------------------------------
+
+def _compose_json(tmp_path: Path, data: dict, overrides: list[str], capsys=None):
+    """What ``train.py deepmd_input=<json> overrides`` composes (the json written under tmp_path/inputs)."""
+    from dpfit.cli.deepmd import expand_deepmd_input
+
+    folder = tmp_path / "inputs"
+    folder.mkdir(exist_ok=True)
+    src = folder / "input.json"
+    src.write_text(json.dumps(data))
+    before = src.read_bytes()
+    argv = expand_deepmd_input([f"deepmd_input={src}", *overrides])
+    assert src.read_bytes() == before  # the user's json is only read
+    return compose_train(argv, tmp_path / "run")
+
+
+def _water_systems(water_json: Path) -> list[str]:
+    return [str(water_json.parent / f"data_{k}") for k in range(4)]
+
+
+def test_todays_keys_with_validation_data_and_overrides_on_top(water_json, tmp_path, capsys):
+    data = json.loads(water_json.read_text())
+    systems = _water_systems(water_json)
+    data["training"]["training_data"]["systems"] = systems[:3]
+    data["training"]["validation_data"]["systems"] = systems[3:]
+    data["model"]["descriptor"]["sel"] = "auto:1.2"
+    data["model"]["descriptor"]["xyz"] = 1
+    cfg = _compose_json(tmp_path, data, ["trainer.max_steps=7", "model.fitting_net.neuron=[16,16]"])
+    assert "unsupported: model.descriptor.xyz" in capsys.readouterr().err
+    assert cfg.data._target_ == "dpfit.data.datamodule.DeepmdDataModule"
+    assert list(cfg.data.train_systems) == systems[:3] and list(cfg.data.val_systems) == systems[3:]
+    assert cfg.data.numb_btch == 3 and cfg.data.val_batch_size == 1 and cfg.data.sel == "auto:1.2"
+    assert list(cfg.model.descriptor.neuron) == [25, 50, 100] and cfg.model.descriptor.axis_neuron == 16
+    assert list(cfg.model.fitting_net.neuron) == [16, 16]  # the override wins over the json's [240,240,240]
+    assert cfg.trainer.max_steps == 7 and cfg.trainer.val_check_interval == 100
+    assert cfg.callbacks.lcurve.disp_freq == 100 and cfg.seed == 10 and cfg.scale_by_worker == "linear"
+    assert cfg.deepmd_input == str(tmp_path / "inputs" / "input.json")
+
+
+def test_old_keys(tmp_path, capsys, water_json):
+    """A DeePMD-kit 1.x input: se_a, n_neuron / n_axis_neuron, training.systems, stop_batch, numb_test,
+    disp_training, time_training, decay_rate."""
+    systems = _water_systems(water_json)
+    old = {
+        "model": {
+            "type_map": ["O", "H"],
+            "descriptor": {"type": "se_a", "sel": [46, 92], "rcut_smth": 5.8, "rcut": 6.0, "neuron": [8, 16],
+                           "n_axis_neuron": 4, "resnet_dt": False, "seed": 3},
+            "fitting_net": {"n_neuron": [32, 32], "resnet_dt": True, "seed": 4},
+        },
+        "learning_rate": {"type": "exp", "start_lr": 0.005, "decay_steps": 100, "decay_rate": 0.95},
+        "loss": {"start_pref_e": 0.02, "limit_pref_e": 8, "start_pref_f": 1000, "limit_pref_f": 1,
+                 "start_pref_v": 0, "limit_pref_v": 0},
+        "training": {"systems": systems[:2], "set_prefix": "set", "stop_batch": 400, "batch_size": 2,
+                     "seed": 1, "disp_file": "lcurve.out", "disp_freq": 10, "numb_test": 10, "save_freq": 100,
+                     "save_ckpt": "model.ckpt", "disp_training": True, "time_training": True,
+                     "profiling": False},
+    }
+    cfg = _compose_json(tmp_path, old, [])
+    assert capsys.readouterr().err == ""  # every key understood
+    assert list(cfg.data.train_systems) == systems[:2] and cfg.data.val_systems is None
+    assert cfg.data.batch_size == 2 and list(cfg.data.sel) == [46, 92]
+    assert cfg.model.descriptor.axis_neuron == 4 and list(cfg.model.fitting_net.neuron) == [32, 32]
+    assert cfg.model.descriptor.rcut_smth == 5.8 and cfg.model.descriptor.seed == 3
+    assert cfg.trainer.max_steps == 400 and cfg.trainer.val_check_interval == 10 and cfg.callbacks.lcurve.disp_freq == 10
+    assert cfg.callbacks.model_checkpoint.every_n_train_steps == 100
+    assert cfg.schedule.stop_lr == pytest.approx(0.005 * 0.95 ** (400 / 100), rel=1e-12)
+    assert cfg.loss.limit_pref_e == 8.0
+
+
+def test_missing_sel_is_auto_and_old_v2_aliases(tmp_path, capsys):
+    data = {
+        "model": {"type_map": ["A", "B"], "descriptor": {"type": "se_e2_a", "rcut": 5.0},
+                  "fitting_net": {"neuron": [8]}},
+        "training": {"training_data": {"systems": ["a", "b"], "auto_prob_style": "prob_uniform",
+                                       "sys_weights": None},
+                     "validation_data": {"systems": "c", "numb_batch": 2, "batch_size": "auto:8"},
+                     "numb_steps": 5},
+    }
+    cfg = _compose_json(tmp_path, data, [])
+    assert capsys.readouterr().err == ""
+    assert cfg.data.sel == "auto"  # DeePMD-kit's default when sel is left out
+    assert list(cfg.data.train_systems) == [str(tmp_path / "inputs" / s) for s in "ab"]  # next to the json
+    assert list(cfg.data.val_systems) == [str(tmp_path / "inputs" / "c")]
+    assert cfg.data.auto_prob == "prob_uniform" and cfg.data.numb_btch == 2 and cfg.data.val_batch_size == "auto:8"
+
+
+def test_unreadable_input_is_one_line_error(tmp_path):
+    from dpfit.cli.deepmd import expand_deepmd_input
+
+    bad = tmp_path / "input.json"
+    bad.write_text("{ not json")
+    with pytest.raises(SystemExit, match=r"^error: deepmd_input=.*input.json: cannot be read"):
+        expand_deepmd_input([f"deepmd_input={bad}"])
+    with pytest.raises(SystemExit, match="error: deepmd_input=.*missing.json"):
+        expand_deepmd_input([str(tmp_path / "missing.json")])  # dpfit-train input.json
+
+
+def test_train_py_deepmd_input_on_the_shared_water_json(water_fixture, tmp_path):
+    """python train.py deepmd_input=<fixtures/deepmd_water_se_e2_a/input.json> for a few steps."""
+    import subprocess
+    import sys
+
+    src = water_fixture / "input.json"
+    before = src.read_bytes()
+    run = tmp_path / "run"
+    args = [sys.executable, str(REPO / "train.py"), f"deepmd_input={src}", "trainer.max_steps=3", "kernels=off",
+            "model.descriptor.neuron=[4,8]", "model.descriptor.axis_neuron=4", "model.fitting_net.neuron=[16,16]",
+            "data.numb_btch=1", "data.data_stat_nbatch=1", "~callbacks.progress_bar", f"hydra.run.dir={run}"]
+    env = {**__import__("os").environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(args, cwd=tmp_path, capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "unsupported" not in proc.stderr
+    assert src.read_bytes() == before
+    assert (run / "deepmd_input.json").read_bytes() == before  # a copy is kept with the run
+    saved = yaml.safe_load((run / "config.yaml").read_text())
+    assert saved["seed"] == 10 and saved["data"]["sel"] == [46, 92] and saved["schedule"]["decay_steps"] == 100
+    assert [Path(p).name for p in saved["data"]["val_systems"]] == ["data_3"]
+    rows = [r.split() for r in (run / "lcurve.out").read_text().splitlines() if not r.startswith("#")]
+    assert [r[0] for r in rows] == ["3"] and all(math.isfinite(float(x)) for x in rows[0])
+    assert "Validation errors at step 3" in proc.stdout

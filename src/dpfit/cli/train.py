@@ -20,6 +20,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
 from dpfit.cli.config_dir import CONFIG_DIR
+from dpfit.cli.deepmd import expand_deepmd_input, keep_input_copy, resolve_auto_sel
 from dpfit.cli.errors import one_line_errors, run_cli
 from dpfit.cli.run_folder import refuse_fresh_run, run_folder_lock
 from dpfit.cli.validate import validate_train_config
@@ -196,15 +197,16 @@ def train(cfg: DictConfig) -> float | None:
         if ckpt_path:
             log.info("requeued SLURM job: resuming %s", ckpt_path)
     resume_from = _last_checkpoint(cfg) if ckpt_path == "last" else ckpt_path
+    rank0 = _rank_zero_process()
+    if rank0:
+        refuse_fresh_run(out, resume_from)
+    resolve_auto_sel(cfg, resume_from)  # data.sel=auto: counted (or the checkpoint's) before anything is built
     wandb_id = None
     if resume_from:  # read and compared before anything in the run folder changes
         ckpt = read_checkpoint(resume_from)
         check_resume(ckpt, resume_from, OmegaConf.to_container(cfg.model, resolve=True))
         wandb_id = ckpt.get(WANDB_RUN_ID_KEY)
         del ckpt
-    rank0 = _rank_zero_process()
-    if rank0:
-        refuse_fresh_run(out, resume_from)
     with run_folder_lock(out) if rank0 else contextlib.nullcontext():
         return _fit(cfg, out, ckpt_path, resume_from, wandb_id)
 
@@ -218,6 +220,7 @@ def _fit(cfg: DictConfig, out: Path, ckpt_path: str | None, resume_from: str | N
         out.mkdir(parents=True, exist_ok=True)
         write_marker(out, "training (or stopped without a trace: killed); continue with ckpt_path=last\n")
         (out / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+        keep_input_copy(cfg, out)
         if resume_from:
             _keep_csv_history(trainer)
         log_config(trainer, cfg, module)
@@ -237,11 +240,11 @@ def _fit(cfg: DictConfig, out: Path, ckpt_path: str | None, resume_from: str | N
         if trainer.is_global_zero:
             write_marker(out, f"stopped at step {trainer.global_step} by an error: {str(exc).strip()[:500]}\n")
         raise
-    if cfg.get("summary", True) and "val/rmse_f" not in trainer.callback_metrics and "val/rmse_e" not in trainer.callback_metrics:
-        trainer.validate(module, datamodule=datamodule, verbose=False)
+    if cfg.get("summary", True) and module.validated_at != trainer.global_step:
+        trainer.validate(module, datamodule=datamodule, verbose=False)  # the final numbers are the final weights
     metrics = dict(trainer.callback_metrics)
     if cfg.get("summary", True) and trainer.is_global_zero:
-        _print_summary(metrics, trainer, out)
+        _print_summary(metrics, module.validated_at, out, getattr(datamodule, "val_set_names", ()))
     if trainer.is_global_zero:
         remove_marker(out)
     value = metrics.get(cfg.get("optimized_metric") or "")
@@ -256,15 +259,16 @@ def _finish_wandb(trainer) -> None:
             logger.experiment.finish()
 
 
-def _print_summary(metrics: dict, trainer, out: Path) -> None:
+def _print_summary(metrics: dict, step: int, out: Path, sets: list[str] | tuple = ()) -> None:
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
-    table = Table(title=f"Validation errors after {trainer.global_step} steps")
-    for col in ("quantity", "RMSE", "MAE"):
+    table = Table(title=f"Validation errors at step {step} (the last step)")
+    for col in (("set",) if sets else ()) + ("quantity", "RMSE", "MAE"):
         table.add_column(col)
-    for row in summary_rows(metrics):
-        table.add_row(*row)
+    for row in summary_rows(metrics, sets):
+        table.add_row(*(escape(c) for c in row))  # "[eV]" would be read as rich markup
     console = Console()
     console.print(table)
     console.print(f"run folder: {out}")
@@ -316,6 +320,7 @@ def _hydra_main(cfg: DictConfig) -> float | None:
 
 def main() -> None:
     """``python train.py`` / ``dpfit-train``."""
+    sys.argv[1:] = expand_deepmd_input(sys.argv[1:])  # deepmd_input=input.json -> overrides
     refuse_split_run_folder(sys.argv[1:])
     refuse_fresh_run_early(sys.argv[1:])
     run_cli(_hydra_main)

@@ -97,6 +97,21 @@ def _as_list(paths) -> list:
     return list(paths)
 
 
+def _named_sets(systems) -> dict[str, list]:
+    """``{name: paths}`` of named validation sets ({} for a list); names must be plain words."""
+    if not hasattr(systems, "items"):
+        return {}
+    sets = {}
+    for name, paths in systems.items():
+        name = str(name)
+        if not name or not all(c.isalnum() or c in "-_" for c in name):
+            raise ValueError(f"data.val_systems: set name {name!r} must be letters, digits, '-' or '_'")
+        sets[name] = _as_list(paths)
+        if not sets[name]:
+            raise ValueError(f"data.val_systems.{name} is empty: give its systems")
+    return sets
+
+
 class DeepmdDataModule(L.LightningDataModule):
     """Training / validation / test systems with DeePMD's batching rules.
 
@@ -105,6 +120,7 @@ class DeepmdDataModule(L.LightningDataModule):
     resumed run sees the same batches). Without ``val_systems``, ``val_fraction`` of each training
     system's frames (at least one, for systems of 2+ frames) is held out for validation, and
     ``val_fraction`` of the one-frame systems (at least one when nothing else validates) whole.
+    ``val_systems`` as a mapping ``{name: [paths]}`` names validation sets, each logged on its own.
 
     Systems open from headers only; before training every frame the model and loss read is checked
     once (``check_data``: NaN/inf, singular cells, atoms closer than ``min_distance`` Å), naming file
@@ -143,7 +159,14 @@ class DeepmdDataModule(L.LightningDataModule):
     ) -> None:
         super().__init__()
         self.train_paths = _as_list(train_systems)
-        self.val_paths = _as_list(val_systems)
+        #: named validation sets, ``val_systems={name: [paths]}`` (their metrics are logged as val/<name>/...)
+        self.val_sets = _named_sets(val_systems)
+        self.val_paths = [p for paths in self.val_sets.values() for p in paths] if self.val_sets else _as_list(val_systems)
+        self.val_set_names = list(self.val_sets)
+        self._val_view_set: list[int] = []
+        if isinstance(sel, str):
+            raise ValueError(f"data.sel={sel!r} is counted from the data when train.py starts "
+                             "(dpfit.cli.deepmd.resolve_auto_sel); here give a list of counts per type")
         self.test_paths = _as_list(test_systems)
         self.type_map = list(type_map) if type_map is not None else None
         self.rcut = float(rcut)
@@ -233,7 +256,14 @@ class DeepmdDataModule(L.LightningDataModule):
             _check_labels(train, needs)
             if self.val_paths:
                 self.train_views = self._views(train, self.batch_size)
-                self.val_views = self._views(self._load(self.val_paths, needs), self.val_batch_size)
+                if self.val_sets:
+                    self.val_views, self._val_view_set = [], []
+                    for k, paths in enumerate(self.val_sets.values()):
+                        views = self._views(self._load(paths, needs), self.val_batch_size)
+                        self.val_views += views
+                        self._val_view_set += [k] * len(views)
+                else:
+                    self.val_views = self._views(self._load(self.val_paths, needs), self.val_batch_size)
             else:
                 tr_idx, va_idx = self._split(train)
                 self.train_views = self._views(train, self.batch_size, tr_idx)
@@ -261,6 +291,10 @@ class DeepmdDataModule(L.LightningDataModule):
         for k in rng.permutation(single)[:nval] if single else []:
             va_idx[k], tr_idx[k] = tr_idx[k], va_idx[k]
         return tr_idx, va_idx
+
+    def val_set_of(self, view: int) -> str:
+        """The name of the validation set of validation system ``view`` (a batch's ``system``)."""
+        return self.val_set_names[self._val_view_set[int(view)]]
 
     @property
     def train_systems(self) -> list[FrameSource]:

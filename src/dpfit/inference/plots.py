@@ -186,7 +186,10 @@ def lcurve_plot(lcurve_path: str | Path, png_path: str | Path) -> Path:
         if name == "lr":
             continue
         base, _, split = name.rpartition("_")
-        if split not in ("val", "trn"):
+        if "_val_" in name:  # a named validation set's column: rmse_f_val_<set>
+            base, _, set_name = name.partition("_val_")
+            split = f"val {set_name}"
+        elif split not in ("val", "trn"):
             base, split = name, ""
         groups.setdefault(base, []).append((split or name, rows[:, k]))
     panels = list(groups) + (["lr"] if "lr" in names else [])
@@ -198,7 +201,8 @@ def lcurve_plot(lcurve_path: str | Path, png_path: str | Path) -> Path:
         lines = [("lr", rows[:, names.index("lr")])] if panel == "lr" else groups[panel]
         positive = False
         for label, y in lines:
-            ax.plot(step, y, marker="." if len(step) < 50 else None, label=label)
+            ok = np.isfinite(y)  # validation columns are nan on rows without a validation
+            ax.plot(step[ok], y[ok], marker="." if ok.sum() < 50 else None, label=label)
             positive |= bool(np.any(np.isfinite(y) & (y > 0)))
         if positive:
             ax.set_yscale("log")

@@ -167,10 +167,12 @@ class _Converter:
         precision = {"value": None}
 
         def sel(v):
-            if isinstance(v, str):
-                self.reject("model.descriptor.sel", v, show_value=True)  # "auto": give data.sel=[...] yourself
-            else:
+            if isinstance(v, str) and (v == "auto" or v.startswith("auto:")):
+                self.put("data.sel", v)  # counted from the training data when training starts
+            elif isinstance(v, (list, tuple)):
                 self.put("data.sel", [int(s) for s in v])
+            else:
+                self.reject("model.descriptor.sel", v, show_value=True)
 
         def keep(key, cast=lambda x: x):
             return _setter(values, key, cast)
@@ -188,7 +190,7 @@ class _Converter:
         }
         self.walk(desc, "model.descriptor", handlers, skip=("type",))
         if "sel" not in desc:
-            self.reject("model.descriptor.sel (missing: DeePMD's default is auto)")
+            self.put("data.sel", "auto")  # DeePMD-kit's default
         for key, value in values.items():
             self.put(f"model.descriptor.{key}", value)
         self.put("model.precision", precision["value"] or "float64")
@@ -276,6 +278,7 @@ class _Converter:
                 handlers["auto_prob_style"] = handlers["auto_prob"]
                 handlers["sys_probs"] = lambda v: self.put("data.sys_probs", None if v is None else [float(x) for x in v])
                 handlers["sys_weights"] = handlers["sys_probs"]
+                handlers["sys_prob"] = handlers["sys_probs"]
             self.walk(value, prefix, handlers)
             if "batch_size" not in value:
                 self.put(batch_key, "auto")
@@ -286,13 +289,15 @@ class _Converter:
             self.put("trainer.max_steps", int(v))
 
         self.put("trainer.val_check_interval", TRAINING_DEFAULTS["disp_freq"])
+        self.put("callbacks.lcurve.disp_freq", TRAINING_DEFAULTS["disp_freq"])
         self.put("callbacks.model_checkpoint.every_n_train_steps", TRAINING_DEFAULTS["save_freq"])
         self.walk(tr, "training", {
             "training_data": lambda v: data("training_data", v, val=False),
             "validation_data": lambda v: data("validation_data", v, val=True),
             "numb_steps": steps, "stop_batch": steps,
             "seed": lambda v: self.put("seed", v),
-            "disp_freq": lambda v: self.put("trainer.val_check_interval", int(v)),
+            "disp_freq": lambda v: (self.put("trainer.val_check_interval", int(v)),  # DeePMD validates at each row
+                                    self.put("callbacks.lcurve.disp_freq", int(v))),
             "save_freq": lambda v: self.put("callbacks.model_checkpoint.every_n_train_steps", int(v)),
             "disp_file": lambda v: self.put("callbacks.lcurve.filename", str(v)),
             "warmup_steps": lambda v: self.put("schedule.warmup_steps", int(v)),
@@ -302,6 +307,36 @@ class _Converter:
         })
         if "training_data" not in tr:
             self.reject("training.training_data (missing)")
+
+
+#: DeePMD-kit 1.x kept these in ``training``; 2.x moved them into ``training.training_data``
+_V1_DATA_KEYS = ("systems", "set_prefix", "batch_size", "sys_prob", "sys_probs", "auto_prob", "sys_weights",
+                 "auto_prob_style")
+
+
+def _from_v1(input_json: dict) -> dict:
+    """A 1.x input in the 2.x layout, as DeePMD-kit reads it (a copy; the caller's dict is not changed):
+    training.systems/batch_size/... -> training.training_data, ``numb_test`` dropped (no effect since 2.0),
+    ``learning_rate.decay_rate`` -> the ``stop_lr`` it reaches at the last step."""
+    import copy
+    import math
+
+    data = copy.deepcopy(input_json)
+    training = data.get("training")
+    if not isinstance(training, dict):
+        return data
+    if "systems" in training and "training_data" not in training:
+        training["training_data"] = {k: training.pop(k) for k in _V1_DATA_KEYS if k in training}
+        training.pop("numb_test", None)
+        if training["training_data"].get("set_prefix", "set") == "set":
+            training["training_data"].pop("set_prefix", None)
+    lr = data.get("learning_rate")
+    steps = training.get("numb_steps", training.get("stop_batch"))
+    if isinstance(lr, dict) and lr.get("decay_rate") is not None and "stop_lr" not in lr and steps:
+        start = lr.get("start_lr", LR_DEFAULTS["start_lr"])
+        decay_steps = lr.get("decay_steps", LR_DEFAULTS["decay_steps"])
+        lr["stop_lr"] = math.exp(math.log(lr.pop("decay_rate")) * steps / decay_steps) * start
+    return data
 
 
 def convert_input(input_json: dict, base_dir: str | Path = ".", data_root: str | Path | None = None
@@ -315,6 +350,7 @@ def convert_input(input_json: dict, base_dir: str | Path = ".", data_root: str |
     ``override /data: deepmd``), and every key (``section.key`` or ``section.key=value``) it could not
     translate, in file order.
     """
+    input_json = _from_v1(input_json)
     conv = _Converter(base_dir, data_root)
     conv.out["defaults"] = [{"override /data": "deepmd"}]
     sections = {

@@ -9,12 +9,24 @@ from lightning.pytorch.utilities import rank_zero_only
 
 
 class LCurveWriter(L.Callback):
-    """Writes ``lcurve.out`` (DeePMD columns) at every validation: step, rmse_val, rmse_trn, rmse_e_*,
-    rmse_f_*, [rmse_v_*], lr. Training columns are those of the latest training step."""
+    """Writes ``lcurve.out`` as DeePMD-kit does: a row every ``disp_freq`` training steps (and at every
+    validation) with step, rmse_val, rmse_trn, rmse_e_val, rmse_e_trn, rmse_f_val, rmse_f_trn,
+    [rmse_v_val, rmse_v_trn], lr. Training columns are those of the step's batch; validation columns hold
+    the validation of that step, ``nan`` where none ran. Named validation sets
+    (``data.val_systems={name: [...]}``) add ``rmse_<q>_val_<name>`` columns after ``lr``.
 
-    def __init__(self, filename: str = "lcurve.out") -> None:
+    ``disp_freq``: null writes rows at validations only. A resumed run (``ckpt_path``) appends; rows the
+    killed run wrote after its checkpoint's step are moved to ``<filename>.superseded``, so every step
+    appears once."""
+
+    def __init__(self, filename: str = "lcurve.out", disp_freq: int | None = None) -> None:
+        if disp_freq is not None and int(disp_freq) <= 0:
+            raise ValueError(f"callbacks.lcurve.disp_freq must be a positive number of steps, got {disp_freq}")
         self.filename = filename
+        self.disp_freq = None if disp_freq is None else int(disp_freq)
         self.path: Path | None = None
+        self._pending: tuple[int, list[float]] | None = None  # (step, training values) awaiting validation
+        self._last_written = -1
 
     def _columns(self, pl_module) -> list[str]:
         cols = ["e", "f"]
@@ -22,42 +34,122 @@ class LCurveWriter(L.Callback):
             cols.append("v")
         return cols
 
-    @rank_zero_only
-    def on_fit_start(self, trainer, pl_module) -> None:
-        self.path = Path(trainer.default_root_dir) / self.filename
-        if self.path.exists() and trainer.ckpt_path:
-            return  # resuming: append
+    @staticmethod
+    def _sets(trainer) -> list[str]:
+        return list(getattr(trainer.datamodule, "val_set_names", None) or []) if trainer.datamodule else []
+
+    def header(self, trainer, pl_module) -> list[str]:
         header = ["step", "rmse_val", "rmse_trn"]
         for c in self._columns(pl_module):
             header += [f"rmse_{c}_val", f"rmse_{c}_trn"]
         header.append("lr")
+        for name in self._sets(trainer):
+            header += [f"rmse_{c}_val_{name}" for c in self._columns(pl_module)]
+        return header
+
+    @rank_zero_only
+    def on_train_start(self, trainer, pl_module) -> None:
+        self.path = Path(trainer.default_root_dir) / self.filename
+        self._pending = None
+        self._last_written = trainer.global_step
+        if self.path.exists() and trainer.ckpt_path:
+            self._last_written = self._drop_rows_after(trainer.global_step)
+            return  # resuming: append
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.path, "w") as fh:
-            fh.write("# " + " ".join(f"{h:>11s}" for h in header) + "\n")
+            fh.write("# " + " ".join(f"{h:>11s}" for h in self.header(trainer, pl_module)) + "\n")
+
+    def _drop_rows_after(self, step: int) -> int:
+        """Resuming at ``step``: rows of later steps (written before the kill) leave lcurve.out; returns the
+        last step left in it (-1: none)."""
+        lines = self.path.read_text().splitlines(keepends=True)
+
+        def later(line: str) -> bool:
+            words = line.split()
+            return bool(words) and not line.startswith("#") and words[0].isdigit() and int(words[0]) > step
+
+        dropped = [line for line in lines if later(line)]
+        if dropped:
+            with open(self.path.with_name(self.path.name + ".superseded"), "a") as fh:
+                fh.writelines(dropped)
+            lines = [line for line in lines if not later(line)]
+            self.path.write_text("".join(lines))
+        steps = [int(line.split()[0]) for line in lines
+                 if line.strip() and not line.startswith("#") and line.split()[0].isdigit()]
+        return max(steps, default=-1)
+
+    def _train_values(self, pl_module) -> list[float]:
+        trn = pl_module.last_train
+        values = [float(trn.get("rmse", float("nan")))]
+        values += [float(trn.get(f"rmse_{c}", float("nan"))) for c in self._columns(pl_module)]
+        return [*values, float(trn.get("lr", float("nan")))]
+
+    def _write(self, trainer, pl_module, step: int, train: list[float], val: dict | None) -> None:
+        nan = float("nan")
+        m = val or {}
+        loss = m.get("val/loss")
+        row = [float(loss) ** 0.5 if loss is not None else nan, train[0]]
+        for k, c in enumerate(self._columns(pl_module)):
+            v = m.get(f"val/rmse_{c}")
+            row += [float(v) if v is not None else nan, train[1 + k]]
+        row.append(train[-1])
+        for name in self._sets(trainer):
+            for c in self._columns(pl_module):
+                v = m.get(f"val/{name}/rmse_{c}")
+                row.append(float(v) if v is not None else nan)
+        with open(self.path, "a") as fh:
+            fh.write(f"{step:7d}  " + " ".join(f"{x:11.2e}" for x in row) + "\n")
+        self._last_written = step
+
+    def _flush(self, trainer, pl_module) -> None:
+        if self._pending is not None:
+            step, train = self._pending
+            self._pending = None
+            self._write(trainer, pl_module, step, train, None)
+
+    @rank_zero_only
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if self.path is None:
+            return
+        self._flush(trainer, pl_module)  # the previous row: no validation ran at its step
+        step = trainer.global_step
+        if self.disp_freq and step % self.disp_freq == 0 and step > self._last_written:
+            self._pending = (step, self._train_values(pl_module))  # validation may still run at this step
 
     @rank_zero_only
     def on_validation_end(self, trainer, pl_module) -> None:
         if self.path is None or trainer.sanity_checking or not pl_module.last_train:
             return
-        m = trainer.callback_metrics
-        trn = pl_module.last_train
-        val_loss = m.get("val/loss")
-        row = [float(val_loss) ** 0.5 if val_loss is not None else float("nan"), float(trn.get("rmse", float("nan")))]
-        for c in self._columns(pl_module):
-            v = m.get(f"val/rmse_{c}")
-            row += [float(v) if v is not None else float("nan"), float(trn.get(f"rmse_{c}", float("nan")))]
-        row.append(float(trn.get("lr", float("nan"))))
-        with open(self.path, "a") as fh:
-            fh.write(f"{trainer.global_step:7d}  " + " ".join(f"{x:11.2e}" for x in row) + "\n")
+        step = trainer.global_step
+        if self._pending is not None and self._pending[0] != step:
+            self._flush(trainer, pl_module)
+        train = self._pending[1] if self._pending is not None else self._train_values(pl_module)
+        self._pending = None
+        if step > self._last_written:
+            self._write(trainer, pl_module, step, train, trainer.callback_metrics)
+
+    @rank_zero_only
+    def on_train_end(self, trainer, pl_module) -> None:
+        if self.path is not None:
+            self._flush(trainer, pl_module)
+
+    @rank_zero_only
+    def on_exception(self, trainer, pl_module, exception) -> None:
+        if self.path is not None:
+            self._flush(trainer, pl_module)
 
 
-def summary_rows(metrics: dict) -> list[tuple[str, str, str]]:
-    """(quantity, RMSE, MAE) rows of validation errors from ``trainer.callback_metrics``."""
+def summary_rows(metrics: dict, sets: list[str] | tuple = ()) -> list[tuple[str, ...]]:
+    """(quantity, RMSE, MAE) rows of validation errors from ``trainer.callback_metrics``; with named
+    validation ``sets``, (set, quantity, RMSE, MAE) rows: ``all`` (frame-weighted total) then each set."""
     rows = []
-    for q, label, unit in (("e", "energy / atom", "eV"), ("f", "force", "eV/Å"), ("v", "virial / atom", "eV")):
-        r, a = metrics.get(f"val/rmse_{q}"), metrics.get(f"val/mae_{q}")
-        if r is not None:
-            rows.append((f"{label} [{unit}]", f"{float(r):.4e}", f"{float(a):.4e}" if a is not None else "-"))
+    for name in ("", *sets):
+        prefix = f"val/{name}/" if name else "val/"
+        for q, label, unit in (("e", "energy / atom", "eV"), ("f", "force", "eV/Å"), ("v", "virial / atom", "eV")):
+            r, a = metrics.get(f"{prefix}rmse_{q}"), metrics.get(f"{prefix}mae_{q}")
+            if r is not None:
+                row = (f"{label} [{unit}]", f"{float(r):.4e}", f"{float(a):.4e}" if a is not None else "-")
+                rows.append((name or "all", *row) if sets else row)
     return rows
 
 

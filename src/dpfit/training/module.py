@@ -68,12 +68,18 @@ class DeepPotentialModule(L.LightningModule):
         # frame-weighted mean of the loss over the evaluation set, summed over DDP ranks
         self.eval_loss = torch.nn.ModuleDict({f"{s}_": MeanMetric() for s in ("val", "test")})
         self.last_train: dict[str, float | torch.Tensor] = {}
+        self.set_metrics = torch.nn.ModuleDict()  # named validation sets (data.val_systems={name: [...]})
+        self.validated_at = -1  # global step of the latest validation
 
     def setup(self, stage: str) -> None:
         """The model's compiled CPU kernels (``model.kernels``) built or loaded now, before the first
         step, for CPU runs (the kernels are CPU-only: GPU runs skip the build)."""
         strategy = getattr(self.trainer, "strategy", None) if self._trainer is not None else None
         device = getattr(strategy, "root_device", self.device)
+        dm = self.trainer.datamodule if self._trainer is not None else None
+        for name in getattr(dm, "val_set_names", None) or []:
+            if name not in self.set_metrics:
+                self.set_metrics[name] = error_metrics()
         if device.type == "cpu" and compiled_kernels(getattr(self.model, "kernels", "off")) is not None:
             log.info("compiled CPU kernels in use")
 
@@ -176,6 +182,8 @@ class DeepPotentialModule(L.LightningModule):
         nf = batch["coord"].shape[0]
         self.eval_loss[f"{stage}_"].update(loss.detach(), nf)
         update_error_metrics(self.metrics[f"{stage}_"], pred, batch)
+        if stage == "val" and len(self.set_metrics):
+            update_error_metrics(self.set_metrics[self.trainer.datamodule.val_set_of(batch["system"])], pred, batch)
         return pred  # predictions for callbacks (on_validation_batch_end), e.g. parity plots
 
     def validation_step(self, batch: dict, batch_idx: int) -> dict[str, torch.Tensor]:
@@ -190,6 +198,8 @@ class DeepPotentialModule(L.LightningModule):
         A metric is computed when any rank fed it: computing syncs the ranks, so all must agree on which.
         """
         metrics = {**self.metrics[f"{stage}_"], "loss": self.eval_loss[f"{stage}_"]}
+        if stage == "val":
+            metrics.update({f"{name}/{k}": m for name, group in self.set_metrics.items() for k, m in group.items()})
         counts = torch.tensor([float(m.update_count) for m in metrics.values()], dtype=torch.float64)
         if self._trainer is not None and self.trainer.world_size > 1:
             counts = self.trainer.strategy.reduce(counts.to(self.device), reduce_op="sum").cpu()
@@ -202,9 +212,26 @@ class DeepPotentialModule(L.LightningModule):
                 # (and keeps Lightning from asking for sync_dist)
                 self.log(f"{stage}/{k}", value, sync_dist=True, reduce_fx="max")
             m.reset()
+        # the loggers' step of this evaluation: the training steps done (Lightning's default is one less)
+        self.log("step", float(self.global_step), sync_dist=True, reduce_fx="max")
 
     def on_validation_epoch_end(self) -> None:
         self._log_metrics("val")
+        if not self.trainer.sanity_checking:
+            self.validated_at = self.global_step
+
+    def on_validation_end(self) -> None:
+        # "step" only labels the loggers' row: ModelCheckpoint's file names would take a stale one later
+        self.trainer.callback_metrics.pop("step", None)
+
+    def on_test_end(self) -> None:
+        self.trainer.callback_metrics.pop("step", None)
+
+    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
+        """Stop at ``max_steps`` through ``should_stop``: Lightning then validates at the last step whatever
+        ``val_check_interval`` is, so the final numbers are those of the final weights."""
+        if 0 < self.trainer.max_steps <= self.global_step:
+            self.trainer.should_stop = True
 
     def on_test_epoch_end(self) -> None:
         self._log_metrics("test")
