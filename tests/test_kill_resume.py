@@ -89,3 +89,4 @@ def test_sigkill_then_resume_last_matches_uninterrupted_run(tmp_path):
     full_rows = [r for r in (full / "lcurve.out").read_text().splitlines() if not r.startswith("#")]
     assert [r.split()[0] for r in full_rows] == ["5", "10", "15", "20", "25", "30"]
     assert rows[-1].split()[0] == full_rows[-1].split()[0]
+    assert [r.split()[0] for r in rows] == [r.split()[0] for r in full_rows]  # every step once, none twice
