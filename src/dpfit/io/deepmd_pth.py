@@ -109,6 +109,11 @@ class DeepmdFrozenModel(nn.Module):
         return False
 
     @torch.jit.export
+    def use_self_built_nlist(self) -> bool:
+        """DeePMD-kit's Python then calls ``forward`` (which builds the list), not its own lower path."""
+        return True
+
+    @torch.jit.export
     def model_output_type(self) -> list[str]:
         return ["energy"]
 
@@ -205,7 +210,9 @@ class DeepmdFrozenModel(nn.Module):
         fparam: torch.Tensor | None = None,
         aparam: torch.Tensor | None = None,
         do_atomic_virial: bool = False,
+        charge_spin: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
+        """(``charge_spin``: accepted for DeePMD-kit's Python caller, unused: se_e2_a has no such input.)"""
         dtype = self.model.descriptor.davg.dtype
         in_dtype = coord.dtype
         nf, nloc = atype.shape
