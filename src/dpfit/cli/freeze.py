@@ -1,4 +1,4 @@
-"""``python freeze.py ckpt_path=... output=model.pth``: export a TorchScript model."""
+"""``python freeze.py ckpt_path=... output=model.pth [format=dpfit|lammps|deepmd]``: export a trained model."""
 
 from __future__ import annotations
 
@@ -8,16 +8,17 @@ from omegaconf import DictConfig
 
 from dpfit.cli.config_dir import CONFIG_DIR
 from dpfit.cli.errors import one_line_errors, run_cli
-from dpfit.io.checkpoint import load_model
-from dpfit.io.export import freeze
+from dpfit.io.freeze_formats import freeze_checkpoint
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="freeze")
 @one_line_errors
 def _hydra_main(cfg: DictConfig) -> None:
-    model = load_model(to_absolute_path(cfg.ckpt_path), precision=cfg.get("precision"), impl="fast")
-    out = freeze(model, to_absolute_path(cfg.output), overwrite=bool(cfg.get("overwrite", False)))
-    print(f"frozen model written to {out} (type_map {model.type_map}, rcut {model.rcut} Å)")
+    fmt = str(cfg.get("format", "dpfit"))
+    out, model = freeze_checkpoint(to_absolute_path(cfg.ckpt_path), to_absolute_path(cfg.output), fmt=fmt,
+                                   precision=cfg.get("precision"), overwrite=bool(cfg.get("overwrite", False)),
+                                   min_nbor_dist=cfg.get("min_nbor_dist"))
+    print(f"{fmt} model written to {out} (type_map {model.type_map}, rcut {model.rcut} Å)")
 
 
 def main() -> None:

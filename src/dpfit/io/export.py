@@ -1,11 +1,11 @@
 """TorchScript export: a self-contained model (neighbor list included) loadable without dpfit."""
 
-import math
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from dpfit.data.neighbor import image_reach
 from dpfit.model import EnergyModel
 
 
@@ -24,12 +24,7 @@ def torch_neighbor_list(
         inv = torch.linalg.inv(box)
         frac = coord @ inv
         coord = coord - torch.floor(frac) @ box
-        vol = torch.abs(torch.linalg.det(box))
-        counts: list[int] = []
-        for a in range(3):
-            cross = torch.linalg.cross(box[(a + 1) % 3], box[(a + 2) % 3])
-            height = vol / torch.linalg.vector_norm(cross)
-            counts.append(int(math.ceil(rcut / float(height))))
+        counts = image_reach(box, rcut)
         rng = [torch.arange(-n, n + 1, device=coord.device, dtype=coord.dtype) for n in counts]
         images = torch.stack(torch.meshgrid(rng[0], rng[1], rng[2], indexing="ij"), -1).reshape(-1, 3)
     else:

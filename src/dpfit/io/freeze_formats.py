@@ -1,0 +1,69 @@
+"""``freeze.py``'s formats: one trained model (dpfit or DeePMD-kit checkpoint) -> one file.
+
+- ``dpfit``: dpfit's own TorchScript (:mod:`dpfit.io.export`), only torch needed to run it.
+- ``lammps``: a TorchScript ``.pth`` with DeePMD-kit's frozen-model interface (:mod:`dpfit.io.deepmd_pth`),
+  for LAMMPS ``pair_style deepmd`` and DeePMD-kit's C++ API.
+- ``deepmd``: a DeePMD-kit 3.x PyTorch checkpoint (:mod:`dpfit.io.deepmd_export`), for ``dp --pt freeze``,
+  ``dp --pt test``, ``DeepPot``, ``deepmd.calculator.DP`` (and ``dp --pt compress`` after ``dp freeze``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from dpfit.errors import ConfigError
+from dpfit.io.checkpoint import load_model
+from dpfit.io.deepmd_checkpoint import is_deepmd_checkpoint
+from dpfit.io.deepmd_export import deepmd_model_params, deepmd_passthrough, export_deepmd_checkpoint
+from dpfit.io.deepmd_pth import freeze_for_deepmd
+from dpfit.io.export import freeze
+from dpfit.model import EnergyModel
+
+FORMATS = ("dpfit", "lammps", "deepmd")
+
+
+def _source_info(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(passthrough of a DeePMD-kit source, train_infos) read from the checkpoint file."""
+    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    if is_deepmd_checkpoint(ckpt):
+        state = ckpt["model"]
+        return deepmd_passthrough(state), dict(state["_extra_state"].get("train_infos") or {})
+    lr = 0.0
+    try:
+        lr = float(ckpt["optimizer_states"][0]["param_groups"][0]["lr"])
+    except (KeyError, IndexError, TypeError, ValueError):
+        pass
+    return {}, {"lr": lr, "step": int(ckpt.get("global_step", 0) or 0)}
+
+
+def freeze_checkpoint(
+    ckpt_path: str | Path, output: str | Path, fmt: str = "dpfit", precision: str | None = None,
+    overwrite: bool = False, min_nbor_dist: float | None = None,
+) -> tuple[Path, EnergyModel]:
+    """Write the model of ``ckpt_path`` to ``output`` in format ``fmt``; returns (output, model).
+
+    ``min_nbor_dist`` (Å, ``deepmd`` format): the training data's smallest neighbor distance, which
+    ``dp --pt compress`` needs (``dp --pt neighbor-stat`` prints it); default: the DeePMD-kit source's.
+    """
+    if fmt not in FORMATS:
+        raise ConfigError(f"format={fmt!r}: choose one of {', '.join(FORMATS)}")
+    output = Path(output)
+    if output.exists() and not overwrite:
+        raise FileExistsError(f"{output}: exists; choose another output or pass overwrite=true")
+    model = load_model(ckpt_path, precision=precision, impl="fast")
+    if fmt == "dpfit":
+        return freeze(model, output, overwrite=overwrite), model
+    deepmd_model_params(model)  # a clear error before anything is written, if DeePMD cannot represent it
+    passthrough, train_infos = _source_info(Path(ckpt_path))
+    if fmt == "lammps":
+        return freeze_for_deepmd(model, output, overwrite=overwrite,
+                                 source_params=passthrough.get("model_params")), model
+    if min_nbor_dist is not None:
+        if not float(min_nbor_dist) > 0:
+            raise ConfigError(f"min_nbor_dist={min_nbor_dist}: must be a distance > 0 (Å)")
+        passthrough["min_nbor_dist"] = torch.tensor(float(min_nbor_dist), dtype=torch.float64)
+    return export_deepmd_checkpoint(model, output, overwrite=overwrite, passthrough=passthrough,
+                                    train_infos=train_infos), model
