@@ -31,8 +31,8 @@ ATOMIC_PREFIX = MODEL_PREFIX + "atomic_model."
 DESCRIPTOR_KEYS = ("type", "sel", "rcut", "rcut_smth", "neuron", "axis_neuron", "resnet_dt", "type_one_side",
                    "exclude_types", "set_davg_zero", "seed", "precision", "_comment")
 FITTING_KEYS = ("type", "neuron", "resnet_dt", "numb_fparam", "numb_aparam", "seed", "precision", "_comment")
-#: (``impl``: an implementation choice, not part of the function the model computes)
-TOP_KEYS = ("type_map", "descriptor", "fitting_net", "precision", "impl", "_comment")
+#: (``impl``, ``kernels``: implementation choices, not part of the function the model computes)
+TOP_KEYS = ("type_map", "descriptor", "fitting_net", "precision", "impl", "kernels", "_comment")
 
 
 class NotRepresentableError(DpfitError, ValueError):
