@@ -232,7 +232,8 @@ class ReferenceEnergyModel(nn.Module):
         vector of a slot is ``d_ij = r_j + S box - r_i``. Returns energy (nf,), atom_energy (nf, nloc),
         and on request force (nf, nloc, 3), virial (nf, 9), atom_virial (nf, nloc, 9)."""
         need_grad = do_force or do_virial or do_atomic_virial
-        if need_grad and torch.is_inference_mode_enabled():  # autograd needs a graph: leave inference mode
+        # autograd needs a graph: leave inference mode (never on under torch.compile, which cannot trace the check)
+        if need_grad and not torch.compiler.is_compiling() and torch.is_inference_mode_enabled():
             with torch.inference_mode(False):
                 inputs = [None if t is None else t.clone() for t in (coord, atype, nlist, box, shift, fparam, aparam)]
                 return self.forward(*inputs, do_force, do_virial, do_atomic_virial, create_graph)
