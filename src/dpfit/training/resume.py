@@ -12,23 +12,12 @@ import torch
 from dpfit.errors import CheckpointError
 from dpfit.io.checkpoint import MODEL_CONFIG_KEY
 
-#: (label, path in the model config) of every setting that changes the meaning of the weights
+#: every setting that changes the meaning of the weights, as its dotted key in the model config
 MEANING = (
-    ("type_map", ("type_map",)),
-    ("precision", ("precision",)),
-    ("descriptor.sel", ("descriptor", "sel")),
-    ("descriptor.rcut", ("descriptor", "rcut")),
-    ("descriptor.rcut_smth", ("descriptor", "rcut_smth")),
-    ("descriptor.neuron", ("descriptor", "neuron")),
-    ("descriptor.axis_neuron", ("descriptor", "axis_neuron")),
-    ("descriptor.resnet_dt", ("descriptor", "resnet_dt")),
-    ("descriptor.type_one_side", ("descriptor", "type_one_side")),
-    ("descriptor.exclude_types", ("descriptor", "exclude_types")),
-    ("descriptor.set_davg_zero", ("descriptor", "set_davg_zero")),
-    ("fitting_net.neuron", ("fitting_net", "neuron")),
-    ("fitting_net.resnet_dt", ("fitting_net", "resnet_dt")),
-    ("fitting_net.numb_fparam", ("fitting_net", "numb_fparam")),
-    ("fitting_net.numb_aparam", ("fitting_net", "numb_aparam")),
+    "type_map", "precision",
+    "descriptor.sel", "descriptor.rcut", "descriptor.rcut_smth", "descriptor.neuron", "descriptor.axis_neuron",
+    "descriptor.resnet_dt", "descriptor.type_one_side", "descriptor.exclude_types", "descriptor.set_davg_zero",
+    "fitting_net.neuron", "fitting_net.resnet_dt", "fitting_net.numb_fparam", "fitting_net.numb_aparam",
 )
 #: where the user sets a model setting when the model config takes it from the data group
 USER_KEY = {"type_map": "data.type_map", "descriptor.sel": "data.sel"}
@@ -109,7 +98,8 @@ def _normal(label: str, value):
 def model_mismatches(saved: dict, config: dict) -> list[tuple[str, object, object]]:
     """(label, checkpoint value, config value) of each weight-meaning setting that differs."""
     out = []
-    for label, keys in MEANING:
+    for label in MEANING:
+        keys = tuple(label.split("."))
         a, b = _normal(label, _pick(saved, keys)), _normal(label, _pick(config, keys))
         if isinstance(b, str) and b.startswith("auto") and label == "descriptor.sel":
             continue  # sel: auto is resolved from the data; the resolved value is checked where it is made
