@@ -2,6 +2,7 @@
 
     python scripts/benchmark.py                      # water fixture checkpoint on ../shared/data/water
     python scripts/benchmark.py --frames 40 --batch-size 4 --device cuda --json bench.json
+    python scripts/benchmark.py --kernels off --compile --all-slots   # torch.compile's code vs the kernels
 
 Each measurement is one function returning a dict (added to ``results``); neighbor lists are built once
 and timed on their own, so inference timings exclude them. To add a measurement (e.g. a training step),
@@ -97,8 +98,9 @@ def bench_neighbor_list(frames: list[tuple], rcut: float, sel: list[int]) -> tup
     return result, samples
 
 
-def make_batches(samples: list[dict], batch_size: int, device: torch.device) -> list[dict]:
-    """Consecutive samples of the same system stacked into batches on ``device``."""
+def make_batches(samples: list[dict], batch_size: int, device: torch.device, facts: bool = True) -> list[dict]:
+    """Consecutive samples of the same system stacked into batches on ``device``; ``facts``: with the
+    index facts that training's collate adds (else the model derives them at every step)."""
     batches, group = [], []
     for s in samples:
         if group and (len(group) == batch_size or len(s["atype"]) != len(group[0]["atype"])):
@@ -107,7 +109,23 @@ def make_batches(samples: list[dict], batch_size: int, device: torch.device) -> 
         group.append(s)
     if group:
         batches.append(group)
+    if not facts:
+        group = [[{k: v for k, v in s.items() if k != "sel"} for s in g] for g in batches]
+        batches = group
     return [batch_to_device(collate(g), device) for g in batches]
+
+
+def bench_facts(samples: list[dict], batch_size: int, sel: list[int]) -> dict:
+    """The index facts' share of collate (done once per batch by the data pipeline, on the host)."""
+    from dpfit.model.index_facts import index_facts
+
+    batches = make_batches(samples, batch_size, torch.device("cpu"), facts=False)
+
+    def compute() -> None:
+        for b in batches:
+            index_facts(b["nlist"], b.get("shift"), b["atype"], sel)
+
+    return timed(compute, len(samples), torch.device("cpu"), warmup=compute, repeat=3)
 
 
 def bench_inference(model: EnergyModel, batches: list[dict], device: torch.device, warmup: int, repeat: int) -> dict:
@@ -144,9 +162,10 @@ def bench_matmul(dtype: torch.dtype, device: torch.device, n: int | None = None,
     return {"gflops": 2 * n**3 / best / 1e9}
 
 
-def train_step_fn(model: EnergyModel, batch: dict, opt: torch.optim.Optimizer | None = None):
+def train_step_fn(model: EnergyModel, batch: dict, opt: torch.optim.Optimizer | None = None, compile: bool = False):
     """One DeePMD training step (energy + force loss, forces with their graph, one backward, Adam;
-    ``opt``: an optimizer shared by several batches' steps)."""
+    ``opt``: an optimizer shared by several batches' steps; ``compile``: the loss and its backward
+    through ``torch.compile(fullgraph=True, dynamic=False)``, inductor)."""
     from dpfit.training.loss import EnergyLoss
 
     loss_fn = EnergyLoss()
@@ -156,9 +175,14 @@ def train_step_fn(model: EnergyModel, batch: dict, opt: torch.optim.Optimizer | 
     opt = opt or torch.optim.Adam(model.parameters(), lr=1e-3, fused=True)  # as in training
     inputs = model_inputs(batch)
 
+    def loss_of(coord):
+        out = model(**{**inputs, "coord": coord}, do_force=True, create_graph=True)
+        return loss_fn(out, batch, 1.0)[0]
+
+    compute = torch.compile(loss_of, fullgraph=True, dynamic=False) if compile else loss_of
+
     def step() -> None:
-        out = model(**inputs, do_force=True, create_graph=True)
-        loss, _ = loss_fn(out, batch, 1.0)
+        loss = compute(inputs["coord"])
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -184,7 +208,7 @@ def count_flops(step) -> int:
 
 
 def bench_train(model: EnergyModel, batches: list[dict], device: torch.device, repeat: int,
-                matmul_gflops: float) -> dict:
+                matmul_gflops: float, compile: bool = False) -> dict:
     """Seconds per training step (median and fastest) over ``repeat`` passes through the batches, one
     step each, as training cycles through frames whose neighbor counts differ; the first batch's FLOPs
     and the step time as a multiple of the FLOP limit (FLOPs / matmul rate); peak memory (GPU:
@@ -192,9 +216,11 @@ def bench_train(model: EnergyModel, batches: list[dict], device: torch.device, r
     import resource
 
     opt = torch.optim.Adam(model.parameters(), lr=1e-3, fused=True)
-    steps = [train_step_fn(model, batch, opt) for batch in batches]
-    for step in steps:  # one untimed pass (every batch's shapes seen once)
+    steps = [train_step_fn(model, batch, opt, compile) for batch in batches]
+    start = time.perf_counter()
+    for step in steps:  # one untimed pass (every batch's shapes seen once; compiling: the compilation)
         step()
+    first_pass = time.perf_counter() - start
     flops = count_flops(steps[0])
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -212,7 +238,7 @@ def bench_train(model: EnergyModel, batches: list[dict], device: torch.device, r
     result = {"frames": len(batches[0]["coord"]), "seconds": seconds, "frames_per_s": len(batches[0]["coord"]) / seconds,
               "ms_per_frame": 1e3 * seconds / len(batches[0]["coord"]), "s_per_step": seconds, "min_s_per_step": times[0],
               "gflop_per_step": flops / 1e9, "flop_limit_s": limit, "x_flop_limit": seconds / limit,
-              "timed_steps": len(times)}
+              "timed_steps": len(times), "first_pass_s": first_pass}
     if device.type == "cuda":
         result["max_memory_mib"] = torch.cuda.max_memory_allocated(device) / 2**20
     else:
@@ -360,15 +386,23 @@ def run(args: argparse.Namespace) -> dict:
     }
     nl_result, samples = bench_neighbor_list(frames, probe.rcut, probe.sel)
     results["neighbor_list"] = nl_result
+    for sample in samples:  # as FrameDataset's samples: collate adds the index facts
+        sample["sel"] = probe.sel
+    if args.facts == "pipeline":
+        results["index_facts"] = bench_facts(samples, args.batch_size, probe.sel)
+    results["setup"].update(facts=args.facts, all_slots=args.all_slots, compile=args.compile)
     for precision in args.precisions:
         dtype = getattr(torch, precision)
         results[f"matmul_{precision}"] = bench_matmul(dtype, device)
         model = build_model(ckpt, precision, device)
-        batches = make_batches(samples, args.batch_size, device)
+        model.descriptor.all_slots = args.all_slots
+        batches = make_batches(samples, args.batch_size, device, args.facts == "pipeline")
         results[f"inference_{precision}"] = bench_inference(model, batches, device, args.warmup, args.repeat)
         if not args.no_train:
             model = build_model(ckpt, precision, device)
-            train = bench_train(model, batches, device, args.repeat, results[f"matmul_{precision}"]["gflops"])
+            model.descriptor.all_slots = args.all_slots
+            train = bench_train(model, batches, device, args.repeat, results[f"matmul_{precision}"]["gflops"],
+                                args.compile)
             # the machine's rate once more after the steps: a neighbour's load during one measurement
             # would lower the FLOP limit's rate (and flatter the step); the larger of the two counts
             again = bench_matmul(dtype, device)["gflops"]
@@ -438,6 +472,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="keep: glibc malloc keeps freed memory, as train.py does (keep_freed_memory: true); "
                              "default: glibc's defaults")
     parser.add_argument("--no-train", action="store_true", help="skip the training-step measurement")
+    parser.add_argument("--facts", default="pipeline", choices=["pipeline", "model"],
+                        help="index facts computed with the batch, as in training (default), or by the model each step")
+    parser.add_argument("--all-slots", action="store_true", default=None,
+                        help="the static-shape path (every slot embedded; default: by device)")
+    parser.add_argument("--compile", action="store_true",
+                        help="training step's loss and backward through torch.compile (inductor, full graph)")
     parser.add_argument("--scaling", type=int, nargs="*", default=[],
                         help="supercell replications to measure, e.g. --scaling 1 2 4 (192, 1536, 12288 water atoms)")
     parser.add_argument("--scaling-train", action="store_true", help="supercells: time a training-style pass")

@@ -221,9 +221,9 @@ def test_slot_contractions_on_rows_equal_padded_path(kernels, tiny_model, random
 
 @pytest.mark.parametrize("periodic", [True, False])
 def test_compiled_reverse_slots_equal_python(kernels, tiny_model, random_frame, periodic):
-    """The compiled reverse-pair search gives the flat partner slots of dpfit.model.pairs.reverse_slots,
+    """The compiled reverse-pair search gives the flat partner slots of dpfit.model.index_facts.reverse_slots,
     on a small triclinic cell (atoms see their own images) and a cluster; some pairs are cut by sel."""
-    from dpfit.model.pairs import reverse_slots
+    from dpfit.model.index_facts import reverse_slots
 
     model = tiny_model()
     frames = [random_frame(seed=s, natoms=14 if periodic else 8, periodic=periodic) for s in (11, 12)]

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from dpfit.data.neighbor import build_neighbor_list
-from dpfit.model.pairs import reverse_slots
+from dpfit.model.index_facts import reverse_slots
 
 pytestmark = pytest.mark.usefixtures("single_torch_thread")
 

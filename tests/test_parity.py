@@ -1,8 +1,11 @@
 """One parity suite: every implementation path against the reference model (dpfit.model.reference).
 
 Paths: ``reference`` itself (checked against the DeePMD-kit fixtures), ``fast`` (the default model's
-PyTorch path on CPU), ``kernels`` (the fast model with its compiled CPU kernels; skipped where they
-cannot be built) and ``cuda`` (the fast model on a GPU; skipped without one). Each is compared with the
+PyTorch path on CPU, deriving its index facts from the neighbour list), ``kernels`` (the fast model with
+its compiled CPU kernels; skipped where they cannot be built), ``all_slots`` (the fast model's
+static-shape path, the one for GPUs and torch.compile, on CPU) and ``cuda`` (the fast model on a GPU;
+skipped without one). All but ``fast`` take the batch's index facts as the data pipeline computes them
+(:func:`dpfit.model.index_facts.index_facts`). Each is compared with the
 reference on the same weights: energy, forces, virial, atomic energies, atomic virials (inference),
 and the parameter gradients of an energy + force + virial training loss (training).
 
@@ -21,12 +24,14 @@ import torch
 
 from dpfit.data.neighbor import build_neighbor_list
 from dpfit.model import EnergyModel, ReferenceEnergyModel, build_model, convert
+from dpfit.model.index_facts import index_facts
 from dpfit.model.kernels import compiled_kernels_mode, kernels_available
 
 pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
 KEYS = ("energy", "force", "virial", "atom_energy", "atom_virial")
-PATHS = ("reference", "fast", "kernels", "cuda")
+PATHS = ("reference", "fast", "kernels", "all_slots", "cuda")
+WITH_FACTS = {"kernels", "all_slots", "cuda"}
 TOL = {torch.float64: (1e-10, 1e-10), torch.float32: (2e-5, 5e-5)}  # (outputs, loss gradients)
 
 #: the options of the model, one case each (tiny models; batches of three frames)
@@ -58,6 +63,8 @@ def on_path(model: torch.nn.Module, path: str) -> torch.nn.Module:
         fast.kernels = "on"
         return fast
     fast.kernels = "off"
+    if path == "all_slots":
+        fast.descriptor.all_slots = True
     if path == "cuda":
         if not torch.cuda.is_available():
             pytest.skip("no CUDA device")
@@ -65,9 +72,9 @@ def on_path(model: torch.nn.Module, path: str) -> torch.nn.Module:
     return fast
 
 
-def batch_inputs(model, frames, fparam=None, aparam=None, device="cpu") -> dict:
+def batch_inputs(model, frames, fparam=None, aparam=None, device="cpu", facts=False) -> dict:
     """Model inputs of frames ``[(coord, atype, box or None), ...]`` with the same atom count (atom
-    types may differ from frame to frame: a mixed-system batch)."""
+    types may differ from frame to frame: a mixed-system batch); ``facts``: with the index facts."""
     nls = [build_neighbor_list(c, t, b, model.rcut, model.sel, warn=False) for c, t, b in frames]
     assert all(nl.n_dropped == 0 for nl in nls)
     inputs = {
@@ -82,7 +89,9 @@ def batch_inputs(model, frames, fparam=None, aparam=None, device="cpu") -> dict:
         inputs["fparam"] = torch.as_tensor(fparam, dtype=torch.float64)
     if aparam is not None:
         inputs["aparam"] = torch.as_tensor(aparam, dtype=torch.float64)
-    return {k: v.to(device) for k, v in inputs.items()}
+    if facts:
+        inputs.update(index_facts(inputs["nlist"], inputs.get("shift"), inputs["atype"], model.sel))
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
 
 
 def outputs(model, inputs: dict, mode=torch.no_grad) -> dict[str, torch.Tensor]:
@@ -167,16 +176,16 @@ def test_tiny_model_outputs_and_gradients_equal_reference(tiny_model, random_fra
     inputs = batch_inputs(model, frames, fparam, aparam)
     want = outputs(reference, inputs)
     assert float(want["force"].abs().max()) > 1e-2, "forces too small for a meaningful check"
-    assert_close_to(outputs(impl, batch_inputs(model, frames, fparam, aparam, device)), want, out_tol, path)
+    assert_close_to(outputs(impl, batch_inputs(model, frames, fparam, aparam, device, path in WITH_FACTS)), want, out_tol, path)
     if option == "one_side":  # also under torch.inference_mode (Lightning's default for validation)
         with torch.inference_mode():
-            inference_inputs = batch_inputs(model, frames, fparam, aparam, device)
+            inference_inputs = batch_inputs(model, frames, fparam, aparam, device, path in WITH_FACTS)
         assert_close_to(outputs(impl, inference_inputs, torch.inference_mode), want, out_tol, f"{path} inference")
         assert_close_to(outputs(reference, inference_inputs, torch.inference_mode), want, out_tol, "reference")
     labels = random_labels(inputs)
     want_grads = loss_gradients(reference, inputs, labels)
     assert max(float(g.abs().max()) for g in want_grads.values()) > 1e-3
-    got_grads = loss_gradients(impl, batch_inputs(model, frames, fparam, aparam, device), labels)
+    got_grads = loss_gradients(impl, batch_inputs(model, frames, fparam, aparam, device, path in WITH_FACTS), labels)
     assert_close_to(got_grads, want_grads, grad_tol, f"{path} loss gradient")
 
 
@@ -190,10 +199,10 @@ def test_mixed_system_batch_equals_reference(tiny_model, random_frame, option, p
     reference = convert(model, "reference").double()
     out_tol, grad_tol = TOL[model.dtype]
     inputs = batch_inputs(model, frames, fparam, aparam)
-    assert_close_to(outputs(impl, batch_inputs(model, frames, fparam, aparam, device)), outputs(reference, inputs),
+    assert_close_to(outputs(impl, batch_inputs(model, frames, fparam, aparam, device, path in WITH_FACTS)), outputs(reference, inputs),
                     out_tol, path)
     labels = random_labels(inputs)
-    assert_close_to(loss_gradients(impl, batch_inputs(model, frames, fparam, aparam, device), labels),
+    assert_close_to(loss_gradients(impl, batch_inputs(model, frames, fparam, aparam, device, path in WITH_FACTS), labels),
                     loss_gradients(reference, inputs, labels), grad_tol, f"{path} loss gradient")
 
 
@@ -247,7 +256,7 @@ def test_fixture_models_equal_reference(request, fixture, path):
     impl = on_path(model, path)
     reference = convert(model, "reference")
     inputs = batch_inputs(model, frames, fparam, aparam)
-    assert_close_to(outputs(impl, batch_inputs(model, frames, fparam, aparam, device)), outputs(reference, inputs),
+    assert_close_to(outputs(impl, batch_inputs(model, frames, fparam, aparam, device, path in WITH_FACTS)), outputs(reference, inputs),
                     1e-10, path)
     if fixture == "water_case":  # gradients on one frame (192 atoms: the reference's double backward is slow)
         inputs = {k: v[:1] for k, v in inputs.items()}

@@ -7,8 +7,12 @@ import torch
 
 from dpfit.data.neighbor import build_neighbor_list
 from dpfit.data.system import INPUTS, LABELS, FrameSource, check_min_distance
+from dpfit.model.index_facts import index_facts
 
-#: Keys of a batch given to the model (besides labels): coord, atype, box, nlist, shift, fparam, aparam.
+#: Keys of a batch given to the model (besides labels): coord, atype, box, nlist, shift, fparam, aparam,
+#: and the index facts partner, kept, type_counts, type_order.
+MODEL_KEYS = ("coord", "atype", "nlist", "box", "shift", "fparam", "aparam", "partner", "kept", "type_counts",
+              "type_order")
 
 
 def make_sample(system: FrameSource, index: int, rcut: float, sel: list[int], backend: str = "vesin",
@@ -35,6 +39,9 @@ def collate(samples: list[dict]) -> dict:
     nlist (nf, nloc, nnei), shift (nf, nloc, nnei, 3), labels (energy (nf,), force (nf, nloc, 3),
     virial (nf, 9), atom_ener / atom_pref (nf, nloc)), fparam (nf, nq), aparam (nf, nloc, np), and a
     ``find_<label>`` float flag per label (1 when every frame has it, else 0: the loss term is dropped).
+    With the samples' ``sel``, the batch's index facts (:func:`dpfit.model.index_facts.index_facts`:
+    reverse-pair slots, occupied slots per type, atoms by type), computed here, in the DataLoader
+    workers, so that the model's step does not derive them.
     """
     batch: dict = {
         "coord": torch.from_numpy(np.stack([s["coord"] for s in samples])),
@@ -55,6 +62,8 @@ def collate(samples: list[dict]) -> dict:
             batch[f"find_{key}"] = 1.0 if present else 0.0
         if present:
             batch[key] = torch.from_numpy(np.stack([s[key] for s in samples]))
+    if "sel" in samples[0]:
+        batch.update(index_facts(batch["nlist"], batch.get("shift"), batch["atype"], samples[0]["sel"]))
     return batch
 
 
@@ -64,5 +73,4 @@ def batch_to_device(batch: dict, device: torch.device | str) -> dict:
 
 def model_inputs(batch: dict) -> dict:
     """The keyword arguments of :meth:`dpfit.model.EnergyModel.forward` found in a batch."""
-    keys = ("coord", "atype", "nlist", "box", "shift", "fparam", "aparam")
-    return {k: batch[k] for k in keys if k in batch}
+    return {k: batch[k] for k in MODEL_KEYS if k in batch}

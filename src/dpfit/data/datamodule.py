@@ -62,6 +62,7 @@ class FrameDataset(Dataset):
             sample.update(nlist=nlist.astype(np.int64), shift=shift.astype(np.int64), n_dropped=n_dropped,
                           max_neighbors=max_neighbors.copy(), frame_index=f)
         sample["system"] = s
+        sample["sel"] = self.sel  # (for the batch's index facts, in collate)
         return sample
 
     def _store(self, key: tuple[int, int], sample: dict) -> None:

@@ -106,6 +106,9 @@ class SeE2A(nn.Module):
         self.register_buffer("dstd", torch.ones(ntypes, self.nnei, 4, dtype=dtype))
         #: compiled CPU kernels: auto / on / off (set for the whole model by EnergyModel.kernels)
         self.kernels = "off"
+        #: embed every slot with static shapes (True), only occupied slots (False), or None: by device
+        #: (see EnergyModel._all_slots)
+        self.all_slots: bool | None = None
         slot_type = torch.repeat_interleave(torch.arange(ntypes), torch.tensor(self.sel))
         self.register_buffer("slot_type", slot_type, persistent=False)
 
@@ -127,7 +130,7 @@ class SeE2A(nn.Module):
 
     def embed(
         self, rr: torch.Tensor, atype: torch.Tensor, mask: torch.Tensor, tangent: bool = False,
-        partner: torch.Tensor | None = None,
+        partner: torch.Tensor | None = None, kept_slots: list[int] | None = None,
     ) -> tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor]:
         """Embedding of the neighbor slots, one (N = nf * nloc, k[t], M) tensor per neighbor type t, and
         the constant G^T (ntypes, 4, M) of the slots beyond: k[t] <= sel[t] ends at the last slot of
@@ -139,8 +142,9 @@ class SeE2A(nn.Module):
         second list holds dg/ds (forward mode through the net); on padded slots it is the tangent of the
         padding row, which callers mask (a padded slot's input does not depend on the coordinates).
         ``partner`` (nf, nloc, nnei): flat slot of each slot's reverse pair or -1
-        (:func:`~dpfit.model.pairs.reverse_slots`); of two reverse slots only the first is embedded and
-        the second reuses its row (valid when :meth:`reverse_pairs_share_input`).
+        (:func:`~dpfit.model.index_facts.reverse_slots`); of two reverse slots only the first is embedded and
+        the second reuses its row (valid when :meth:`reverse_pairs_share_input`). ``kept_slots``: k[t]
+        as the data pipeline computed it (:func:`~dpfit.model.index_facts.kept_slots`), else derived here.
         """
         nf, nloc, nnei, _ = rr.shape
         n = nf * nloc
@@ -158,7 +162,9 @@ class SeE2A(nn.Module):
             width = hi - lo
             # slots [lo, lo + kept) hold every neighbor of type tj in this batch
             kept = 0
-            if width > 0:
+            if kept_slots is not None:
+                kept = kept_slots[tj]
+            elif width > 0:
                 kept = int((flat_mask[:, lo:hi].to(torch.long) * torch.arange(1, width + 1, device=rr.device)).max())
             m_b = flat_mask[:, lo:lo + kept]
             s_b = flat_s[:, lo:lo + kept].reshape(-1)
@@ -256,7 +262,8 @@ class SeE2A(nn.Module):
 
     @torch.jit.unused
     def _embed_rows(
-        self, ext, rr: torch.Tensor, atype: torch.Tensor, mask: torch.Tensor, partner: torch.Tensor | None
+        self, ext, rr: torch.Tensor, atype: torch.Tensor, mask: torch.Tensor, partner: torch.Tensor | None,
+        kept_slots: list[int] | None,
     ) -> tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor]:
         """:meth:`embed` with ``tangent`` for the compiled kernels: each block's nets' rows (own rows,
         then padding rows), followed by each block's row index (N, k[t]) in the first list; the tangent
@@ -276,7 +283,10 @@ class SeE2A(nn.Module):
         for tj in range(self.ntypes):
             lo, hi = self.sections[tj], self.sections[tj + 1]
             width = hi - lo
-            kept = int((flat_mask[:, lo:hi].to(torch.long) * torch.arange(1, width + 1)).max()) if width else 0
+            if kept_slots is not None:
+                kept = kept_slots[tj]
+            else:
+                kept = int((flat_mask[:, lo:hi].to(torch.long) * torch.arange(1, width + 1)).max()) if width else 0
             nets = [(k, net) for k, net in enumerate(self.embeddings) if self.net_tj[k] == tj]
             pad_alone = torch.zeros(self.ntypes, width, dtype=torch.long)
             distincts: list[torch.Tensor] = []
@@ -312,7 +322,13 @@ class SeE2A(nn.Module):
     def reverse_pairs_share_input(self) -> bool:
         """True when ``davg``/``dstd`` of the radial column are the same over the slots of each neighbor
         type block (as DeePMD's statistics make them): then s(r) of a same-type pair is the same from
-        both atoms, and the embedding can run once per pair."""
+        both atoms, and the embedding can run once per pair. Remembered until the statistics change
+        (it reads them back from the device)."""
+        if not torch.jit.is_scripting():
+            return self._share_input_cached()
+        return self._share_input()
+
+    def _share_input(self) -> bool:
         for tj in range(self.ntypes):
             lo = self.sections[tj]
             hi = self.sections[tj + 1]
@@ -323,27 +339,99 @@ class SeE2A(nn.Module):
                     return False
         return True
 
-    def descriptor_from_env(
-        self, rr: torch.Tensor, atype: torch.Tensor, mask: torch.Tensor, tangent: bool = False,
-        partner: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
-        """Descriptor (nf, nloc, M * axis_neuron) from R~, with the pieces :meth:`env_gradient` needs:
-        G^T / nnei (N, 4, M) and the embedding (and tangent) blocks of :meth:`embed`."""
-        if not torch.jit.is_scripting():
-            if self._rows_mode(rr, tangent):
-                return self._descriptor_from_rows(rr, atype, mask, partner)
+    @torch.jit.unused
+    def _share_input_cached(self) -> bool:
+        # (an in-place change, load_state_dict included, bumps a tensor's version; .to() gives new storage)
+        key = (self.davg._version, self.dstd._version, self.davg.data_ptr(), self.dstd.data_ptr())
+        cached = self.__dict__.get("_share_input_memo")
+        if cached is None or cached[0] != key:
+            cached = (key, self._share_input())
+            self.__dict__["_share_input_memo"] = cached
+        return cached[1]
+
+    @torch.jit.unused
+    def embed_all_slots(
+        self, rr: torch.Tensor, atype: torch.Tensor, tangent: bool, type_counts: list[int] | None,
+        type_order: torch.Tensor | None,
+    ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """The embedding of every slot, padding included (its input is the constant ``-davg/dstd``), one
+        (N, sel[t], M) block per neighbor type, and with ``tangent`` the blocks of dg/ds (callers mask
+        padded slots). Shapes depend only on the system and nothing is read back to the host: the path
+        for GPUs and ``torch.compile``. With one net per (center, neighbor) type pair, the atoms are taken
+        in type order (``type_counts``/``type_order`` of :func:`~dpfit.model.index_facts.type_split`,
+        from the data pipeline; derived here, with a host synchronisation, when not given)."""
         nf, nloc, nnei, _ = rr.shape
         n = nf * nloc
-        g_blocks, t_blocks, tail = self.embed(rr, atype, mask, tangent, partner)
-        flat_rr = rr.reshape(n, nnei, 4)
-        # (bmm, not matmul: matmul's broadcasting adds no-op expand nodes that cost time in backward)
+        m = self.neuron[-1]
+        flat_s = rr[..., 0].reshape(n, nnei)
+        inverse: torch.Tensor | None = None
+        if not self.type_one_side:
+            if type_counts is None:
+                from dpfit.model.index_facts import type_split
+
+                type_counts, type_order = type_split(atype, self.ntypes)
+            if type_order is not None:
+                flat_s = flat_s.index_select(0, type_order)
+                inverse = torch.argsort(type_order)
+        g_blocks: list[torch.Tensor] = []
+        t_blocks: list[torch.Tensor] = []
+        for tj in range(self.ntypes):
+            s = flat_s[:, self.sections[tj]:self.sections[tj + 1]]
+            width = s.shape[1]
+            nets = [net for k, net in enumerate(self.embeddings) if self.net_tj[k] == tj]
+            pieces = [s] if self.type_one_side else list(s.split(type_counts))
+            values: list[torch.Tensor] = []
+            tangents: list[torch.Tensor] = []
+            for net, piece in zip(nets, pieces):
+                x = piece.reshape(-1, 1)
+                if tangent:
+                    g_x, t_x = net.value_and_tangent(x)
+                    tangents.append(t_x)
+                else:
+                    g_x = net(x)
+                values.append(g_x)
+            for out, blocks in ((values, g_blocks), (tangents, t_blocks)):
+                if out:
+                    block = (out[0] if len(out) == 1 else torch.cat(out)).reshape(n, width, m)
+                    blocks.append(block if inverse is None else block.index_select(0, inverse))
+        return g_blocks, t_blocks
+
+    def descriptor_from_env(
+        self, rr: torch.Tensor, atype: torch.Tensor, mask: torch.Tensor, tangent: bool = False,
+        partner: torch.Tensor | None = None, kept_slots: list[int] | None = None, all_slots: bool = False,
+        type_counts: list[int] | None = None, type_order: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
+        """Descriptor (nf, nloc, M * axis_neuron) from R~, with the pieces :meth:`env_gradient` needs:
+        G^T / nnei (N, 4, M) and the embedding (and tangent) blocks. ``all_slots``: every slot embedded
+        (:meth:`embed_all_slots`, static shapes); else only occupied slots and one row per reverse pair
+        (:meth:`embed`, or the compiled kernels' rows on CPU)."""
+        nf, nloc, nnei, _ = rr.shape
+        n = nf * nloc
+        if not torch.jit.is_scripting():
+            if all_slots:
+                g_blocks, t_blocks = self.embed_all_slots(rr, atype, tangent, type_counts, type_order)
+                g_t = rr.new_zeros(n, 4, self.neuron[-1])
+                d, g_t = self._gram(rr, g_t, g_blocks)
+                return d, g_t, g_blocks, t_blocks
+            if self._rows_mode(rr, tangent):
+                return self._descriptor_from_rows(rr, atype, mask, partner, kept_slots)
+        g_blocks, t_blocks, tail = self.embed(rr, atype, mask, tangent, partner, kept_slots)
         g_t = tail.index_select(0, atype.reshape(-1))
+        d, g_t = self._gram(rr, g_t, g_blocks)
+        return d, g_t, g_blocks, t_blocks
+
+    def _gram(self, rr: torch.Tensor, g_t: torch.Tensor, g_blocks: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """D (nf, nloc, M * axis_neuron) and G^T / nnei (N, 4, M): ``g_t`` (N, 4, M) plus each block's
+        R~^T g over its first k[t] slots."""
+        nf, nloc, nnei, _ = rr.shape
+        flat_rr = rr.reshape(nf * nloc, nnei, 4)
+        # (bmm, not matmul: matmul's broadcasting adds no-op expand nodes that cost time in backward)
         for tj in range(self.ntypes):
             lo = self.sections[tj]
             g_t = torch.baddbmm(g_t, flat_rr[:, lo:lo + g_blocks[tj].shape[1]].transpose(1, 2), g_blocks[tj])
         g_t = g_t / self.nnei
         d = torch.bmm(g_t.transpose(1, 2), g_t[..., : self.axis_neuron])
-        return d.reshape(nf, nloc, -1), g_t, g_blocks, t_blocks
+        return d.reshape(nf, nloc, -1), g_t
 
     @torch.jit.unused
     def _rows_mode(self, rr: torch.Tensor, tangent: bool) -> bool:
@@ -357,7 +445,8 @@ class SeE2A(nn.Module):
 
     @torch.jit.unused
     def _descriptor_from_rows(
-        self, rr: torch.Tensor, atype: torch.Tensor, mask: torch.Tensor, partner: torch.Tensor | None
+        self, rr: torch.Tensor, atype: torch.Tensor, mask: torch.Tensor, partner: torch.Tensor | None,
+        kept_slots: list[int] | None,
     ) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
         """:meth:`descriptor_from_env` with the contractions on the rows (compiled kernels). The lists
         returned: rows G per type then each block's index; rows T per type then each block's
@@ -369,7 +458,7 @@ class SeE2A(nn.Module):
         ext = compiled_kernels(self.kernels)
         nf, nloc, nnei, _ = rr.shape
         n = nf * nloc
-        out, t_blocks, tail = self._embed_rows(ext, rr, atype, mask, partner)
+        out, t_blocks, tail = self._embed_rows(ext, rr, atype, mask, partner, kept_slots)
         g_blocks, indices = out[: self.ntypes], out[self.ntypes:]
         flat_rr = rr.reshape(n, nnei, 4)
         g_t = tail.index_select(0, atype.reshape(-1))

@@ -10,8 +10,8 @@ from torch import nn
 
 from dpfit.model.descriptor import SeE2A
 from dpfit.model.fitting import EnergyFitting
+from dpfit.model.index_facts import reverse_slots
 from dpfit.model.network import ResidualMLP
-from dpfit.model.pairs import reverse_slots
 
 DTYPES = {"float64": torch.float64, "float32": torch.float32}
 
@@ -124,7 +124,7 @@ class EnergyModel(nn.Module):
 
     def _reverse_slots(self, nlist: torch.Tensor, shift: torch.Tensor | None, atype: torch.Tensor,
                        compiled: bool) -> torch.Tensor:
-        """:func:`~dpfit.model.pairs.reverse_slots`, by the compiled kernels when they run this pass."""
+        """:func:`~dpfit.model.index_facts.reverse_slots`, by the compiled kernels when they run this pass."""
         if not torch.jit.is_scripting():
             if compiled:
                 return self._reverse_slots_compiled(nlist, shift, atype)
@@ -146,8 +146,19 @@ class EnergyModel(nn.Module):
         in use (:mod:`dpfit.model.kernels`), on CPU, for coordinates that carry no gradient."""
         from dpfit.model.kernels import compiled_kernels
 
-        return (coord.device.type == "cpu" and coord.dtype in (torch.float32, torch.float64)
+        return (not torch.compiler.is_compiling() and coord.device.type == "cpu" and coord.dtype in (torch.float32, torch.float64)
                 and not coord.requires_grad and compiled_kernels(self.descriptor.kernels) is not None)
+
+    @torch.jit.unused
+    def _all_slots(self, coord: torch.Tensor) -> bool:
+        """Whether this step embeds every neighbor slot with static shapes
+        (:meth:`~dpfit.model.descriptor.SeE2A.embed_all_slots`): under ``torch.compile`` and off the CPU
+        (no host synchronisation), or where ``descriptor.all_slots`` says so (True / False; None: auto).
+        On CPU the default embeds occupied slots only, one row per reverse pair (less work)."""
+        chosen = self.descriptor.all_slots
+        if chosen is not None:
+            return bool(chosen)
+        return torch.compiler.is_compiling() or coord.device.type != "cpu"
 
     @torch.jit.unused
     def _geometry(self, coord: torch.Tensor, box: torch.Tensor | None, nlist: torch.Tensor,
@@ -179,8 +190,14 @@ class EnergyModel(nn.Module):
         do_virial: bool = False,
         do_atomic_virial: bool = False,
         create_graph: bool = False,
+        partner: torch.Tensor | None = None,
+        kept: list[int] | None = None,
+        type_counts: list[int] | None = None,
+        type_order: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
         """coord (nf, nloc, 3) Å; atype (nf, nloc); nlist (nf, nloc, nnei); box (nf, 3, 3) rows a, b, c.
+        ``partner``, ``kept``, ``type_counts``, ``type_order``: the batch's index facts as the data
+        pipeline computed them (:func:`dpfit.model.index_facts.index_facts`); derived here when absent.
 
         Returns ``energy`` (nf,), ``atom_energy`` (nf, nloc), and on request ``force`` (nf, nloc, 3),
         ``virial`` (nf, 9) eV and ``atom_virial`` (nf, nloc, 9). With ``create_graph`` (training) the
@@ -195,15 +212,21 @@ class EnergyModel(nn.Module):
         aparam = aparam.to(dtype) if aparam is not None else None
         need_grad = do_force or do_virial or do_atomic_virial
         desc = self.descriptor
+        all_slots = False
+        if not torch.jit.is_scripting():
+            all_slots = self._all_slots(coord)
         diff, mask, rr, jac = self._environment(coord, box, nlist, shift, atype)
-        partner: torch.Tensor | None = None
-        if desc.reverse_pairs_share_input():  # embed each same-type pair once (both directions)
+        if all_slots or not desc.reverse_pairs_share_input():
+            partner = None
+        elif partner is None:  # embed each same-type pair once (both directions)
             partner = self._reverse_slots(nlist, shift, atype, jac is not None)
-        descriptor, g_t, g_blocks, t_blocks = desc.descriptor_from_env(rr, atype, mask, need_grad, partner)
+        descriptor, g_t, g_blocks, t_blocks = desc.descriptor_from_env(
+            rr, atype, mask, need_grad, partner, kept, all_slots, type_counts, type_order)
         if not need_grad:
-            atom_energy = self.fitting(descriptor, atype, fparam, aparam)
+            atom_energy = self.fitting(descriptor, atype, fparam, aparam, type_counts, type_order)
             return {"energy": atom_energy.sum(dim=-1), "atom_energy": atom_energy}
-        atom_energy, grad_d = self.fitting.forward_with_grad(descriptor, atype, fparam, aparam)
+        atom_energy, grad_d = self.fitting.forward_with_grad(descriptor, atype, fparam, aparam, type_counts,
+                                                             type_order)
         out = {"energy": atom_energy.sum(dim=-1), "atom_energy": atom_energy}
         g = self._pair_gradient(diff, mask, atype, desc.env_gradient(grad_d, g_t, rr, mask, g_blocks, t_blocks), jac)
         if not create_graph:

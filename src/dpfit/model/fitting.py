@@ -64,9 +64,11 @@ class EnergyFitting(nn.Module):
         atype: torch.Tensor,
         fparam: torch.Tensor | None = None,
         aparam: torch.Tensor | None = None,
+        type_counts: list[int] | None = None,
+        type_order: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Atomic energies (nf, nloc) eV from descriptor (nf, nloc, dim), fparam (nf, nq), aparam (nf, nloc, np)."""
-        return self._per_type(descriptor, atype, fparam, aparam, False)[0]
+        return self._per_type(descriptor, atype, fparam, aparam, False, type_counts, type_order)[0]
 
     def forward_with_grad(
         self,
@@ -74,10 +76,12 @@ class EnergyFitting(nn.Module):
         atype: torch.Tensor,
         fparam: torch.Tensor | None = None,
         aparam: torch.Tensor | None = None,
+        type_counts: list[int] | None = None,
+        type_order: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Atomic energies (nf, nloc) and dE_i/dD_i (nf, nloc, dim_descrpt), the gradient written out
         explicitly (differentiable by one backward pass)."""
-        energy, grad = self._per_type(descriptor, atype, fparam, aparam, True)
+        energy, grad = self._per_type(descriptor, atype, fparam, aparam, True, type_counts, type_order)
         assert grad is not None
         return energy, grad
 
@@ -88,27 +92,35 @@ class EnergyFitting(nn.Module):
         fparam: torch.Tensor | None,
         aparam: torch.Tensor | None,
         with_grad: bool,
+        type_counts: list[int] | None = None,
+        type_order: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Each type's net on its atoms: energies (nf, nloc) and, ``with_grad``, dE/dD (nf, nloc, dim).
 
         The atoms are taken in type order (a stable sort; none when already sorted, as in DeePMD's data
         with one frame), so each net reads a contiguous slice and the outputs are concatenated, not
-        scattered into zeros."""
+        scattered into zeros. ``type_counts``/``type_order``: that grouping as the data pipeline
+        computed it (:func:`~dpfit.model.index_facts.type_split`), else derived here."""
         nf, nloc, dim = descriptor.shape
         x = self._inputs(descriptor, fparam, aparam)
         flat_x = x.reshape(nf * nloc, -1)
         flat_type = atype.reshape(-1)
-        counts: list[int] = torch.bincount(flat_type, minlength=len(self.nets)).tolist()
-        perm: torch.Tensor | None = None
-        if flat_type.numel() > 1 and not bool((flat_type[1:] >= flat_type[:-1]).all()):
-            perm = torch.sort(flat_type, stable=True)[1]
+        perm: torch.Tensor | None = type_order
+        if type_counts is not None:
+            counts: list[int] = type_counts
+        else:
+            derived: list[int] = torch.bincount(flat_type, minlength=len(self.nets)).tolist()
+            counts = derived
+            if flat_type.numel() > 1 and not bool((flat_type[1:] >= flat_type[:-1]).all()):
+                perm = torch.sort(flat_type, stable=True)[1]
+        if perm is not None:
             flat_x = flat_x.index_select(0, perm)
         values: list[torch.Tensor] = [x.new_zeros(0)]
         grads: list[torch.Tensor] = [x.new_zeros(0, dim)]
         # one split (its backward is one concatenation; a slice's backward zero-fills the whole input)
         pieces = flat_x.split(counts)
         for t, net in enumerate(self.nets):
-            if counts[t]:
+            if counts[t] > 0:
                 rows = pieces[t]
                 if with_grad:
                     value, g = net.energy_and_input_grad(rows)
@@ -119,8 +131,7 @@ class EnergyFitting(nn.Module):
         out = torch.cat(values)
         grad = torch.cat(grads) if with_grad else None
         if perm is not None:
-            inverse = torch.empty_like(perm)
-            inverse[perm] = torch.arange(perm.numel(), device=perm.device)
+            inverse = torch.argsort(perm)
             out = out.index_select(0, inverse)
             grad = grad.index_select(0, inverse) if grad is not None else None
         energy = out.reshape(nf, nloc) + self.bias_atom_e[atype]

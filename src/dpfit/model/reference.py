@@ -226,11 +226,13 @@ class ReferenceEnergyModel(nn.Module):
     def forward(self, coord: torch.Tensor, atype: torch.Tensor, nlist: torch.Tensor, box: torch.Tensor | None = None,
                 shift: torch.Tensor | None = None, fparam: torch.Tensor | None = None,
                 aparam: torch.Tensor | None = None, do_force: bool = True, do_virial: bool = False,
-                do_atomic_virial: bool = False, create_graph: bool = False) -> dict[str, torch.Tensor]:
+                do_atomic_virial: bool = False, create_graph: bool = False,
+                **index_facts: object) -> dict[str, torch.Tensor]:
         """coord (nf, nloc, 3) Å; atype (nf, nloc); nlist (nf, nloc, nnei) atom indices, -1 padded; box
         (nf, 3, 3) rows a, b, c and shift (nf, nloc, nnei, 3) integer images S (periodic only): the pair
         vector of a slot is ``d_ij = r_j + S box - r_i``. Returns energy (nf,), atom_energy (nf, nloc),
-        and on request force (nf, nloc, 3), virial (nf, 9), atom_virial (nf, nloc, 9)."""
+        and on request force (nf, nloc, 3), virial (nf, 9), atom_virial (nf, nloc, 9). ``index_facts``
+        (a batch's partner, kept, type_counts, type_order, for the fast model) are not needed here."""
         need_grad = do_force or do_virial or do_atomic_virial
         # autograd needs a graph: leave inference mode (never on under torch.compile, which cannot trace the check)
         if need_grad and not torch.compiler.is_compiling() and torch.is_inference_mode_enabled():

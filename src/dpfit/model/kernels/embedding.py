@@ -37,8 +37,9 @@ def layer_grads(has_idt: tuple[bool, ...], per_layer: list[torch.Tensor]) -> lis
 
 
 def kernel_applies(s: torch.Tensor, first_width: int) -> bool:
-    """Whether the compiled kernel can run these rows (CPU, float32/64, a scalar input)."""
-    return s.device.type == "cpu" and s.dtype in (torch.float32, torch.float64) and first_width == 1
+    """Whether the compiled kernel can run these rows (CPU, float32/64, a scalar input; not while
+    ``torch.compile`` traces, which takes the PyTorch path)."""
+    return not torch.compiler.is_compiling() and s.device.type == "cpu" and s.dtype in (torch.float32, torch.float64) and first_width == 1
 
 
 class CompiledValueAndTangent(torch.autograd.Function):
