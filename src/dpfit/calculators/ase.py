@@ -25,6 +25,7 @@ from ase.stress import full_3x3_to_voigt_6_stress
 
 from dpfit.data.neighbor import build_neighbor_list
 from dpfit.inference.evaluate import inference_mode
+from dpfit.model.index_facts import index_facts
 
 
 class SkinNeighborList:
@@ -224,13 +225,16 @@ class DPCalculator(Calculator):
         dev = self.device
         natoms = len(atoms)
         inputs = {
-            "coord": torch.from_numpy(positions.reshape(1, natoms, 3)).to(dev),
-            "atype": torch.from_numpy(atype.reshape(1, natoms)).to(dev),
-            "nlist": torch.from_numpy(self.nlist[None]).to(dev),
+            "coord": torch.from_numpy(positions.reshape(1, natoms, 3)),
+            "atype": torch.from_numpy(atype.reshape(1, natoms)),
+            "nlist": torch.from_numpy(self.nlist[None]),
         }
         if periodic:
-            inputs["box"] = torch.from_numpy(cell.reshape(1, 3, 3).copy()).to(dev)
-            inputs["shift"] = torch.from_numpy(self.shift[None]).to(dev)
+            inputs["box"] = torch.from_numpy(cell.reshape(1, 3, 3).copy())
+            inputs["shift"] = torch.from_numpy(self.shift[None])
+        # the index facts next to the neighbour list, on the host (the model's step does not derive them)
+        inputs.update(index_facts(inputs["nlist"], inputs.get("shift"), inputs["atype"], list(self.model.sel)))
+        inputs = {k: v.to(dev) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
         if self.fparam is not None:
             inputs["fparam"] = torch.from_numpy(self.fparam.reshape(1, -1).copy()).to(dev)
         if self.aparam is not None:

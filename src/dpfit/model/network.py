@@ -105,14 +105,17 @@ class DenseLayer(nn.Module):
         self.activate = activate
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.value_and_activation(x)[0]
+
+    def value_and_activation(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The layer rule, written once: the output and ``h = tanh(x W + b)`` (the linear output for a
+        linear layer), which the input gradient of :meth:`ResidualMLP.value_and_input_grad` reuses."""
         y = torch.addmm(self.bias, x, self.matrix)
         if not self.activate:
-            return y
-        y = torch.tanh(y)
+            return y, y
+        h = torch.tanh(y)
         idt = self.idt
-        if idt is not None:
-            y = y * idt
-        return _residual(y, x, self.kind)
+        return _residual(h * idt if idt is not None else h, x, self.kind), h
 
     def value_and_tangent(self, x: torch.Tensor, tx: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         """Output and its derivative along the input's tangent ``tx`` (None: the input is a scalar s, dx/ds = 1)."""
@@ -227,19 +230,10 @@ class ResidualMLP(nn.Module):
         for layer in self.layers:
             widths.append(x.shape[-1])
             matrices.append(layer.matrix)
-            y = torch.addmm(layer.bias, x, layer.matrix)
-            if layer.activate:
-                h = torch.tanh(y)
-                hidden.append(h)
-                idt = layer.idt
-                scales.append(idt)
-                kinds.append(layer.kind)
-                y = _residual(h * idt if idt is not None else h, x, layer.kind)
-            else:  # linear layer: derivative 1, no residual
-                hidden.append(y)
-                scales.append(None)
-                kinds.append(LayerKind.LINEAR.value)
-            x = y
+            x, h = layer.value_and_activation(x)
+            hidden.append(h)
+            scales.append(layer.idt)
+            kinds.append(layer.kind if layer.activate else LayerKind.LINEAR.value)
         grad = grad_out.expand(x.shape[0], grad_out.shape[0])
         for k in range(len(kinds) - 1, -1, -1):  # (TorchScript cannot iterate a ModuleList backwards)
             gz = grad

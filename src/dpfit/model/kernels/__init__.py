@@ -13,7 +13,9 @@ from dpfit.model.kernels.build import (
     compiled_kernels,
     compiled_kernels_mode,
     kernels_available,
+    loaded_kernels,
     set_compiled_kernels,
 )
 
-__all__ = ["MODES", "compiled_kernels", "compiled_kernels_mode", "kernels_available", "set_compiled_kernels"]
+__all__ = ["MODES", "compiled_kernels", "compiled_kernels_mode", "kernels_available", "loaded_kernels",
+           "set_compiled_kernels"]

@@ -129,6 +129,12 @@ def compiled_kernels(mode: str) -> ModuleType | None:
     return _load(mode)
 
 
+def loaded_kernels() -> ModuleType | None:
+    """The extension if this process has loaded it already (never builds it; None under an ``off``
+    override): for code outside a model that may use it, such as the data pipeline's index facts."""
+    return None if _override == "off" else _extension
+
+
 def kernels_available() -> bool:
     """Whether the compiled kernels can be used here (builds them on first call; never raises)."""
     return _load("auto") is not None
