@@ -221,7 +221,7 @@ def bench_train(model: EnergyModel, batches: list[dict], device: torch.device, r
     for step in steps:  # one untimed pass (every batch's shapes seen once; compiling: the compilation)
         step()
     first_pass = time.perf_counter() - start
-    flops = count_flops(steps[0])
+    flops = count_flops(train_step_fn(model, batches[0], opt) if compile else steps[0])  # (eager: the counter)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     times = []
