@@ -108,6 +108,39 @@ def test_training_gradients_on_gpu_equal_cpu(water_fixture_dir):
         np.testing.assert_allclose(gpu[key], cpu[key], rtol=0, atol=1e-9 * scale, err_msg=key)
 
 
+def test_training_step_on_gpu_makes_no_host_sync(water_fixture_dir):
+    """A training step (energy + forces with their graph, the loss, its backward, Adam) on a batch of two
+    frames with the index facts from collate runs under ``torch.cuda.set_sync_debug_mode("error")``: no
+    device-to-host copy or synchronisation (which would leave the GPU idle and rule out CUDA graphs)."""
+    if CUDA.type != "cuda":
+        pytest.skip("needs a CUDA device")
+    system = DeepmdSystem(SHARED / "data" / "water" / "data_0", ["O", "H"])
+    model = load_deepmd_checkpoint(water_fixture_dir / "model.ckpt.pt").to(CUDA)
+    model.train()
+    samples = [{**make_sample(system, k, model.rcut, model.sel), "sel": model.sel} for k in (3, 4)]
+    batch = batch_to_device(collate(samples), CUDA)
+    assert "partner" in batch and isinstance(batch["type_counts"], list)
+    loss_fn = EnergyLoss()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-4)
+
+    def step() -> None:
+        out = model(**model_inputs(batch), do_force=True, do_virial=True, create_graph=True)
+        loss, _ = loss_fn(out, batch, 1.0)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    step()  # warm-up (cuBLAS handles, allocator)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        step()
+        step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    torch.cuda.synchronize()
+
+
 @pytest.mark.parametrize("reps", [4])
 def test_supercell_on_gpu_is_extensive(water_fixture_dir, reps, run_model):
     """A reps^3 supercell (12288 atoms for reps=4) of a data_3 frame: reps^3 times the energy and virial,
