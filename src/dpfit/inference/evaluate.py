@@ -106,7 +106,9 @@ def evaluate_system(
     with inference_mode(model):
         for start in range(0, system.nframes, batch_size):
             stop = min(start + batch_size, system.nframes)
-            batch = collate([make_sample(system, i, model.rcut, model.sel) for i in range(start, stop)])
+            # (with sel, collate adds the index facts)
+            batch = collate([{**make_sample(system, i, model.rcut, model.sel), "sel": list(model.sel)}
+                             for i in range(start, stop)])
             n_dropped += batch["n_dropped"]
             inputs = {k: v for k, v in model_inputs(batch_to_device(batch, device)).items() if k not in drop}
             out = model(**inputs, do_force=True, do_virial=True)
