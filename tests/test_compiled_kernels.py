@@ -18,8 +18,8 @@ import torch
 from dpfit.data.neighbor import build_neighbor_list
 from dpfit.model import EnergyModel
 from dpfit.model.kernels import build as kernel_build
-from dpfit.model.kernels import compiled_kernels, compiled_kernels_mode, set_compiled_kernels
-from dpfit.model.kernels.embedding import BLOCK_ROWS, CompiledValueAndTangent
+from dpfit.model.kernels import compiled_kernels, compiled_kernels_mode, ops, set_compiled_kernels
+from dpfit.model.kernels.embedding import BLOCK_ROWS
 from dpfit.model.network import ResidualMLP
 from dpfit.training.module import DeepPotentialModule
 
@@ -73,7 +73,7 @@ def test_kernel_equals_pytorch_path(kernels, name, rows, dtype):
     g, t, grads, fn = _value_tangent_grads(net, s, "on")
     g_ref, t_ref, ref, fn_ref = _value_tangent_grads(net, s, "off")
     set_compiled_kernels("on")
-    assert fn == "CompiledValueAndTangentBackward" and fn_ref == "ValueAndTangentBackward"
+    assert fn == ops.backward_node("value_and_tangent") and fn_ref == "ValueAndTangentBackward"
     # float32: rounding differs (summation order, tanh), so errors relative to each tensor's scale
     eps = 1e-12 if dtype == torch.float64 else 1e-4
     assert len(grads) == len(ref)
@@ -86,10 +86,10 @@ def test_kernel_gradcheck(kernels):
     net = ResidualMLP(1, [3, 6], True, generator=torch.Generator().manual_seed(1))
     s = torch.randn(9, 1, dtype=torch.float64, requires_grad=True)
     params = _params(net)
-    kinds = tuple(layer.kind for layer in net.layers)
-    has_idt = tuple(layer.idt is not None for layer in net.layers)
+    kinds = [layer.kind for layer in net.layers]
+    has_idt = [layer.idt is not None for layer in net.layers]
     assert torch.autograd.gradcheck(
-        lambda s, *p: CompiledValueAndTangent.apply(kernels, kinds, has_idt, s, *p), (s, *params))
+        lambda s, *p: ops.value_and_tangent(s, list(p), kinds, has_idt, True)[:2], (s, *params))
 
 
 def test_kernel_without_autograd_equals_plain_path(kernels):
@@ -139,7 +139,7 @@ def test_fitting_kernel_equals_pytorch_path(kernels, name, loss, dtype):
     e, g, grads, fn = _fitting_outputs(net, x, "on", *flags)
     e_ref, g_ref, ref, fn_ref = _fitting_outputs(net, x, "off", *flags)
     set_compiled_kernels("on")
-    assert fn == "CompiledFittingBackward" and fn_ref != fn
+    assert fn == ops.backward_node("fitting") and fn_ref != fn
     eps = 1e-12 if dtype == torch.float64 else 1e-4
     for a, b in zip([e, g, *grads], [e_ref, g_ref, *ref]):
         scale = float(b.abs().max()) if b.numel() else 1.0
@@ -151,15 +151,13 @@ def test_fitting_kernel_equals_pytorch_path(kernels, name, loss, dtype):
 
 
 def test_fitting_kernel_gradcheck(kernels):
-    from dpfit.model.kernels.fitting import CompiledFitting
-
     net = ResidualMLP(4, [5, 5, 10], True, out_dim=1, generator=torch.Generator().manual_seed(4))
     layers = list(net.layers)
-    kinds = tuple(layer.kind for layer in layers[:-1])
-    has_idt = tuple(layer.idt is not None for layer in layers[:-1])
+    kinds = [layer.kind for layer in layers[:-1]]
+    has_idt = [layer.idt is not None for layer in layers[:-1]]
     x = torch.randn(6, 4, dtype=torch.float64, requires_grad=True)
     params = [p.detach().clone().requires_grad_(True) for p in _params(net)]
-    assert torch.autograd.gradcheck(lambda x, *p: CompiledFitting.apply(kernels, kinds, has_idt, x, *p), (x, *params))
+    assert torch.autograd.gradcheck(lambda x, *p: ops.fitting(x, list(p), kinds, has_idt, True)[:2], (x, *params))
 
 
 def _assert_kernels_match_pytorch(model, inputs: dict, nodes: tuple[str, ...] = ()) -> None:
@@ -197,8 +195,8 @@ def _graph_nodes(tensor: torch.Tensor) -> set[str]:
 
 @pytest.mark.parametrize("case", ["periodic", "excluded_pair", "one_type_absent", "single_atom"])
 def test_slot_contractions_on_rows_equal_padded_path(kernels, tiny_model, random_frame, case):
-    """With the kernels the descriptor contracts the embedding rows directly (GTFromRows / SlotProductsFromRows, no padded
-    gather) and the environment matrix and its Jacobian come from one compiled pass (EnvJacobian):
+    """With the kernels the descriptor contracts the embedding rows directly (slot_gt / slot_env, no padded
+    gather) and the environment matrix and its Jacobian come from one compiled pass (env_jacobian):
     energy, forces, virial and a loss's parameter gradients as on the PyTorch path, also with an
     excluded type pair and when a neighbor-type block is empty."""
     model = tiny_model(type_one_side=False, exclude_types=[[0, 1]] if case == "excluded_pair" else [])
@@ -214,9 +212,8 @@ def test_slot_contractions_on_rows_equal_padded_path(kernels, tiny_model, random
               "nlist": torch.from_numpy(nl.nlist[None].copy())}
     if box is not None:
         inputs.update(box=torch.from_numpy(box[None].copy()), shift=torch.from_numpy(nl.shift[None].copy()))
-    _assert_kernels_match_pytorch(model, inputs, ("SlotProductsFromRowsBackward", "GTFromRowsBackward", "EnvJacobianBackward",
-                                                   "CompiledFittingBackward", "DescriptorGramBackward",
-                                                   "DescriptorVJPBackward"))
+    _assert_kernels_match_pytorch(model, inputs, tuple(ops.backward_node(name) for name in (
+        "slot_env", "slot_gt", "env_jacobian", "fitting", "descriptor_gram", "descriptor_vjp", "value_and_tangent")))
 
 
 @pytest.mark.parametrize("periodic", [True, False])
@@ -242,8 +239,7 @@ def test_compiled_reverse_slots_equal_python(kernels, tiny_model, random_frame, 
 
 
 def test_slot_contraction_gradcheck(kernels):
-    """GTFromRows and SlotProductsFromRows against finite differences, with rows shared by several slots."""
-    from dpfit.model.kernels.slot_contraction import GTFromRows, SlotProductsFromRows
+    """slot_gt and slot_env against finite differences, with rows shared by several slots."""
 
     gen = torch.Generator().manual_seed(8)
     rows, n, k, m = 5, 3, 4, 6
@@ -253,23 +249,23 @@ def test_slot_contraction_gradcheck(kernels):
     r = torch.randn(n, k, 4, dtype=torch.float64, generator=gen)
     gbar = torch.randn(n, 4, m, dtype=torch.float64, generator=gen, requires_grad=True)
     order, ptr = kernels.slots_of_rows(index, rows)
-    assert torch.autograd.gradcheck(lambda g: GTFromRows.apply(kernels, g, index, r, order, ptr)[0], (g,))
+    assert torch.autograd.gradcheck(lambda g: ops.slot_gt(g, index, r, order, ptr)[0], (g,))
 
-    def chained(g, b):  # SlotProductsFromRows on GTFromRows's rows: its row gradient is summed into GTFromRows's backward
-        out, rows = GTFromRows.apply(kernels, g, index, r, order, ptr)
-        return out, SlotProductsFromRows.apply(kernels, rows, rows * 2, index, index != 4, b, order, ptr)[0]
+    def chained(g, b):  # slot_env on slot_gt's rows, with its handle: its row gradient is summed into slot_gt's backward
+        out, rows_grad = ops.slot_gt(g, index, r, order, ptr)
+        return out, ops.slot_env(g, g * 2, index, index != 4, b, order, ptr, rows_grad)[0]
 
     assert torch.autograd.gradcheck(chained, (g, gbar))
     valid = index != 4  # row 4 plays the padding row
-    assert torch.autograd.gradcheck(lambda g, t, b: SlotProductsFromRows.apply(kernels, g, t, index, valid, b, order, ptr),
+    assert torch.autograd.gradcheck(lambda g, t, b: ops.slot_env(g, t, index, valid, b, order, ptr, None),
                                     (g, t, gbar))
     padded = g[index]  # the padded layout: the same contraction
-    torch.testing.assert_close(GTFromRows.apply(kernels, g, index, r, order, ptr)[0], r.transpose(1, 2) @ padded)
-    part, tds = SlotProductsFromRows.apply(kernels, g, t, index, valid, gbar, order, ptr)
+    torch.testing.assert_close(ops.slot_gt(g, index, r, order, ptr)[0], r.transpose(1, 2) @ padded)
+    part, tds = ops.slot_env(g, t, index, valid, gbar, order, ptr, None)
     keep = valid.unsqueeze(-1)
     torch.testing.assert_close(part, torch.where(keep, padded @ gbar.transpose(1, 2), 0.0))
     torch.testing.assert_close(tds, torch.where(keep, t[index] @ gbar.transpose(1, 2), 0.0))
-    # the padded slots' gradients are not read: the padding row gets none through SlotProductsFromRows
+    # the padded slots' gradients are not read: the padding row gets none through slot_env
     (part.sum() + tds.sum()).backward()
     assert torch.count_nonzero(g.grad[4]) == 0 and torch.count_nonzero(t.grad[4]) == 0
     assert torch.count_nonzero(g.grad[:4]) > 0
@@ -297,8 +293,6 @@ def test_descriptor_products_equal_bmm(kernels, m, a, dtype):
     """D = G^T G< and its gradient for G under dE/dD (g_bar) as the torch.bmm products of the PyTorch
     path, and their gradients as autograd's through those products, at the water shapes (M 100, a 16)
     and small ones (a = M included; a = 16 has its own code)."""
-    from dpfit.model.kernels.descriptor_product import DescriptorGram, DescriptorVJP
-
     gen = torch.Generator().manual_seed(3)
     n = 7
     g = torch.randn(n, 4, m, dtype=dtype, generator=gen)
@@ -316,7 +310,7 @@ def test_descriptor_products_equal_bmm(kernels, m, a, dtype):
     for compiled in (True, False):
         gg, ww = g.clone().requires_grad_(True), w.clone().requires_grad_(True)
         if compiled:
-            d, v = DescriptorGram.apply(kernels, gg, a), DescriptorVJP.apply(kernels, gg, ww)
+            d, v = ops.descriptor_gram(gg, a), ops.descriptor_vjp(gg, ww)
         else:
             d, v = reference(gg, ww)
         ((d * c_d).sum() + (v * c_v).sum()).backward()
@@ -326,13 +320,11 @@ def test_descriptor_products_equal_bmm(kernels, m, a, dtype):
 
 
 def test_descriptor_products_gradcheck(kernels):
-    from dpfit.model.kernels.descriptor_product import DescriptorGram, DescriptorVJP
-
     gen = torch.Generator().manual_seed(4)
     g = torch.randn(3, 4, 6, dtype=torch.float64, generator=gen, requires_grad=True)
     w = torch.randn(3, 6, 2, dtype=torch.float64, generator=gen, requires_grad=True)
-    assert torch.autograd.gradcheck(lambda g: DescriptorGram.apply(kernels, g, 2), (g,))
-    assert torch.autograd.gradcheck(lambda g, w: DescriptorVJP.apply(kernels, g, w), (g, w))
+    assert torch.autograd.gradcheck(lambda g: ops.descriptor_gram(g, 2), (g,))
+    assert torch.autograd.gradcheck(lambda g, w: ops.descriptor_vjp(g, w), (g, w))
 
 
 def _frame_inputs(model, coord, atype, box) -> dict:
@@ -360,7 +352,7 @@ def test_ase_calculator_with_kernels(kernels, tiny_model, random_frame):
             assert atoms.calc.model.kernels == mode and atoms.calc.model.fitting.nets[0].kernels == mode
             with torch.enable_grad():  # (the kernels' autograd nodes show they ran)
                 out = model(**_frame_inputs(model, coord, atype, box), create_graph=True)
-            assert ("CompiledFittingBackward" in _graph_nodes(out["force"])) == (mode == "on")
+            assert (ops.backward_node("fitting") in _graph_nodes(out["force"])) == (mode == "on")
             results[mode] = (atoms.get_potential_energy(), atoms.get_forces(), atoms.get_stress())
     finally:
         set_compiled_kernels("on")
