@@ -14,6 +14,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_map
 
 from dpfit.data.neighbor import build_neighbor_list
 from dpfit.model import EnergyModel
@@ -325,6 +327,74 @@ def test_descriptor_products_gradcheck(kernels):
     w = torch.randn(3, 6, 2, dtype=torch.float64, generator=gen, requires_grad=True)
     assert torch.autograd.gradcheck(lambda g: ops.descriptor_gram(g, 2), (g,))
     assert torch.autograd.gradcheck(lambda g, w: ops.descriptor_vjp(g, w), (g, w))
+
+
+#: the arguments each differentiable op is checked with requiring grad (positions; a list: each tensor of it)
+DIFFERENTIABLE_ARGS = {"value_and_tangent": (0, 1), "fitting": (0, 1), "env_jacobian": (1,), "slot_gt": (0,),
+                       "slot_env": (0, 1, 4, 7), "descriptor_gram": (0,), "descriptor_vjp": (0, 1)}
+
+
+class _FirstOpCalls(TorchDispatchMode):
+    """The arguments of each dpfit op's first call (copies), forward and backward."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls: dict[str, tuple] = {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.namespace == "dpfit" and func._opname not in self.calls:
+            self.calls[func._opname] = tree_map(lambda a: a.detach().clone() if isinstance(a, torch.Tensor) else a,
+                                                args)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.fixture(scope="module")
+def op_calls(kernels):
+    """Each op's arguments in a training step of a tiny periodic float64 model (two types, an excluded
+    pair, a net per type pair, reverse pairs sharing rows, padded slots)."""
+    from conftest import make_random_frame, make_tiny_model
+
+    model = make_tiny_model(type_one_side=False, exclude_types=[[0, 1]])
+    coord, atype, box = make_random_frame(seed=5, natoms=12)
+    with _FirstOpCalls() as mode:
+        out = model(**_frame_inputs(model, coord, atype, box), do_force=True, do_virial=True, create_graph=True)
+        (out["energy"].sum() + out["force"].square().sum() + out["virial"].square().sum()).backward()
+    return mode.calls
+
+
+def test_every_op_runs_in_a_training_step(op_calls):
+    assert set(op_calls) == {op.name for op in ops._OPS}
+    assert all(hasattr(torch.ops.dpfit, name) for name in op_calls)
+
+
+@pytest.mark.parametrize("name", sorted(op.name for op in ops._OPS))
+def test_opcheck(op_calls, name):
+    """torch.library.opcheck on each op (schema and aliasing, autograd registration, the fake
+    implementation against the kernel, AOT dispatch with dynamic shapes), with the arguments of a
+    training step; the differentiable arguments of the differentiable ops require grad."""
+    args = list(op_calls[name])
+    for i in DIFFERENTIABLE_ARGS.get(name, ()):
+        if isinstance(args[i], list):
+            args[i] = [t.requires_grad_(True) for t in args[i]]
+        elif args[i] is not None:
+            args[i] = args[i].requires_grad_(True)
+    torch.library.opcheck(getattr(torch.ops.dpfit, name).default, tuple(args))
+
+
+def test_slot_env_without_handle_opcheck(op_calls):
+    """slot_env's row gradient to G itself (no handle of slot_gt)."""
+    g, t, index, valid, gbar, order, ptr, _ = op_calls["slot_env"]
+    args = (g.requires_grad_(True), t.requires_grad_(True), index, valid, gbar.requires_grad_(True), order, ptr, None)
+    torch.library.opcheck(torch.ops.dpfit.slot_env.default, args)
+
+
+def test_not_differentiable_op_says_so(kernels):
+    index = torch.tensor([[0, 1], [1, 0]])
+    order, ptr = ops.slots_of_rows(index, 2)
+    coef = torch.randn(2, 2, 4, dtype=torch.float64, requires_grad=True)
+    rows = ops.slot_rows(coef, torch.randn(2, 4, 3, dtype=torch.float64), order, ptr, 2, 2, None)
+    with pytest.raises(RuntimeError, match="dpfit::slot_rows is not differentiable"):
+        rows.sum().backward()
 
 
 def _frame_inputs(model, coord, atype, box) -> dict:
