@@ -8,6 +8,7 @@ skips these tests; in CI (``CI`` set) the build must succeed.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
@@ -386,6 +387,61 @@ def test_slot_env_without_handle_opcheck(op_calls):
     g, t, index, valid, gbar, order, ptr, _ = op_calls["slot_env"]
     args = (g.requires_grad_(True), t.requires_grad_(True), index, valid, gbar.requires_grad_(True), order, ptr, None)
     torch.library.opcheck(torch.ops.dpfit.slot_env.default, args)
+
+
+class _PassThrough(TorchDispatchMode):
+    """Every op as it is, the dpfit ops' names noted."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen: set[str] = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.namespace == "dpfit":
+            self.seen.add(func._opname)
+        return func(*args, **(kwargs or {}))
+
+
+def test_dispatcher_path_equals_eager_shortcut(kernels, tiny_model, random_frame):
+    """In eager mode on plain CPU tensors an op call goes to its autograd kernel directly; through the
+    dispatcher (forced here by a dispatch mode) a training step's outputs and gradients are the same,
+    bit for bit, and the graph holds the same nodes."""
+    model = tiny_model(type_one_side=False)
+    coord, atype, box = random_frame(seed=3, natoms=10)
+    inputs = _frame_inputs(model, coord, atype, box)
+    results = []
+    mode = _PassThrough()
+    for dispatcher in (False, True):
+        model.zero_grad()
+        with mode if dispatcher else contextlib.nullcontext():
+            out = model(**inputs, do_force=True, do_virial=True, create_graph=True)
+            nodes = _graph_nodes(out["force"])
+            (out["energy"].sum() + out["force"].square().sum() + out["virial"].square().sum()).backward()
+        results.append(([v.detach() for v in out.values()], [p.grad.clone() for p in model.parameters()], nodes))
+    (outs, grads, nodes), (outs_d, grads_d, nodes_d) = results
+    assert all(torch.equal(a, b) for a, b in zip(outs + grads, outs_d + grads_d))
+    assert nodes == nodes_d and ops.backward_node("slot_gt") in nodes
+    assert mode.seen == {op.name for op in ops._OPS}  # (every op went through the dispatcher)
+
+
+def test_ops_under_torch_compile_and_fx(kernels):
+    """torch.compile (full graph, AOT autograd) and make_fx trace the ops as graph nodes, through the
+    same Python entry points the model calls; values and gradients as in eager mode."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    def f(g, w):
+        return ops.descriptor_gram(g, 2).sum() + ops.descriptor_vjp(g, w).square().sum()
+
+    gen = torch.Generator().manual_seed(2)
+    g = torch.randn(3, 4, 6, dtype=torch.float64, generator=gen, requires_grad=True)
+    w = torch.randn(3, 6, 2, dtype=torch.float64, generator=gen, requires_grad=True)
+    want = f(g, w), *torch.autograd.grad(f(g, w), (g, w))
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    got = compiled(g, w), *torch.autograd.grad(compiled(g, w), (g, w))
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b)
+    graph = make_fx(lambda g, w: ops.descriptor_vjp(g, w))(g.detach(), w.detach()).graph
+    assert [n.target for n in graph.nodes if n.op == "call_function"] == [torch.ops.dpfit.descriptor_vjp.default]
 
 
 def test_not_differentiable_op_says_so(kernels):
