@@ -8,18 +8,21 @@ skips these tests; in CI (``CI`` set) the build must succeed.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_map
 
 from dpfit.data.neighbor import build_neighbor_list
 from dpfit.model import EnergyModel
 from dpfit.model.kernels import build as kernel_build
-from dpfit.model.kernels import compiled_kernels, compiled_kernels_mode, set_compiled_kernels
-from dpfit.model.kernels.embedding import BLOCK_ROWS, CompiledValueAndTangent
+from dpfit.model.kernels import compiled_kernels, compiled_kernels_mode, ops, set_compiled_kernels
+from dpfit.model.kernels.embedding import BLOCK_ROWS
 from dpfit.model.network import ResidualMLP
 from dpfit.training.module import DeepPotentialModule
 
@@ -73,7 +76,7 @@ def test_kernel_equals_pytorch_path(kernels, name, rows, dtype):
     g, t, grads, fn = _value_tangent_grads(net, s, "on")
     g_ref, t_ref, ref, fn_ref = _value_tangent_grads(net, s, "off")
     set_compiled_kernels("on")
-    assert fn == "CompiledValueAndTangentBackward" and fn_ref == "ValueAndTangentBackward"
+    assert fn == ops.backward_node("value_and_tangent") and fn_ref == "ValueAndTangentBackward"
     # float32: rounding differs (summation order, tanh), so errors relative to each tensor's scale
     eps = 1e-12 if dtype == torch.float64 else 1e-4
     assert len(grads) == len(ref)
@@ -86,10 +89,10 @@ def test_kernel_gradcheck(kernels):
     net = ResidualMLP(1, [3, 6], True, generator=torch.Generator().manual_seed(1))
     s = torch.randn(9, 1, dtype=torch.float64, requires_grad=True)
     params = _params(net)
-    kinds = tuple(layer.kind for layer in net.layers)
-    has_idt = tuple(layer.idt is not None for layer in net.layers)
+    kinds = [layer.kind for layer in net.layers]
+    has_idt = [layer.idt is not None for layer in net.layers]
     assert torch.autograd.gradcheck(
-        lambda s, *p: CompiledValueAndTangent.apply(kernels, kinds, has_idt, s, *p), (s, *params))
+        lambda s, *p: ops.value_and_tangent(s, list(p), kinds, has_idt, True)[:2], (s, *params))
 
 
 def test_kernel_without_autograd_equals_plain_path(kernels):
@@ -139,7 +142,7 @@ def test_fitting_kernel_equals_pytorch_path(kernels, name, loss, dtype):
     e, g, grads, fn = _fitting_outputs(net, x, "on", *flags)
     e_ref, g_ref, ref, fn_ref = _fitting_outputs(net, x, "off", *flags)
     set_compiled_kernels("on")
-    assert fn == "CompiledFittingBackward" and fn_ref != fn
+    assert fn == ops.backward_node("fitting") and fn_ref != fn
     eps = 1e-12 if dtype == torch.float64 else 1e-4
     for a, b in zip([e, g, *grads], [e_ref, g_ref, *ref]):
         scale = float(b.abs().max()) if b.numel() else 1.0
@@ -151,15 +154,13 @@ def test_fitting_kernel_equals_pytorch_path(kernels, name, loss, dtype):
 
 
 def test_fitting_kernel_gradcheck(kernels):
-    from dpfit.model.kernels.fitting import CompiledFitting
-
     net = ResidualMLP(4, [5, 5, 10], True, out_dim=1, generator=torch.Generator().manual_seed(4))
     layers = list(net.layers)
-    kinds = tuple(layer.kind for layer in layers[:-1])
-    has_idt = tuple(layer.idt is not None for layer in layers[:-1])
+    kinds = [layer.kind for layer in layers[:-1]]
+    has_idt = [layer.idt is not None for layer in layers[:-1]]
     x = torch.randn(6, 4, dtype=torch.float64, requires_grad=True)
     params = [p.detach().clone().requires_grad_(True) for p in _params(net)]
-    assert torch.autograd.gradcheck(lambda x, *p: CompiledFitting.apply(kernels, kinds, has_idt, x, *p), (x, *params))
+    assert torch.autograd.gradcheck(lambda x, *p: ops.fitting(x, list(p), kinds, has_idt, True)[:2], (x, *params))
 
 
 def _assert_kernels_match_pytorch(model, inputs: dict, nodes: tuple[str, ...] = ()) -> None:
@@ -197,8 +198,8 @@ def _graph_nodes(tensor: torch.Tensor) -> set[str]:
 
 @pytest.mark.parametrize("case", ["periodic", "excluded_pair", "one_type_absent", "single_atom"])
 def test_slot_contractions_on_rows_equal_padded_path(kernels, tiny_model, random_frame, case):
-    """With the kernels the descriptor contracts the embedding rows directly (GTFromRows / SlotProductsFromRows, no padded
-    gather) and the environment matrix and its Jacobian come from one compiled pass (EnvJacobian):
+    """With the kernels the descriptor contracts the embedding rows directly (slot_gt / slot_env, no padded
+    gather) and the environment matrix and its Jacobian come from one compiled pass (env_jacobian):
     energy, forces, virial and a loss's parameter gradients as on the PyTorch path, also with an
     excluded type pair and when a neighbor-type block is empty."""
     model = tiny_model(type_one_side=False, exclude_types=[[0, 1]] if case == "excluded_pair" else [])
@@ -214,9 +215,8 @@ def test_slot_contractions_on_rows_equal_padded_path(kernels, tiny_model, random
               "nlist": torch.from_numpy(nl.nlist[None].copy())}
     if box is not None:
         inputs.update(box=torch.from_numpy(box[None].copy()), shift=torch.from_numpy(nl.shift[None].copy()))
-    _assert_kernels_match_pytorch(model, inputs, ("SlotProductsFromRowsBackward", "GTFromRowsBackward", "EnvJacobianBackward",
-                                                   "CompiledFittingBackward", "DescriptorGramBackward",
-                                                   "DescriptorVJPBackward"))
+    _assert_kernels_match_pytorch(model, inputs, tuple(ops.backward_node(name) for name in (
+        "slot_env", "slot_gt", "env_jacobian", "fitting", "descriptor_gram", "descriptor_vjp", "value_and_tangent")))
 
 
 @pytest.mark.parametrize("periodic", [True, False])
@@ -242,8 +242,7 @@ def test_compiled_reverse_slots_equal_python(kernels, tiny_model, random_frame, 
 
 
 def test_slot_contraction_gradcheck(kernels):
-    """GTFromRows and SlotProductsFromRows against finite differences, with rows shared by several slots."""
-    from dpfit.model.kernels.slot_contraction import GTFromRows, SlotProductsFromRows
+    """slot_gt and slot_env against finite differences, with rows shared by several slots."""
 
     gen = torch.Generator().manual_seed(8)
     rows, n, k, m = 5, 3, 4, 6
@@ -253,23 +252,23 @@ def test_slot_contraction_gradcheck(kernels):
     r = torch.randn(n, k, 4, dtype=torch.float64, generator=gen)
     gbar = torch.randn(n, 4, m, dtype=torch.float64, generator=gen, requires_grad=True)
     order, ptr = kernels.slots_of_rows(index, rows)
-    assert torch.autograd.gradcheck(lambda g: GTFromRows.apply(kernels, g, index, r, order, ptr)[0], (g,))
+    assert torch.autograd.gradcheck(lambda g: ops.slot_gt(g, index, r, order, ptr)[0], (g,))
 
-    def chained(g, b):  # SlotProductsFromRows on GTFromRows's rows: its row gradient is summed into GTFromRows's backward
-        out, rows = GTFromRows.apply(kernels, g, index, r, order, ptr)
-        return out, SlotProductsFromRows.apply(kernels, rows, rows * 2, index, index != 4, b, order, ptr)[0]
+    def chained(g, b):  # slot_env on slot_gt's rows, with its handle: its row gradient is summed into slot_gt's backward
+        out, rows_grad = ops.slot_gt(g, index, r, order, ptr)
+        return out, ops.slot_env(g, g * 2, index, index != 4, b, order, ptr, rows_grad)[0]
 
     assert torch.autograd.gradcheck(chained, (g, gbar))
     valid = index != 4  # row 4 plays the padding row
-    assert torch.autograd.gradcheck(lambda g, t, b: SlotProductsFromRows.apply(kernels, g, t, index, valid, b, order, ptr),
+    assert torch.autograd.gradcheck(lambda g, t, b: ops.slot_env(g, t, index, valid, b, order, ptr, None),
                                     (g, t, gbar))
     padded = g[index]  # the padded layout: the same contraction
-    torch.testing.assert_close(GTFromRows.apply(kernels, g, index, r, order, ptr)[0], r.transpose(1, 2) @ padded)
-    part, tds = SlotProductsFromRows.apply(kernels, g, t, index, valid, gbar, order, ptr)
+    torch.testing.assert_close(ops.slot_gt(g, index, r, order, ptr)[0], r.transpose(1, 2) @ padded)
+    part, tds = ops.slot_env(g, t, index, valid, gbar, order, ptr, None)
     keep = valid.unsqueeze(-1)
     torch.testing.assert_close(part, torch.where(keep, padded @ gbar.transpose(1, 2), 0.0))
     torch.testing.assert_close(tds, torch.where(keep, t[index] @ gbar.transpose(1, 2), 0.0))
-    # the padded slots' gradients are not read: the padding row gets none through SlotProductsFromRows
+    # the padded slots' gradients are not read: the padding row gets none through slot_env
     (part.sum() + tds.sum()).backward()
     assert torch.count_nonzero(g.grad[4]) == 0 and torch.count_nonzero(t.grad[4]) == 0
     assert torch.count_nonzero(g.grad[:4]) > 0
@@ -297,8 +296,6 @@ def test_descriptor_products_equal_bmm(kernels, m, a, dtype):
     """D = G^T G< and its gradient for G under dE/dD (g_bar) as the torch.bmm products of the PyTorch
     path, and their gradients as autograd's through those products, at the water shapes (M 100, a 16)
     and small ones (a = M included; a = 16 has its own code)."""
-    from dpfit.model.kernels.descriptor_product import DescriptorGram, DescriptorVJP
-
     gen = torch.Generator().manual_seed(3)
     n = 7
     g = torch.randn(n, 4, m, dtype=dtype, generator=gen)
@@ -316,7 +313,7 @@ def test_descriptor_products_equal_bmm(kernels, m, a, dtype):
     for compiled in (True, False):
         gg, ww = g.clone().requires_grad_(True), w.clone().requires_grad_(True)
         if compiled:
-            d, v = DescriptorGram.apply(kernels, gg, a), DescriptorVJP.apply(kernels, gg, ww)
+            d, v = ops.descriptor_gram(gg, a), ops.descriptor_vjp(gg, ww)
         else:
             d, v = reference(gg, ww)
         ((d * c_d).sum() + (v * c_v).sum()).backward()
@@ -326,13 +323,134 @@ def test_descriptor_products_equal_bmm(kernels, m, a, dtype):
 
 
 def test_descriptor_products_gradcheck(kernels):
-    from dpfit.model.kernels.descriptor_product import DescriptorGram, DescriptorVJP
-
     gen = torch.Generator().manual_seed(4)
     g = torch.randn(3, 4, 6, dtype=torch.float64, generator=gen, requires_grad=True)
     w = torch.randn(3, 6, 2, dtype=torch.float64, generator=gen, requires_grad=True)
-    assert torch.autograd.gradcheck(lambda g: DescriptorGram.apply(kernels, g, 2), (g,))
-    assert torch.autograd.gradcheck(lambda g, w: DescriptorVJP.apply(kernels, g, w), (g, w))
+    assert torch.autograd.gradcheck(lambda g: ops.descriptor_gram(g, 2), (g,))
+    assert torch.autograd.gradcheck(lambda g, w: ops.descriptor_vjp(g, w), (g, w))
+
+
+#: the arguments each differentiable op is checked with requiring grad (positions; a list: each tensor of it)
+DIFFERENTIABLE_ARGS = {"value_and_tangent": (0, 1), "fitting": (0, 1), "env_jacobian": (1,), "slot_gt": (0,),
+                       "slot_env": (0, 1, 4, 7), "descriptor_gram": (0,), "descriptor_vjp": (0, 1)}
+
+
+class _FirstOpCalls(TorchDispatchMode):
+    """The arguments of each dpfit op's first call (copies), forward and backward."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls: dict[str, tuple] = {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.namespace == "dpfit" and func._opname not in self.calls:
+            self.calls[func._opname] = tree_map(lambda a: a.detach().clone() if isinstance(a, torch.Tensor) else a,
+                                                args)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.fixture(scope="module")
+def op_calls(kernels):
+    """Each op's arguments in a training step of a tiny periodic float64 model (two types, an excluded
+    pair, a net per type pair, reverse pairs sharing rows, padded slots)."""
+    from conftest import make_random_frame, make_tiny_model
+
+    model = make_tiny_model(type_one_side=False, exclude_types=[[0, 1]])
+    coord, atype, box = make_random_frame(seed=5, natoms=12)
+    with _FirstOpCalls() as mode:
+        out = model(**_frame_inputs(model, coord, atype, box), do_force=True, do_virial=True, create_graph=True)
+        (out["energy"].sum() + out["force"].square().sum() + out["virial"].square().sum()).backward()
+    return mode.calls
+
+
+def test_every_op_runs_in_a_training_step(op_calls):
+    assert set(op_calls) == {op.name for op in ops._OPS}
+    assert all(hasattr(torch.ops.dpfit, name) for name in op_calls)
+
+
+@pytest.mark.parametrize("name", sorted(op.name for op in ops._OPS))
+def test_opcheck(op_calls, name):
+    """torch.library.opcheck on each op (schema and aliasing, autograd registration, the fake
+    implementation against the kernel, AOT dispatch with dynamic shapes), with the arguments of a
+    training step; the differentiable arguments of the differentiable ops require grad."""
+    args = list(op_calls[name])
+    for i in DIFFERENTIABLE_ARGS.get(name, ()):
+        if isinstance(args[i], list):
+            args[i] = [t.requires_grad_(True) for t in args[i]]
+        elif args[i] is not None:
+            args[i] = args[i].requires_grad_(True)
+    torch.library.opcheck(getattr(torch.ops.dpfit, name).default, tuple(args))
+
+
+def test_slot_env_without_handle_opcheck(op_calls):
+    """slot_env's row gradient to G itself (no handle of slot_gt)."""
+    g, t, index, valid, gbar, order, ptr, _ = op_calls["slot_env"]
+    args = (g.requires_grad_(True), t.requires_grad_(True), index, valid, gbar.requires_grad_(True), order, ptr, None)
+    torch.library.opcheck(torch.ops.dpfit.slot_env.default, args)
+
+
+class _PassThrough(TorchDispatchMode):
+    """Every op as it is, the dpfit ops' names noted."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen: set[str] = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.namespace == "dpfit":
+            self.seen.add(func._opname)
+        return func(*args, **(kwargs or {}))
+
+
+def test_dispatcher_path_equals_eager_shortcut(kernels, tiny_model, random_frame):
+    """In eager mode on plain CPU tensors an op call goes to its autograd kernel directly; through the
+    dispatcher (forced here by a dispatch mode) a training step's outputs and gradients are the same,
+    bit for bit, and the graph holds the same nodes."""
+    model = tiny_model(type_one_side=False)
+    coord, atype, box = random_frame(seed=3, natoms=10)
+    inputs = _frame_inputs(model, coord, atype, box)
+    results = []
+    mode = _PassThrough()
+    for dispatcher in (False, True):
+        model.zero_grad()
+        with mode if dispatcher else contextlib.nullcontext():
+            out = model(**inputs, do_force=True, do_virial=True, create_graph=True)
+            nodes = _graph_nodes(out["force"])
+            (out["energy"].sum() + out["force"].square().sum() + out["virial"].square().sum()).backward()
+        results.append(([v.detach() for v in out.values()], [p.grad.clone() for p in model.parameters()], nodes))
+    (outs, grads, nodes), (outs_d, grads_d, nodes_d) = results
+    assert all(torch.equal(a, b) for a, b in zip(outs + grads, outs_d + grads_d))
+    assert nodes == nodes_d and ops.backward_node("slot_gt") in nodes
+    assert mode.seen == {op.name for op in ops._OPS}  # (every op went through the dispatcher)
+
+
+def test_ops_under_torch_compile_and_fx(kernels):
+    """torch.compile (full graph, AOT autograd) and make_fx trace the ops as graph nodes, through the
+    same Python entry points the model calls; values and gradients as in eager mode."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    def f(g, w):
+        return ops.descriptor_gram(g, 2).sum() + ops.descriptor_vjp(g, w).square().sum()
+
+    gen = torch.Generator().manual_seed(2)
+    g = torch.randn(3, 4, 6, dtype=torch.float64, generator=gen, requires_grad=True)
+    w = torch.randn(3, 6, 2, dtype=torch.float64, generator=gen, requires_grad=True)
+    want = f(g, w), *torch.autograd.grad(f(g, w), (g, w))
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    got = compiled(g, w), *torch.autograd.grad(compiled(g, w), (g, w))
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b)
+    graph = make_fx(lambda g, w: ops.descriptor_vjp(g, w))(g.detach(), w.detach()).graph
+    assert [n.target for n in graph.nodes if n.op == "call_function"] == [torch.ops.dpfit.descriptor_vjp.default]
+
+
+def test_not_differentiable_op_says_so(kernels):
+    index = torch.tensor([[0, 1], [1, 0]])
+    order, ptr = ops.slots_of_rows(index, 2)
+    coef = torch.randn(2, 2, 4, dtype=torch.float64, requires_grad=True)
+    rows = ops.slot_rows(coef, torch.randn(2, 4, 3, dtype=torch.float64), order, ptr, 2, 2, None)
+    with pytest.raises(RuntimeError, match="dpfit::slot_rows is not differentiable"):
+        rows.sum().backward()
 
 
 def _frame_inputs(model, coord, atype, box) -> dict:
@@ -360,7 +478,7 @@ def test_ase_calculator_with_kernels(kernels, tiny_model, random_frame):
             assert atoms.calc.model.kernels == mode and atoms.calc.model.fitting.nets[0].kernels == mode
             with torch.enable_grad():  # (the kernels' autograd nodes show they ran)
                 out = model(**_frame_inputs(model, coord, atype, box), create_graph=True)
-            assert ("CompiledFittingBackward" in _graph_nodes(out["force"])) == (mode == "on")
+            assert (ops.backward_node("fitting") in _graph_nodes(out["force"])) == (mode == "on")
             results[mode] = (atoms.get_potential_energy(), atoms.get_forces(), atoms.get_stress())
     finally:
         set_compiled_kernels("on")

@@ -26,6 +26,7 @@ from dpfit.data.neighbor import build_neighbor_list
 from dpfit.model import EnergyModel, ReferenceEnergyModel, build_model, convert
 from dpfit.model.index_facts import index_facts
 from dpfit.model.kernels import compiled_kernels_mode, kernels_available
+from dpfit.model.kernels.ops import backward_node
 
 pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
@@ -118,7 +119,7 @@ def loss_gradients(model, inputs: dict, labels: dict) -> dict[str, torch.Tensor]
     model.train()
     model.zero_grad()
     out = model(**inputs, do_force=True, do_virial=True, create_graph=True)
-    compiled = "CompiledFittingBackward" in graph_nodes(out["force"])
+    compiled = backward_node("fitting") in graph_nodes(out["force"])
     chosen = isinstance(model, EnergyModel) and model.kernels == "on"
     assert compiled == chosen, "the compiled kernels ran where not chosen, or not at all"
     loss = ((out["energy"] - labels["energy"].to(out["energy"])) ** 2).mean()

@@ -262,13 +262,15 @@ class SeE2A(nn.Module):
 
     @torch.jit.unused
     def _embed_rows(
-        self, ext, rr: torch.Tensor, atype: torch.Tensor, mask: torch.Tensor, partner: torch.Tensor | None,
+        self, rr: torch.Tensor, atype: torch.Tensor, mask: torch.Tensor, partner: torch.Tensor | None,
         kept_slots: list[int] | None,
     ) -> tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor]:
         """:meth:`embed` with ``tangent`` for the compiled kernels: each block's nets' rows (own rows,
         then padding rows), followed by each block's row index (N, k[t]) in the first list; the tangent
         rows in the second; the constant tail. Which slots get rows and each slot's row come from one
         compiled pass per block (``block_rows``)."""
+        from dpfit.model.kernels import ops
+
         nf, nloc, nnei, _ = rr.shape
         n = nf * nloc
         flat_s = rr[..., 0].reshape(n, nnei).contiguous()
@@ -300,7 +302,7 @@ class SeE2A(nn.Module):
                     pad_alone[ti] = which[0] + alone
                 alone += distinct.shape[0]
                 distincts.append(distinct.unsqueeze(-1))
-            index, *own = ext.block_rows(flat_s, flat_mask, flat_type, flat_partner, lo, kept,
+            index, *own = ops.block_rows(flat_s, flat_mask, flat_type, flat_partner, lo, kept,
                                          [self.net_ti[k] for k, _ in nets], pad_alone.contiguous())
             values: list[torch.Tensor] = []
             tangents: list[torch.Tensor] = []
@@ -450,15 +452,12 @@ class SeE2A(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
         """:meth:`descriptor_from_env` with the contractions on the rows (compiled kernels). The lists
         returned: rows G per type then each block's index; rows T per type then each block's
-        (order, ptr) of the extension's ``slots_of_rows``."""
-        from dpfit.model.kernels import compiled_kernels
-        from dpfit.model.kernels.descriptor_product import DescriptorGram
-        from dpfit.model.kernels.slot_contraction import GTFromRows
+        (order, ptr) of ``slots_of_rows`` and the handle on its rows' gradient of ``slot_gt``."""
+        from dpfit.model.kernels import ops
 
-        ext = compiled_kernels(self.kernels)
         nf, nloc, nnei, _ = rr.shape
         n = nf * nloc
-        out, t_blocks, tail = self._embed_rows(ext, rr, atype, mask, partner, kept_slots)
+        out, t_blocks, tail = self._embed_rows(rr, atype, mask, partner, kept_slots)
         g_blocks, indices = out[: self.ntypes], out[self.ntypes:]
         flat_rr = rr.reshape(n, nnei, 4)
         g_t = tail.index_select(0, atype.reshape(-1))
@@ -466,14 +465,14 @@ class SeE2A(nn.Module):
         for tj in range(self.ntypes):
             lo = self.sections[tj]
             index = indices[tj]
-            order, ptr = ext.slots_of_rows(index.contiguous(), g_blocks[tj].shape[0])
+            order, ptr = ops.slots_of_rows(index.contiguous(), g_blocks[tj].shape[0])
             r_block = flat_rr[:, lo:lo + index.shape[1]].contiguous()
-            # (the rows come back too: SlotProductsFromRows reads them through g_blocks)
-            part, g_blocks[tj] = GTFromRows.apply(ext, g_blocks[tj], index, r_block, order, ptr)
+            # (with a handle on the rows' gradient: slot_env's row gradient is summed into slot_gt's backward)
+            part, rows_grad = ops.slot_gt(g_blocks[tj], index, r_block, order, ptr)
             g_t = g_t + part
-            csr += [order, ptr]
+            csr += [order, ptr, rows_grad]
         g_t = g_t / self.nnei
-        d = DescriptorGram.apply(ext, g_t, self.axis_neuron)
+        d = ops.descriptor_gram(g_t, self.axis_neuron)
         return d.reshape(nf, nloc, -1), g_t, g_blocks + indices, t_blocks + csr
 
     def env_gradient(
@@ -528,19 +527,15 @@ class SeE2A(nn.Module):
     ) -> torch.Tensor:
         """:meth:`env_gradient`'s products on the rows (compiled kernels): g_bar (N, 4, M) from dE/dD
         ``d_bar`` (N, M, a), then the slot products."""
-        from dpfit.model.kernels import compiled_kernels
-        from dpfit.model.kernels.descriptor_product import DescriptorVJP
-        from dpfit.model.kernels.slot_contraction import SlotProductsFromRows
+        from dpfit.model.kernels import ops
 
-        ext = compiled_kernels(self.kernels)
-        g_bar = DescriptorVJP.apply(ext, g_t, d_bar.contiguous()) / self.nnei
+        g_bar = ops.descriptor_vjp(g_t, d_bar.contiguous()) / self.nnei
         blocks: list[tuple[torch.Tensor, torch.Tensor]] = []
         for tj in range(self.ntypes):
             index = g_blocks[self.ntypes + tj]
-            order, ptr = t_blocks[self.ntypes + 2 * tj], t_blocks[self.ntypes + 2 * tj + 1]
+            order, ptr, rows_grad = t_blocks[self.ntypes + 3 * tj:self.ntypes + 3 * tj + 3]
             valid = flat_mask[:, self.sections[tj]:self.sections[tj] + index.shape[1]].contiguous()
-            blocks.append(SlotProductsFromRows.apply(ext, g_blocks[tj], t_blocks[tj], index, valid, g_bar, order,
-                                                     ptr))
+            blocks.append(ops.slot_env(g_blocks[tj], t_blocks[tj], index, valid, g_bar, order, ptr, rows_grad))
         return self._slot_gradient(blocks, flat_rr, flat_mask)
 
     def env_matrix_vjp(

@@ -133,12 +133,10 @@ class EnergyModel(nn.Module):
     @torch.jit.unused
     def _reverse_slots_compiled(self, nlist: torch.Tensor, shift: torch.Tensor | None,
                                 atype: torch.Tensor) -> torch.Tensor:
-        from dpfit.model.kernels import compiled_kernels
+        from dpfit.model.kernels import ops
 
-        empty = torch.empty(0, dtype=torch.long)
-        return compiled_kernels(self.descriptor.kernels).reverse_slots(
-            nlist.long().contiguous(), empty if shift is None else shift.long().contiguous(), atype.long().contiguous(),
-            list(self.descriptor.sections))
+        return ops.reverse_slots(nlist.long(), None if shift is None else shift.long(), atype.long(),
+                                 self.descriptor.sections)
 
     @torch.jit.unused
     def _compiled_geometry(self, coord: torch.Tensor) -> bool:
@@ -164,18 +162,15 @@ class EnergyModel(nn.Module):
     def _geometry(self, coord: torch.Tensor, box: torch.Tensor | None, nlist: torch.Tensor,
                   shift: torch.Tensor | None, atype: torch.Tensor, far: float
                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        from dpfit.model.kernels import compiled_kernels
         from dpfit.model.kernels.environment import compiled_geometry
 
-        return compiled_geometry(compiled_kernels(self.descriptor.kernels), self.descriptor, coord, box, nlist, shift,
-                                 atype, far)
+        return compiled_geometry(self.descriptor, coord, box, nlist, shift, atype, far)
 
     @torch.jit.unused
     def _apply_jacobian(self, jac: torch.Tensor, grad_rr: torch.Tensor) -> torch.Tensor:
-        from dpfit.model.kernels import compiled_kernels
-        from dpfit.model.kernels.environment import EnvJacobian
+        from dpfit.model.kernels import ops
 
-        return EnvJacobian.apply(compiled_kernels(self.descriptor.kernels), jac, grad_rr)
+        return ops.env_jacobian(jac, grad_rr, False)
 
     def forward(
         self,

@@ -84,11 +84,10 @@ def index_facts(nlist: torch.Tensor, shift: torch.Tensor | None, atype: torch.Te
     ntypes = len(sel)
     sections = [sum(sel[:t]) for t in range(ntypes + 1)]
     counts, order = type_split(atype, ntypes)
-    ext = loaded_kernels() if nlist.device.type == "cpu" else None
-    if ext is not None:
-        empty = torch.empty(0, dtype=torch.long)
-        partner = ext.reverse_slots(nlist.long().contiguous(), empty if shift is None else shift.long().contiguous(),
-                                    atype.long().contiguous(), sections)
+    if nlist.device.type == "cpu" and loaded_kernels() is not None:
+        from dpfit.model.kernels import ops
+
+        partner = ops.reverse_slots(nlist.long(), None if shift is None else shift.long(), atype.long(), sections)
     else:
         slot_type = torch.repeat_interleave(torch.arange(ntypes), torch.tensor(sel))
         partner = reverse_slots(nlist, shift, atype, slot_type)

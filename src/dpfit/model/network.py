@@ -193,7 +193,7 @@ class ResidualMLP(nn.Module):
         has_idt = tuple(layer.idt is not None for layer in self.layers)
         ext = self._compiled_kernel(s)
         if ext is not None:
-            return compiled_value_and_tangent(ext, kinds, has_idt, s, params)
+            return compiled_value_and_tangent(kinds, has_idt, s, params)
         return ValueAndTangent.apply(kinds, has_idt, s, *params)
 
     def energy_and_input_grad(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -215,7 +215,7 @@ class ResidualMLP(nn.Module):
         if not fitting_kernel_applies(x, self.layers):
             return None
         ext = compiled_kernels(self.kernels)
-        return None if ext is None else compiled_fitting(ext, self.layers, x)
+        return None if ext is None else compiled_fitting(self.layers, x)
 
     def value_and_input_grad(self, x: torch.Tensor, grad_out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Output (rows, n_out) and ``sum_o grad_out[o] d out_o / d x`` (rows, in_dim) for a constant

@@ -131,7 +131,7 @@ at::Tensor env_jacobian_apply(const at::Tensor& jac, const at::Tensor& v, bool t
 // Flat slot of each slot's reverse pair (same frame; i -> j with image S  <->  j -> i with image -S),
 // -1 where there is none; only pairs of two atoms of the same type (the slot's neighbor type equals
 // the center's). sections (ntypes + 1): slot ranges per neighbor type. shift: (nf, nloc, nnei, 3) int64
-// or empty (no periodicity). Same result as dpfit.model.pairs.reverse_slots.
+// or empty (no periodicity). Same result as dpfit.model.index_facts.reverse_slots.
 at::Tensor reverse_slots(const at::Tensor& nlist, const at::Tensor& shift, const at::Tensor& atype,
                          const std::vector<int64_t>& sections) {
   TORCH_CHECK(nlist.is_contiguous() && atype.is_contiguous() && nlist.scalar_type() == at::kLong &&
