@@ -201,13 +201,10 @@ class SeE2A(nn.Module):
                     distinct, which = self._padding_inputs(s_pad, lo, hi, ti)
                     x = torch.cat([s_b.index_select(0, rows), distinct]).unsqueeze(-1)
                     if kept < width:  # (the tangent path: one compiled node where the kernels apply)
-                        pad_x = distinct.unsqueeze(-1)
-                        pad_values.append(net.value_and_tangent(pad_x)[0] if tangent else net(pad_x))
-                    if tangent:
-                        g_x, t_x = net.value_and_tangent(x)
+                        pad_values.append(net.embed(distinct.unsqueeze(-1), tangent)[0])
+                    g_x, t_x = net.embed(x, tangent)
+                    if t_x is not None:
                         tangents.append(t_x)
-                    else:
-                        g_x = net(x)
                     values.append(g_x)
                     n_own.append(rows.shape[0])
                     n_table.append(distinct.shape[0])
@@ -385,13 +382,10 @@ class SeE2A(nn.Module):
             values: list[torch.Tensor] = []
             tangents: list[torch.Tensor] = []
             for net, piece in zip(nets, pieces):
-                x = piece.reshape(-1, 1)
-                if tangent:
-                    g_x, t_x = net.value_and_tangent(x)
-                    tangents.append(t_x)
-                else:
-                    g_x = net(x)
+                g_x, t_x = net.embed(piece.reshape(-1, 1), tangent)
                 values.append(g_x)
+                if t_x is not None:
+                    tangents.append(t_x)
             for out, blocks in ((values, g_blocks), (tangents, t_blocks)):
                 if out:
                     block = (out[0] if len(out) == 1 else torch.cat(out)).reshape(n, width, m)

@@ -153,6 +153,13 @@ class ResidualMLP(nn.Module):
             x = layer(x)
         return x
 
+    def embed(self, s: torch.Tensor, tangent: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The output on (rows, 1) inputs and, with ``tangent``, its derivative (:meth:`value_and_tangent`)."""
+        if tangent:
+            g, t = self.value_and_tangent(s)
+            return g, t
+        return self.forward(s), None
+
     def value_and_tangent(self, s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Output and its derivative with respect to a scalar input ``s`` (rows, 1): (rows, n_L) twice.
 
