@@ -278,15 +278,22 @@ def _(s, grad_g, grad_t, kept, params, kinds, has_idt, need_s):
     return out
 
 
-def _value_and_tangent_setup(ctx, inputs, output):
-    s, params, kinds, has_idt, keep = inputs
-    if not keep:
-        raise RuntimeError("dpfit::value_and_tangent: keep=False while autograd records")
-    kept = output[2]
-    ctx.kinds, ctx.has_idt = kinds, has_idt
-    ctx.mark_non_differentiable(*kept)
-    ctx.set_materialize_grads(False)
-    ctx.save_for_backward(s, *kept, *params)
+def _kept_activations_setup(name: str):
+    """The ``setup_context`` of a net op (``value_and_tangent``, ``fitting``): inputs (x, params, kinds,
+    has_idt, keep), outputs (value, gradient or tangent, kept activations); saves x, the activations and
+    the parameters."""
+
+    def setup(ctx, inputs, output):
+        x, params, kinds, has_idt, keep = inputs
+        if not keep:
+            raise RuntimeError(f"dpfit::{name}: keep=False while autograd records")
+        kept = output[2]
+        ctx.kinds, ctx.has_idt = kinds, has_idt
+        ctx.mark_non_differentiable(*kept)
+        ctx.set_materialize_grads(False)  # a missing gradient (None) is zero to the kernel
+        ctx.save_for_backward(x, *kept, *params)
+
+    return setup
 
 
 def _value_and_tangent_grad(ctx, grad_g, grad_t, _grad_kept):
@@ -301,7 +308,7 @@ def _value_and_tangent_grad(ctx, grad_g, grad_t, _grad_kept):
     return grad_s if need_s else None, layer_grads(ctx.has_idt, per_layer), None, None, None
 
 
-value_and_tangent.register_autograd(_value_and_tangent_grad, setup_context=_value_and_tangent_setup)
+value_and_tangent.register_autograd(_value_and_tangent_grad, setup_context=_kept_activations_setup("value_and_tangent"))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -354,15 +361,6 @@ def _(x, grad_e, grad_g, kept, params, kinds, has_idt, need_x):
     return out + [p.new_empty(p.shape) for p in params[-2:]]
 
 
-def _fitting_setup(ctx, inputs, output):
-    x, params, kinds, has_idt, keep = inputs
-    if not keep:
-        raise RuntimeError("dpfit::fitting: keep=False while autograd records")
-    kept = output[2]
-    ctx.kinds, ctx.has_idt = kinds, has_idt
-    ctx.mark_non_differentiable(*kept)
-    ctx.set_materialize_grads(False)  # a missing gradient (None) is zero to the kernel
-    ctx.save_for_backward(x, *kept, *params)
 
 
 def _fitting_grad(ctx, grad_e, grad_g, _grad_kept):
@@ -375,7 +373,7 @@ def _fitting_grad(ctx, grad_e, grad_g, _grad_kept):
     return grad_x if need_x else None, grads, None, None, None
 
 
-fitting.register_autograd(_fitting_grad, setup_context=_fitting_setup)
+fitting.register_autograd(_fitting_grad, setup_context=_kept_activations_setup("fitting"))
 
 
 # ------------------------------------------------------------------------------------------------
