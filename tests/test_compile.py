@@ -59,12 +59,15 @@ def _water_batch(water_fixture, nframes: int = 2):
     return model, inputs, random_labels(inputs)
 
 
-def test_fast_training_loss_compiles_as_one_graph(water_fixture):
+@pytest.mark.parametrize("precision", ["float64", "float32"])
+def test_fast_training_loss_compiles_as_one_graph(water_fixture, precision):
     """The fast model (closed-form forces and virial) on the DeePMD-kit water fixture: under
     torch.compile it takes its static-shape path (every slot embedded, index facts from the batch), so
     energy, forces, virial and the loss are captured in one graph (fullgraph: any graph break fails),
     and the backward through it (AOTAutograd) gives the eager gradients."""
     model, inputs, labels = _water_batch(water_fixture)
+    model = model.to(getattr(torch, precision))
+    tol = 1e-10 if precision == "float64" else 2e-5  # (float32: as test_parity's outputs)
     model.kernels = "on" if kernels_available() else "off"  # (not used while compiling)
     model.train()
     facts = {k: inputs[k] for k in ("partner", "kept", "type_counts", "type_order") if k in inputs}
@@ -83,6 +86,6 @@ def test_fast_training_loss_compiles_as_one_graph(water_fixture):
     model.descriptor.all_slots = True  # eager, the same path
     want_loss = loss_of(*args)
     want = torch.autograd.grad(want_loss, params)
-    torch.testing.assert_close(loss.detach(), want_loss.detach(), rtol=1e-12, atol=0)
+    torch.testing.assert_close(loss.detach(), want_loss.detach(), rtol=tol / 100, atol=0)
     for a, b in zip(grads, want):  # (relative to each gradient's largest entry, as in test_parity)
-        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10 * float(b.abs().max()))
+        torch.testing.assert_close(a, b, rtol=tol, atol=tol * float(b.abs().max()))
