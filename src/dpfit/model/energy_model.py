@@ -144,8 +144,8 @@ class EnergyModel(nn.Module):
         in use (:mod:`dpfit.model.kernels`), on CPU, for coordinates that carry no gradient."""
         from dpfit.model.kernels import compiled_kernels
 
-        return (not torch.compiler.is_compiling() and coord.device.type == "cpu" and coord.dtype in (torch.float32, torch.float64)
-                and not coord.requires_grad and compiled_kernels(self.descriptor.kernels) is not None)
+        return (not torch.compiler.is_compiling() and coord.device.type == "cpu"
+                and coord.dtype in (torch.float32, torch.float64) and not coord.requires_grad and compiled_kernels(self.descriptor.kernels) is not None)
 
     @torch.jit.unused
     def _all_slots(self, coord: torch.Tensor) -> bool:

@@ -5,7 +5,8 @@ They depend on the neighbor list and atom types only, so the data pipeline compu
 
 Reverse pairs: slot (i -> j, image S) and slot (j -> i, image -S). For two atoms of the same type the
 embedding input s(r) is the same in both directions (the normalisation depends on the center type only,
-and r on the pair), so the embedding net needs to run once per such pair. :func:`reverse_slots` finds, for every occupied slot, the slot of its reverse pair.
+and r on the pair), so the embedding net needs to run once per such pair. :func:`reverse_slots` finds,
+for every occupied slot, the slot of its reverse pair.
 """
 
 from __future__ import annotations

@@ -16,7 +16,8 @@ from dpfit.model.kernels.ops import fitting
 def fitting_kernel_applies(x: torch.Tensor, layers) -> bool:
     """Whether the kernel can run this net on ``x``: CPU float32/64 rows, tanh layers then one linear
     output of width 1; not while ``torch.compile`` traces."""
-    return (not torch.compiler.is_compiling() and x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64) and len(layers) >= 2
+    return (not torch.compiler.is_compiling() and x.device.type == "cpu"
+            and x.dtype in (torch.float32, torch.float64) and len(layers) >= 2
             and all(layer.activate for layer in layers[:-1]) and not layers[-1].activate
             and layers[-1].matrix.shape[1] == 1)
 
