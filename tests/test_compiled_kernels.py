@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from dpfit.model.kernels.embedding import BLOCK_ROWS
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_map
 
@@ -22,7 +23,6 @@ from dpfit.data.neighbor import build_neighbor_list
 from dpfit.model import EnergyModel
 from dpfit.model.kernels import build as kernel_build
 from dpfit.model.kernels import compiled_kernels, compiled_kernels_mode, ops, set_compiled_kernels
-from dpfit.model.kernels.embedding import BLOCK_ROWS
 from dpfit.model.network import ResidualMLP
 from dpfit.training.module import DeepPotentialModule
 

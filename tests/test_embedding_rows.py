@@ -6,9 +6,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from dpfit.model.index_facts import reverse_slots
 
 from dpfit.data.neighbor import build_neighbor_list
-from dpfit.model.index_facts import reverse_slots
 
 pytestmark = pytest.mark.usefixtures("single_torch_thread")
 

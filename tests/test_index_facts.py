@@ -6,13 +6,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from dpfit.model.index_facts import index_facts, kept_slots, type_split
 from test_parity import batch_inputs, loss_gradients, outputs, random_labels
 
 from dpfit.data.batch import collate, model_inputs
 from dpfit.data.datamodule import FrameDataset
 from dpfit.data.sampler import SystemView
 from dpfit.data.system import DeepmdSystem
-from dpfit.model.index_facts import index_facts, kept_slots, type_split
 from dpfit.model.kernels import kernels_available
 
 pytestmark = pytest.mark.usefixtures("single_torch_thread")

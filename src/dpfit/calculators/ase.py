@@ -23,9 +23,9 @@ import torch
 from ase.calculators.calculator import Calculator, PropertyNotImplementedError, all_changes
 from ase.stress import full_3x3_to_voigt_6_stress
 
-from dpfit.data.neighbor import build_neighbor_list
+from dpfit.data.index_facts import index_facts
+from dpfit.data.neighbor import build_neighbor_list, deepmd_slots, distance_key, tie_key
 from dpfit.inference.evaluate import inference_mode
-from dpfit.model.index_facts import index_facts
 
 
 class SkinNeighborList:
@@ -79,7 +79,6 @@ class SkinNeighborList:
         self._cand_shift = cand.shift
         # Cartesian image offsets S h; valid until the cell changes (which triggers a new search)
         self._cand_offset = None if cell is None else cand.shift.astype(np.float64) @ cell
-        self._blocks = np.concatenate([[0], np.cumsum(self._capacity)]).astype(np.int64)
 
     def update(self, positions, atype, cell=None) -> tuple[np.ndarray, np.ndarray]:
         """(nlist, shift) of the current frame: positions (nloc, 3) Å, atype (nloc,), cell (3, 3) rows or None."""
@@ -88,34 +87,26 @@ class SkinNeighborList:
         cell = None if cell is None else np.ascontiguousarray(cell, dtype=np.float64).reshape(3, 3)
         if self._needs_build(positions, atype, cell):
             self._build(positions, atype, cell)
-        nloc = len(positions)
         j = np.where(self._cand_valid, self._cand_j, 0)
         diff = positions[j] - positions[:, None, :]
         if self._cand_offset is not None:
             diff = diff + self._cand_offset
         dist = np.sqrt(np.sum(diff * diff, axis=-1))
-        key = np.where(self._cand_valid & (dist < self.rcut), dist, np.inf)
+        center, column = np.nonzero(self._cand_valid & (dist < self.rcut))
+        j = self._cand_j[center, column]
+        s = self._cand_shift[center, column]
+        nloc = len(positions)
+        kept, slot, _ = deepmd_slots(torch.from_numpy(center), torch.from_numpy(atype[j]),
+                                     torch.from_numpy(distance_key(dist[center, column])),
+                                     torch.from_numpy(tie_key(j, s)), nloc, self.sel)
+        kept, slot = kept.numpy(), slot.numpy()
         nnei = sum(self.sel)
-        nlist = np.full((nloc, nnei), -1, dtype=np.int64)
-        shift = np.zeros((nloc, nnei, 3), dtype=np.int64)
-        n_dropped = 0
-        start = 0
-        for t, s in enumerate(self.sel):
-            lo, hi = self._blocks[t], self._blocks[t + 1]
-            kb, jb = key[:, lo:hi], self._cand_j[:, lo:hi]
-            # nearest first, ties broken by neighbor index (as build_neighbor_list does)
-            order = np.lexsort((jb, kb), axis=-1)[:, :s]
-            ks = np.take_along_axis(kb, order, axis=1)
-            inside = np.isfinite(ks)
-            width = order.shape[1]
-            nlist[:, start:start + width] = np.where(inside, np.take_along_axis(jb, order, axis=1), -1)
-            shift[:, start:start + width] = np.where(
-                inside[..., None], np.take_along_axis(self._cand_shift[:, lo:hi], order[..., None], axis=1), 0
-            )
-            n_dropped += int(np.maximum(np.isfinite(kb).sum(axis=1) - s, 0).sum())
-            start += s
-        self.n_dropped = n_dropped
-        return nlist, shift
+        nlist = np.full(nloc * nnei, -1, dtype=np.int64)
+        shift = np.zeros((nloc * nnei, 3), dtype=np.int64)
+        nlist[slot] = j[kept]
+        shift[slot] = s[kept]
+        self.n_dropped = int(len(center) - len(kept))
+        return nlist.reshape(nloc, nnei), shift.reshape(nloc, nnei, 3)
 
 
 class DPCalculator(Calculator):
@@ -127,7 +118,7 @@ class DPCalculator(Calculator):
     :class:`SkinNeighborList` (0 searches at every call). ``fparam`` (numb_fparam,) and ``aparam``
     (natoms, numb_aparam) or (numb_aparam,) for all atoms: the model's frame / atomic parameters.
     ``kernels`` (``auto`` / ``on`` / ``off``; None: the model's ``kernels`` option): the compiled CPU
-    kernels (:mod:`dpfit.model.kernels`), set on the model.
+    kernels, for the backend selected on the model for ``device`` (:meth:`~dpfit.model.EnergyModel.select_backend`).
 
     Properties: ``energy`` = ``free_energy`` (eV), ``forces`` (eV/Å), ``energies`` (per atom, eV) and,
     for periodic atoms (pbc all true), ``stress`` = -virial / volume (eV/Å^3, Voigt order xx yy zz yz xz xy).
@@ -155,9 +146,8 @@ class DPCalculator(Calculator):
         elif precision is not None:
             raise ValueError("precision applies to a checkpoint path; convert the model object yourself")
         self.device = torch.device(device)
-        if kernels is not None:
-            model.kernels = kernels
         self.model = model.to(self.device).eval()
+        self.model.select_backend(self.device, kernels)
         self.type_map = list(model.type_map)
         self._type_index = {name: k for k, name in enumerate(self.type_map)}
         self.neighbors = SkinNeighborList(model.rcut, list(model.sel), skin)

@@ -71,9 +71,8 @@ def run(cfg: DictConfig, out_dir: Path | None = None) -> dict:
     ckpt = _abspath(cfg.ckpt_path)
     model = load_model(ckpt, precision=cfg.get("precision"), impl=cfg.get("impl"))
     device = _device(cfg.get("device", "auto"))
-    if cfg.get("kernels") is not None:  # else the checkpoint's model.kernels
-        model.kernels = cfg.kernels
     model.to(device)
+    model.select_backend(device, cfg.get("kernels"))  # (kernels None: the checkpoint's model.kernels)
     systems = load_systems([_abspath(p) for p in _paths(cfg.systems)], type_map=model.type_map)
     detail = cfg.get("detail_file")
     prefix = _abspath(detail) if detail else None

@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from dpfit.data.index_facts import index_facts
 from dpfit.data.neighbor import build_neighbor_list
 from dpfit.data.system import INPUTS, LABELS, FrameSource, check_min_distance
-from dpfit.model.index_facts import index_facts
 
 #: Keys of a batch given to the model (besides labels): coord, atype, box, nlist, shift, fparam, aparam,
 #: and the index facts partner, kept, type_counts, type_order.
@@ -39,7 +39,7 @@ def collate(samples: list[dict]) -> dict:
     nlist (nf, nloc, nnei), shift (nf, nloc, nnei, 3), labels (energy (nf,), force (nf, nloc, 3),
     virial (nf, 9), atom_ener / atom_pref (nf, nloc)), fparam (nf, nq), aparam (nf, nloc, np), and a
     ``find_<label>`` float flag per label (1 when every frame has it, else 0: the loss term is dropped).
-    With the samples' ``sel``, the batch's index facts (:func:`dpfit.model.index_facts.index_facts`:
+    With the samples' ``sel``, the batch's index facts (:func:`dpfit.data.index_facts.index_facts`:
     reverse-pair slots, occupied slots per type, atoms by type), computed here, in the DataLoader
     workers, so that the model's step does not derive them.
     """

@@ -14,11 +14,12 @@ MODEL_CONFIG_KEY = "model_config"
 
 
 def model_from_dpfit_checkpoint(ckpt: dict, precision: str | None = None) -> EnergyModel:
-    """Rebuild the model of a dpfit Lightning checkpoint (weights under ``model.``)."""
+    """Rebuild the model of a dpfit Lightning checkpoint (weights under ``model.``), on a PyTorch backend
+    (the caller selects one for its device: :meth:`EnergyModel.select_backend`)."""
     config = dict(ckpt["hyper_parameters"][MODEL_CONFIG_KEY])
     if precision:
         config["precision"] = precision
-    model = build_model(config)
+    model = build_model(config, device=None)
     state = {k[len("model."):]: v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
     model.load_state_dict(state)
     return model
@@ -26,7 +27,9 @@ def model_from_dpfit_checkpoint(ckpt: dict, precision: str | None = None) -> Ene
 
 def load_model(path: str | Path, precision: str | None = None, impl: str | None = None) -> EnergyModel:
     """Any supported checkpoint -> its model in eval mode (float64 unless ``precision``), as the
-    implementation ``impl`` (``fast`` or ``reference``; None: the checkpoint's ``model.impl``)."""
+    implementation ``impl`` (``fast`` or ``reference``; None: the checkpoint's ``model.impl``). The fast
+    model computes with PyTorch until its backend is selected for a device
+    (:meth:`~dpfit.model.EnergyModel.select_backend`)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: checkpoint not found")

@@ -1,11 +1,12 @@
 """TorchScript export: a self-contained model (neighbor list included) loadable without dpfit."""
 
+import copy
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from dpfit.data.neighbor import image_reach
+from dpfit.data.neighbor import deepmd_slots, image_reach
 from dpfit.model import EnergyModel
 
 
@@ -39,24 +40,16 @@ def torch_neighbor_list(
     self_pair = (cand_j.unsqueeze(0) == torch.arange(nloc, device=coord.device).unsqueeze(1)) & (
         cand_img.unsqueeze(0) == zero_img
     )
-    inf = torch.full_like(dist, float("inf"))
-    dist = torch.where(self_pair | (dist >= rcut), inf, dist)
-    ext_type = atype[cand_j]
-    nlists: list[torch.Tensor] = []
-    shifts: list[torch.Tensor] = []
-    for t, s in enumerate(sel):
-        d_t = torch.where(ext_type.unsqueeze(0) == t, dist, inf)
-        k = min(s, d_t.shape[1])
-        vals, idx = torch.topk(d_t, k, dim=1, largest=False, sorted=True)
-        valid = torch.isfinite(vals)
-        nl = torch.where(valid, cand_j[idx], torch.full_like(idx, -1))
-        sh = torch.where(valid.unsqueeze(-1), images[cand_img[idx]], torch.zeros_like(images[cand_img[idx]]))
-        if k < s:
-            nl = torch.cat([nl, torch.full((nloc, s - k), -1, dtype=nl.dtype, device=nl.device)], 1)
-            sh = torch.cat([sh, torch.zeros(nloc, s - k, 3, dtype=sh.dtype, device=sh.device)], 1)
-        nlists.append(nl)
-        shifts.append(sh)
-    return coord, torch.cat(nlists, 1), torch.cat(shifts, 1)
+    pairs = torch.nonzero(~self_pair & (dist < rcut))
+    center, cand = pairs[:, 0], pairs[:, 1]
+    j = cand_j.index_select(0, cand)
+    kept, slot, _ = deepmd_slots(center, atype.index_select(0, j), dist[center, cand], cand, nloc, sel)
+    nnei = int(sum(sel))
+    nlist = torch.full((nloc * nnei,), -1, dtype=torch.long, device=coord.device)
+    shift = torch.zeros(nloc * nnei, 3, dtype=coord.dtype, device=coord.device)
+    nlist[slot] = j.index_select(0, kept)
+    shift[slot] = images.index_select(0, cand_img.index_select(0, cand.index_select(0, kept)))
+    return coord, nlist.reshape(nloc, nnei), shift.reshape(nloc, nnei, 3)
 
 
 class FrozenModel(nn.Module):
@@ -122,12 +115,22 @@ class FrozenModel(nn.Module):
         return {k: v[0] for k, v in out.items()}
 
 
-def freeze(model: EnergyModel, output: str | Path, overwrite: bool = False) -> Path:
-    """Script and save ``model``; refuses to replace an existing file unless ``overwrite``."""
+def frozen_copy(model: EnergyModel, backend: str = "compact") -> EnergyModel:
+    """A CPU copy of ``model`` in eval mode, without parameter gradients, on ``backend`` (what a frozen
+    file computes with: ``compact``, PyTorch only, or ``kernels``, the op library)."""
+    model = copy.deepcopy(model).cpu().eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model.use_backend(backend, "cpu")
+
+
+def freeze(model: EnergyModel, output: str | Path, overwrite: bool = False, backend: str = "compact") -> Path:
+    """Script and save ``model`` (on ``backend``, see :func:`frozen_copy`); refuses to replace an existing
+    file unless ``overwrite``."""
     output = Path(output)
     if output.exists() and not overwrite:
         raise FileExistsError(f"{output}: exists; choose another output or pass overwrite=true")
-    scripted = torch.jit.script(FrozenModel(model))
+    scripted = torch.jit.script(FrozenModel(frozen_copy(model, backend)))
     output.parent.mkdir(parents=True, exist_ok=True)
     torch.jit.save(scripted, str(output))
     return output

@@ -3,8 +3,9 @@
 Two implementations of the same model, chosen by the config key ``impl``:
 
 - ``reference`` (:mod:`dpfit.model.reference`): short and readable, forces and virials by autograd;
-- ``fast`` (:class:`EnergyModel`, the default): the same numbers, faster; on CPU it can use the
-  compiled kernels of :mod:`dpfit.model.kernels` (config key ``kernels``: auto, on or off).
+- ``fast`` (:class:`EnergyModel`, the default): the same numbers, faster, on a backend chosen once for
+  the device (:mod:`dpfit.model.backends`): on CPU the compiled kernels of :mod:`dpfit.model.kernels`
+  (config key ``kernels``: auto, on or off) or PyTorch's compact layout, elsewhere the static layout.
 
 Both have the same parameters and buffers, so :func:`convert` moves a model from one to the other.
 """
@@ -13,23 +14,28 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 from torch import nn
 
+from dpfit.model.backends import BACKENDS
 from dpfit.model.descriptor import SeE2A, environment_matrix, switching_function
-from dpfit.model.energy_model import DTYPES, EnergyModel, pair_vectors
+from dpfit.model.energy_model import DTYPES, EnergyModel
 from dpfit.model.fitting import EnergyFitting
+from dpfit.model.geometry import forces_and_virials, pair_vectors
 from dpfit.model.network import ResidualMLP
 from dpfit.model.reference import ReferenceEnergyModel
 
 IMPLS = {"fast": EnergyModel, "reference": ReferenceEnergyModel}
 
 
-def build_model(config: dict[str, Any]) -> nn.Module:
-    """The model of a ``model`` config: :class:`EnergyModel` or, with ``impl: reference``,
-    :class:`ReferenceEnergyModel`."""
+def build_model(config: dict[str, Any], device: torch.device | str | None = "cpu") -> nn.Module:
+    """The model of a ``model`` config: :class:`EnergyModel` (its backend selected for ``device``, see
+    :meth:`EnergyModel.from_config`) or, with ``impl: reference``, :class:`ReferenceEnergyModel`."""
     impl = dict(config).get("impl", "fast")
     if impl not in IMPLS:
         raise ValueError(f"model.impl={impl!r}: choose one of {', '.join(IMPLS)}")
+    if impl == "fast":
+        return EnergyModel.from_config(config, device)
     return IMPLS[impl].from_config(config)
 
 
@@ -39,13 +45,14 @@ def convert(model: nn.Module, impl: str) -> nn.Module:
         raise ValueError(f"model.impl={impl!r}: choose one of {', '.join(IMPLS)}")
     if isinstance(model, IMPLS[impl]):
         return model
-    other = build_model({**model.config, "impl": impl})
-    other.load_state_dict(model.state_dict())
     device = next(model.parameters()).device
+    other = build_model({**model.config, "impl": impl}, device)
+    other.load_state_dict(model.state_dict())
     return other.to(device).train(model.training)
 
 
 __all__ = [
+    "BACKENDS",
     "DTYPES",
     "IMPLS",
     "EnergyFitting",
@@ -56,6 +63,7 @@ __all__ = [
     "build_model",
     "convert",
     "environment_matrix",
+    "forces_and_virials",
     "pair_vectors",
     "switching_function",
 ]

@@ -145,13 +145,25 @@ class ResidualMLP(nn.Module):
         self.layers = nn.ModuleList(layers)
         #: value_and_tangent through the hand-written backward when autograd records (tanh layers only)
         self.fused_tangent = all(layer.activate for layer in layers)
-        #: compiled CPU kernels: auto / on / off (set for the whole model by EnergyModel.kernels)
-        self.kernels = "off"
+        #: per layer: its residual kind (the output layer of a fitting net: LINEAR) and whether it has idt
+        self.kinds = [layer.kind if layer.activate else LayerKind.LINEAR.value for layer in layers]
+        self.has_idt = [layer.idt is not None for layer in layers]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         for layer in self.layers:
             x = layer(x)
         return x
+
+    def flat_parameters(self) -> list[torch.Tensor]:
+        """matrix, bias (, idt) of each layer in order (the compiled kernels' ``params`` argument)."""
+        params: list[torch.Tensor] = []
+        for layer in self.layers:
+            params.append(layer.matrix)
+            params.append(layer.bias)
+            idt = layer.idt
+            if idt is not None:
+                params.append(idt)
+        return params
 
     def embed(self, s: torch.Tensor, tangent: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The output on (rows, 1) inputs and, with ``tangent``, its derivative (:meth:`value_and_tangent`)."""
@@ -168,7 +180,7 @@ class ResidualMLP(nn.Module):
         as one :class:`~dpfit.model.tangent_function.ValueAndTangent` with a hand-written backward.
         """
         if not torch.jit.is_scripting():
-            if self.fused_tangent and (torch.is_grad_enabled() or self._compiled_kernel(s) is not None):
+            if self.fused_tangent and torch.is_grad_enabled():
                 return self._value_and_tangent_fused(s)
         x = s
         tx: torch.Tensor | None = None
@@ -179,50 +191,11 @@ class ResidualMLP(nn.Module):
         return x, tx
 
     @torch.jit.unused
-    def _compiled_kernel(self, s: torch.Tensor):
-        """The compiled embedding kernel's extension when it is in use and applies to ``s``, else None."""
-        from dpfit.model.kernels import compiled_kernels
-        from dpfit.model.kernels.embedding import kernel_applies
-
-        return compiled_kernels(self.kernels) if kernel_applies(s, self.layers[0].matrix.shape[0]) else None
-
-    @torch.jit.unused
     def _value_and_tangent_fused(self, s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The whole net at once: the compiled kernel when in use (:mod:`dpfit.model.kernels`), else
-        :class:`~dpfit.model.tangent_function.ValueAndTangent` (autograd recording)."""
-        from dpfit.model.kernels.embedding import compiled_value_and_tangent
         from dpfit.model.tangent_function import ValueAndTangent
 
-        params: list[torch.Tensor] = []
-        for layer in self.layers:
-            params += [layer.matrix, layer.bias] + ([layer.idt] if layer.idt is not None else [])
         kinds = tuple(layer.kind for layer in self.layers)
-        has_idt = tuple(layer.idt is not None for layer in self.layers)
-        ext = self._compiled_kernel(s)
-        if ext is not None:
-            return compiled_value_and_tangent(kinds, has_idt, s, params)
-        return ValueAndTangent.apply(kinds, has_idt, s, *params)
-
-    def energy_and_input_grad(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """For a net with one output: the output (rows, 1) and its gradient (rows, in_dim), written out
-        (:meth:`value_and_input_grad` with an output gradient of 1); through the compiled fitting kernel
-        when it is in use and applies (:mod:`dpfit.model.kernels`)."""
-        if not torch.jit.is_scripting():
-            result = self._compiled_fitting(x)
-            if result is not None:
-                return result
-        return self.value_and_input_grad(x, torch.ones(1, dtype=x.dtype, device=x.device))
-
-    @torch.jit.unused
-    def _compiled_fitting(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """(output, input gradient) from the compiled fitting kernel, or None where it is not in use."""
-        from dpfit.model.kernels import compiled_kernels
-        from dpfit.model.kernels.fitting import compiled_fitting, fitting_kernel_applies
-
-        if not fitting_kernel_applies(x, self.layers):
-            return None
-        ext = compiled_kernels(self.kernels)
-        return None if ext is None else compiled_fitting(self.layers, x)
+        return ValueAndTangent.apply(kinds, tuple(self.has_idt), s, *self.flat_parameters())
 
     def value_and_input_grad(self, x: torch.Tensor, grad_out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Output (rows, n_out) and ``sum_o grad_out[o] d out_o / d x`` (rows, in_dim) for a constant

@@ -14,8 +14,7 @@ from dpfit.data.batch import model_inputs
 from dpfit.errors import ConfigError, NonFiniteLossError
 from dpfit.io.checkpoint import MODEL_CONFIG_KEY
 from dpfit.model import build_model
-from dpfit.model.kernels import compiled_kernels
-from dpfit.model.kernels.build import MODES
+from dpfit.model.backends import KERNEL_MODES
 from dpfit.training.guards import NONFINITE_MODES, nonfinite_message
 from dpfit.training.loss import EnergyLoss
 from dpfit.training.metrics import error_metrics, update_error_metrics
@@ -30,7 +29,8 @@ class DeepPotentialModule(L.LightningModule):
 
     Forces (and the virial when a virial term is on) are written out in closed form by the model and
     differentiated with the loss in one backward pass. ``kernels`` (off / auto / on; None: the model
-    config's ``kernels``) overrides the model's compiled CPU kernels option (:mod:`dpfit.model.kernels`). Data statistics are computed once on the first fit and kept in the checkpoint
+    config's ``kernels``) overrides the model's compiled CPU kernels option (:mod:`dpfit.model.backends`).
+    Data statistics are computed once on the first fit and kept in the checkpoint
     (``stats_ready`` buffer), never recomputed on resume.
     """
 
@@ -46,8 +46,8 @@ class DeepPotentialModule(L.LightningModule):
         nonfinite_loss: str = "stop",
     ) -> None:
         super().__init__()
-        if kernels is not None and kernels not in MODES:
-            raise ConfigError(f"kernels={kernels!r}: choose one of {', '.join(MODES)}")
+        if kernels is not None and kernels not in KERNEL_MODES:
+            raise ConfigError(f"kernels={kernels!r}: choose one of {', '.join(KERNEL_MODES)}")
         if nonfinite_loss not in NONFINITE_MODES:
             raise ConfigError(f"nonfinite_loss={nonfinite_loss}: choose one of {', '.join(NONFINITE_MODES)}")
         model = _plain(model)
@@ -55,7 +55,7 @@ class DeepPotentialModule(L.LightningModule):
             model = {**model, "kernels": kernels}
         self.save_hyperparameters({MODEL_CONFIG_KEY: model, "scale_by_worker": scale_by_worker,
                                    "data_stat_protect": data_stat_protect})
-        self.model = build_model(model)
+        self.model = build_model(model, device=None)  # (the backend is selected in setup, for the device)
         self.loss = loss
         self.schedule = schedule
         self.scale_by_worker = scale_by_worker
@@ -72,16 +72,16 @@ class DeepPotentialModule(L.LightningModule):
         self.validated_at = -1  # global step of the latest validation
 
     def setup(self, stage: str) -> None:
-        """The model's compiled CPU kernels (``model.kernels``) built or loaded now, before the first
-        step, for CPU runs (the kernels are CPU-only: GPU runs skip the build)."""
+        """The model's backend selected for the device it will run on (:meth:`EnergyModel.select_backend`):
+        on a CPU the compiled kernels (``model.kernels``), built or loaded now, before the first step; GPU
+        runs never build them."""
         strategy = getattr(self.trainer, "strategy", None) if self._trainer is not None else None
         device = getattr(strategy, "root_device", self.device)
         dm = self.trainer.datamodule if self._trainer is not None else None
         for name in getattr(dm, "val_set_names", None) or []:
             if name not in self.set_metrics:
                 self.set_metrics[name] = error_metrics()
-        if device.type == "cpu" and compiled_kernels(getattr(self.model, "kernels", "off")) is not None:
-            log.info("compiled CPU kernels in use")
+        log.info("model backend: %s (%s)", self.model.select_backend(device), device.type)
 
     # ------------------------------------------------------------ statistics
     def data_needs(self) -> dict:

@@ -19,5 +19,10 @@ from dpfit.model.kernels.build import (
     set_compiled_kernels,
 )
 
-__all__ = ["MODES", "compiled_kernels", "compiled_kernels_mode", "kernels_available", "loaded_kernels",
+__all__ = ["MODES", "load_library", "compiled_kernels", "compiled_kernels_mode", "kernels_available", "loaded_kernels",
            "set_compiled_kernels"]
+
+
+def load_library(required: bool) -> str | None:
+    """(transitional) The op library loaded: its name, or None where unavailable (``required``: an error)."""
+    return "dpfit" if compiled_kernels("on" if required else "auto") is not None else None

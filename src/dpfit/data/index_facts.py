@@ -74,25 +74,17 @@ def type_split(atype: torch.Tensor, ntypes: int) -> tuple[list[int], torch.Tenso
 
 
 def index_facts(nlist: torch.Tensor, shift: torch.Tensor | None, atype: torch.Tensor, sel: list[int]) -> dict:
-    """The index facts of a batch that the fast model would otherwise derive at every step, as keyword
-    arguments of :meth:`dpfit.model.EnergyModel.forward`: ``partner`` (nf, nloc, nnei) reverse-pair slots
+    """The index facts of a batch, as keyword arguments of :meth:`dpfit.model.EnergyModel.forward`
+    (:class:`dpfit.model.stages.IndexFacts`): ``partner`` (nf, nloc, nnei) reverse-pair slots
     (:func:`reverse_slots`), ``kept`` (per type, :func:`kept_slots`), ``type_counts`` and ``type_order``
-    (:func:`type_split`). Computed on the host next to the neighbor list (DataLoader collate, the ASE
-    calculator), so that the model's step needs no host synchronisation for them. The reverse pairs come
-    from the compiled kernel when this process has loaded it (3x faster, the same numbers)."""
-    from dpfit.model.kernels import loaded_kernels
-
+    (:func:`type_split`). Computed on the host next to the neighbour list (DataLoader collate, test.py, the
+    ASE calculator), so that the model's step needs no host synchronisation for them."""
     ntypes = len(sel)
     sections = [sum(sel[:t]) for t in range(ntypes + 1)]
     counts, order = type_split(atype, ntypes)
-    if nlist.device.type == "cpu" and loaded_kernels() is not None:
-        from dpfit.model.kernels import ops
-
-        partner = ops.reverse_slots(nlist.long(), None if shift is None else shift.long(), atype.long(), sections)
-    else:
-        slot_type = torch.repeat_interleave(torch.arange(ntypes), torch.tensor(sel))
-        partner = reverse_slots(nlist, shift, atype, slot_type)
-    facts = {"partner": partner, "kept": kept_slots(nlist, sections), "type_counts": counts}
+    slot_type = torch.repeat_interleave(torch.arange(ntypes, device=nlist.device), torch.tensor(sel, device=nlist.device))
+    facts = {"partner": reverse_slots(nlist, shift, atype, slot_type), "kept": kept_slots(nlist, sections),
+             "type_counts": counts}
     if order is not None:
         facts["type_order"] = order
     return facts
