@@ -26,8 +26,8 @@ import torch
 
 from dpfit.data.index_facts import index_facts
 from dpfit.data.neighbor import build_neighbor_list
-from dpfit.model import EnergyModel, ReferenceEnergyModel, build_model, convert
 from dpfit.io.export import frozen_copy
+from dpfit.model import EnergyModel, ReferenceEnergyModel, build_model, convert
 from dpfit.model.kernels import load_library
 
 pytestmark = pytest.mark.usefixtures("single_torch_thread")

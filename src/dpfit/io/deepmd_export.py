@@ -49,9 +49,9 @@ def _precision(model: EnergyModel) -> str:
 
 def check_representable(model: EnergyModel) -> None:
     """Raise :class:`NotRepresentableError` naming the first option DeePMD-kit cannot represent."""
-    if type(model.descriptor) is not SeE2A:
+    if not isinstance(model.descriptor, SeE2A):  # (any backend: the same parameters)
         raise NotRepresentableError(f"descriptor {type(model.descriptor).__name__}: only se_e2_a exports to DeePMD-kit")
-    if type(model.fitting) is not EnergyFitting:
+    if not isinstance(model.fitting, EnergyFitting):
         raise NotRepresentableError(f"fitting net {type(model.fitting).__name__}: only ener exports to DeePMD-kit")
     config = dict(model.config or {})
     for key in config:
