@@ -136,7 +136,7 @@ class FrozenPropertyModel(nn.Module):
 
     def __init__(self, model: PropertyModel) -> None:
         super().__init__()
-        self.model = model.eval()
+        self.model = model.eval().requires_grad_(False)  # frozen: outputs carry no graph (unless coord does)
         self.type_map = list(model.type_map)
         self.rcut = float(model.descriptor.rcut)
         self.sel = list(model.descriptor.sel)
