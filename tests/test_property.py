@@ -445,3 +445,21 @@ def test_partial_charges_train_on_atomic_labels(tmp_path):
     out = _run(model, coord, np.loadtxt(data / "mol7" / "type.raw", dtype=int))
     np.testing.assert_allclose(out["atom_property"].sum(axis=1), 0.0, atol=1e-12)
     assert np.isfinite(q).all()
+
+
+def test_property_config_errors_name_the_key(tmp_path):
+    from dpfit.calculators import DPCalculator
+    from dpfit.cli.validate import validate_train_config
+
+    base = ["model=se_e2_a_property", "loss=property"]
+    for overrides, match in (
+        (["model.fitting_net.task_dim=0"], r"model.fitting_net.task_dim=0: must be 1 or more"),
+        (["model.fitting_net.property_name='a b'"], r"model.fitting_net.property_name=a b: must name the label file"),
+        (["model.fitting_net.atom_sum=0", "model.fitting_net.intensive=true"],
+         r"model.fitting_net.atom_sum=0: fixes a sum .* model.fitting_net.intensive=false"),
+    ):
+        with pytest.raises(ConfigError, match=match):
+            validate_train_config(compose_train([*base, *overrides], tmp_path))
+    validate_train_config(compose_train(base, tmp_path))
+    with pytest.raises(ValueError, match="a property model has no energy or forces"):
+        DPCalculator(build_model(_config()))
