@@ -463,3 +463,19 @@ def test_property_config_errors_name_the_key(tmp_path):
     validate_train_config(compose_train(base, tmp_path))
     with pytest.raises(ValueError, match="a property model has no energy or forces"):
         DPCalculator(build_model(_config()))
+
+
+@pytest.mark.slow
+def test_property_models_beat_the_per_type_baseline(shared_dir, tmp_path):
+    """scripts/property_benchmark.py, shortened: on the molecules of the training compositions each model
+    (intensive, extensive, partial charges) is at least twice as accurate as the per-type-mean baseline."""
+    data = tmp_path / "data"
+    _script("make_property_data").main(["--source", str(shared_dir / "data" / "nopbc"), "--out", str(data)])
+    _script("property_benchmark").main(["--data", str(data), "--out", str(tmp_path / "runs"), "--steps", "1500"])
+    table = json.loads((tmp_path / "runs" / "benchmark.json").read_text())
+    assert set(table) == {"intensive", "extensive", "charge"}
+    for case, rows in table.items():
+        seen = {Path(name).name: row for name, row in rows.items() if Path(name).name in ("C1H4O2", "C3H3O4")}
+        assert len(seen) == 2
+        for name, row in seen.items():
+            assert row["factor"] > 2.0, (case, name, row)
