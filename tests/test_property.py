@@ -479,3 +479,41 @@ def test_property_models_beat_the_per_type_baseline(shared_dir, tmp_path):
         assert len(seen) == 2
         for name, row in seen.items():
             assert row["factor"] > 2.0, (case, name, row)
+
+
+def test_loss_gradient_matches_finite_differences():
+    """Training differentiates the property through the descriptor by autograd: the gradient of the loss with
+    respect to every weight, along a random direction, equals a central finite difference."""
+    model = build_model(_config())
+    with torch.no_grad():
+        model.fitting.out_bias.uniform_(-1, 1)
+        model.fitting.out_std.uniform_(0.5, 2)
+        model.descriptor.davg.uniform_(0.0, 0.2)
+        model.descriptor.dstd.uniform_(0.5, 1.0)
+    frames = [make_random_frame(seed=40 + k, natoms=7, periodic=False, ntypes=3, min_dist=0.9) for k in range(2)]
+    atype = frames[0][1]
+    coord = torch.tensor(np.stack([f[0] for f in frames]))
+    nlist = torch.from_numpy(np.stack([build_neighbor_list(f[0], atype, None, 4.0, [4, 4, 4]).nlist for f in frames]))
+    at = torch.from_numpy(atype).expand(2, -1)
+    g = torch.Generator().manual_seed(5)
+    batch = {"q": torch.randn(2, 2, generator=g, dtype=torch.float64), "find_q": 1.0, "natoms": 7, "atype": at,
+             "atom_q": torch.randn(2, 14, generator=g, dtype=torch.float64), "find_atom_q": 1.0}
+    loss = PropertyLoss("mse", pref=1.0, pref_atomic=0.5).bind(model.fitting)
+    params = list(model.parameters())
+    value, _ = loss(model(coord, at, nlist), batch)
+    grads = torch.autograd.grad(value, params)
+    direction = [torch.randn(p.shape, generator=g, dtype=p.dtype) for p in params]
+    eps = 1e-6
+
+    def shifted(sign: float) -> float:
+        with torch.no_grad():
+            for p, d in zip(params, direction):
+                p.add_(sign * eps * d)
+            out = float(loss(model(coord, at, nlist), batch)[0])
+            for p, d in zip(params, direction):
+                p.sub_(sign * eps * d)
+        return out
+
+    numeric = (shifted(1.0) - shifted(-1.0)) / (2 * eps)
+    analytic = sum(float((gr * d).sum()) for gr, d in zip(grads, direction))
+    assert analytic == pytest.approx(numeric, rel=1e-6)
