@@ -145,6 +145,9 @@ class DPCalculator(Calculator):
             model = load_model(model, precision=precision)
         elif precision is not None:
             raise ValueError("precision applies to a checkpoint path; convert the model object yourself")
+        if hasattr(model, "property_name"):  # a PropertyModel: no energy, no forces
+            raise ValueError(f"{model.property_name}: a property model has no energy or forces for an ASE calculator; "
+                             "evaluate it with test.py or its frozen TorchScript (freeze.py)")
         self.device = torch.device(device)
         self.model = model.to(self.device).eval()
         self.model.select_backend(self.device, kernels)

@@ -111,6 +111,29 @@ def validate_train_config(cfg: DictConfig) -> None:
         raise
 
 
+def _validate_property(cfg: DictConfig) -> None:
+    """The keys of a property fitting (``model.fitting_net.type: property``)."""
+    if _get(cfg, "model.fitting_net.type") != "property":
+        return
+    name = _get(cfg, "model.fitting_net.property_name")
+    if not isinstance(name, str) or not name or not all(c.isalnum() or c in "_-." for c in name):
+        _fail(cfg, "model.fitting_net.property_name", name, "must name the label file <property_name>.npy "
+              "(letters, digits, _ - .)")
+    _int(cfg, "model.fitting_net.task_dim", 1, "values per frame")
+    for key in ("model.fitting_net.intensive", "model.fitting_net.distinguish_types"):
+        v = _get(cfg, key)
+        if v is not None and not isinstance(v, bool):
+            _fail(cfg, key, v, "must be true or false")
+    atom_sum = _get(cfg, "model.fitting_net.atom_sum")
+    if atom_sum is not None:
+        if not _is_number(atom_sum):
+            _fail(cfg, "model.fitting_net.atom_sum", atom_sum, "must be a number (each frame's sum of the atomic "
+                  "values) or null")
+        if _get(cfg, "model.fitting_net.intensive"):
+            _fail(cfg, "model.fitting_net.atom_sum", atom_sum, "fixes a sum of atomic values: it needs "
+                  "model.fitting_net.intensive=false")
+
+
 def _validate(cfg: DictConfig) -> None:
     model = "model" in cfg and cfg.model is not None
     if model:
@@ -139,6 +162,7 @@ def _validate(cfg: DictConfig) -> None:
             _fail(cfg, "model.descriptor.axis_neuron", axis, f"exceeds the last embedding width "
                   f"model.descriptor.neuron[-1]={neuron[-1]}")
         _int_list(cfg, "model.fitting_net.neuron", "fitting net widths")
+        _validate_property(cfg)
         _int(cfg, "model.fitting_net.numb_fparam", 0, "frame parameters")
         _int(cfg, "model.fitting_net.numb_aparam", 0, "atomic parameters")
         for key in ("model.descriptor.type_one_side", "model.descriptor.resnet_dt", "model.fitting_net.resnet_dt"):

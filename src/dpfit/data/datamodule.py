@@ -82,7 +82,14 @@ class FrameDataset(Dataset):
 
 
 def _check_labels(systems: list[FrameSource], needs: Needs) -> None:
-    """Refuse training data with none of the labels the loss fits."""
+    """Refuse training data with none of the labels the loss fits, and a system without any of the
+    ``needs.required`` labels (a property model's: DeePMD-kit requires its label in every system)."""
+    if needs.required:
+        for s in systems:
+            if not s.available & set(needs.required):
+                files = " or ".join(f"{k}.npy" for k in sorted(needs.required))
+                raise DataError(f"{s.name}: no {files} in its set.* folders: the loss fits "
+                                f"{sorted(needs.labels or needs.required)} and every training system needs one of them")
     if not needs.labels or any(s.available & set(needs.labels) for s in systems):
         return
     first = systems[0].name + (f" (and {len(systems) - 1} more systems)" if len(systems) > 1 else "")
@@ -230,7 +237,8 @@ class DeepmdDataModule(L.LightningDataModule):
         if callable(ask):
             got = ask()
             return Needs(frozenset(got["labels"]), got.get("numb_fparam"), got.get("numb_aparam"),
-                         frozenset(got.get("reported", ())))
+                         frozenset(got.get("reported", ())), tuple(got.get("extra", ())),
+                         frozenset(got.get("required", ())))
         return Needs()
 
     def _load(self, paths, needs: Needs) -> list[FrameSource]:

@@ -46,23 +46,39 @@ class Needs:
     ``labels``: label names the loss fits (None: every label present, each validated). ``reported``:
     labels read when present and well formed (e.g. for validation errors), a malformed one only warned
     about. ``numb_fparam`` / ``numb_aparam``: values per frame / per atom the model takes (None: read
-    the file if present, width from its size; 0: not read). Other files are not opened.
+    the file if present, width from its size; 0: not read). ``extra``: labels beyond the energy model's
+    :data:`LABELS`, as (name, per atom?, values per frame or atom), e.g. a property model's
+    ``("bvdev", False, 2)`` and ``("atom_bvdev", True, 2)``; read like the others. ``required``: labels
+    of which every training system must have at least one (checked by the data module). Other files
+    are not opened.
     """
 
     labels: frozenset | None = None
     numb_fparam: int | None = None
     numb_aparam: int | None = None
     reported: frozenset = frozenset()
+    extra: tuple = ()
+    required: frozenset = frozenset()
+
+    def is_label(self, key: str) -> bool:
+        return key in LABELS or any(key == name for name, _, _ in self.extra)
+
+    def width(self, key: str) -> tuple[bool, int] | None:
+        """(per atom?, values) of an array read by frames (coord, box, labels), None for fparam/aparam."""
+        for name, atomic, width in self.extra:
+            if key == name:
+                return bool(atomic), int(width)
+        return _WIDTH.get(key)
 
     def wants(self, key: str) -> bool:
-        if key in LABELS:
+        if self.is_label(key):
             return self.labels is None or key in self.labels or key in self.reported
         n = self.numb_fparam if key == "fparam" else self.numb_aparam
         return n is None or n > 0
 
     def strict(self, key: str) -> bool:
         """A malformed file of ``key`` is an error (else a warning, and the file is ignored)."""
-        if key in LABELS:
+        if self.is_label(key):
             return self.labels is None or key in self.labels
         return key in ("coord", "box") or (self.numb_fparam if key == "fparam" else self.numb_aparam) is not None
 
@@ -218,6 +234,8 @@ class FrameSource:
     available: set[str]
     numb_fparam: int = 0
     numb_aparam: int = 0
+    #: labels beyond LABELS this system was asked for (Needs.extra): name -> (per atom?, values)
+    extra_labels: dict = {}
 
     def has(self, key: str) -> bool:
         return key in self.available
@@ -316,6 +334,7 @@ class SetSystem(FrameSource):
             raise DataError(f"{self.name}/type.raw: no atoms")
 
     def _init_sets(self, headers: list[tuple[str, dict[str, ArrayRef]]], needs: Needs) -> None:
+        self.extra_labels = {name: (bool(atomic), int(width)) for name, atomic, width in needs.extra}
         if not headers:
             raise DataError(f"{self.name}: empty system folder (no set.* directories)")
         self.sets = [self._make_set(folder, refs, needs) for folder, refs in headers]
@@ -355,8 +374,9 @@ class SetSystem(FrameSource):
             if key in ("coord", "force") and len(shape) == 3 and shape[1:] == (3, natoms) and natoms != 3:
                 raise DataError(f"{file}: shape {shape} looks transposed: expected (nframes, {natoms}, 3) or "
                                 f"(nframes, {3 * natoms}) for {natoms} atoms")
-            if key in _WIDTH:
-                atomic, width = _WIDTH[key]
+            shape_of = needs.width(key)
+            if shape_of is not None:
+                atomic, width = shape_of
                 ndof = width * (natoms if atomic else 1)
                 if ref.size != nf * ndof and not needs.strict(key):
                     log.warning("%s: shape %s is not %d frames x %d values; ignored (the loss does not fit %s)",
@@ -415,6 +435,11 @@ class SetSystem(FrameSource):
                 elif key == "aparam":
                     val = val.reshape(self.natoms, -1)
                 out[key] = val
+        for key, (atomic, width) in self.extra_labels.items():
+            if key in self.available:
+                out[key] = get(key).reshape((self.natoms, width) if atomic else (width,))
+        if self.extra_labels:
+            out["extra_labels"] = tuple(self.extra_labels)  # (their find_* flags in collate)
         return out
 
     def check(self, min_distance: float = 0.0, chunk_bytes: int = 1 << 24) -> None:
@@ -474,7 +499,7 @@ class DeepmdSystem(SetSystem):
         with os.scandir(self.path) as it:
             set_dirs = sorted(e.name for e in it if e.name.startswith("set.") and e.is_dir())
         headers = []
-        wanted = {"coord", "box", *LABELS, *INPUTS}
+        wanted = {"coord", "box", *LABELS, *INPUTS, *(name for name, _, _ in needs.extra)}
         for name in set_dirs:
             folder = self.path / name
             with os.scandir(folder) as it:
@@ -514,7 +539,7 @@ class H5System(SetSystem):
         self._init_types(raw, sys_map, type_map)
         self.pbc = "nopbc" not in g
         headers = []
-        wanted = {"coord", "box", *LABELS, *INPUTS}
+        wanted = {"coord", "box", *LABELS, *INPUTS, *(name for name, _, _ in needs.extra)}
         for name in sorted(k for k in g if k.startswith("set.") and isinstance(g[k], h5py.Group)):
             sg = g[name]
             folder = f"{self.name}/{name}"

@@ -26,6 +26,10 @@ LOSS_DEFAULTS = {
     "start_pref_v": 0.0, "limit_pref_v": 0.0, "start_pref_ae": 0.0, "limit_pref_ae": 0.0,
     "start_pref_pf": 0.0, "limit_pref_pf": 0.0, "relative_f": None,
 }
+#: DeePMD-kit 3.x defaults of a ``property`` fitting's and loss's keys (``property_name`` has none)
+PROPERTY_FITTING_DEFAULTS = {"neuron": [120, 120, 120], "resnet_dt": True, "numb_fparam": 0, "numb_aparam": 0,
+                             "task_dim": 1, "intensive": False, "distinguish_types": True}
+PROPERTY_LOSS_DEFAULTS = {"loss_func": "smooth_mae", "metric": ["mae"], "beta": 1.0}
 LR_DEFAULTS = {"start_lr": 1e-3, "stop_lr": 1e-8, "decay_steps": 5000}
 TRAINING_DEFAULTS = {"disp_freq": 1000, "save_freq": 1000}
 PRECISIONS = ("float64", "float32")
@@ -43,6 +47,8 @@ ACCEPTED_VALUES = {
     "model.fitting_net.rcond": (None,),
     "model.fitting_net.atom_ener": ([],),
     "model.fitting_net.use_aparam_as_mask": (False,),
+    "model.fitting_net.dim_case_embd": (0,),
+    "model.fitting_net.default_fparam": (None,),
     "model.pair_exclude_types": ([],),
     "model.atom_exclude_types": ([],),
     "learning_rate.type": ("exp",),
@@ -89,6 +95,7 @@ class _Converter:
         self.out: dict[str, Any] = {}
         self.unsupported: list[str] = []
         self.warmup_ratio: float | None = None
+        self.property = False  # a property fitting (model=se_e2_a_property loss=property)
 
     # ------------------------------------------------------------------ helpers
     def _resolve(self, path: str | Path) -> Path:
@@ -195,8 +202,15 @@ class _Converter:
             self.put(f"model.descriptor.{key}", value)
         self.put("model.precision", precision["value"] or "float64")
 
+    def choose(self, group: str, option: str) -> None:
+        """Select a config group option (a ``defaults`` entry of the preset)."""
+        self.out.setdefault("defaults", []).append({f"override /{group}": option})
+
     def fitting(self, fit: dict) -> None:
-        values = {**FITTING_DEFAULTS}
+        if fit.get("type", "ener") == "property":
+            self.choose("model", "se_e2_a_property")
+            self.choose("loss", "property")
+        values = {**(PROPERTY_FITTING_DEFAULTS if self.property else FITTING_DEFAULTS)}
 
         def keep(key, cast=lambda x: x):
             return _setter(values, key, cast)
@@ -207,14 +221,22 @@ class _Converter:
             if p is not None and p != current:
                 self.reject("model.fitting_net.precision", v, show_value=True)  # one precision for the whole model
 
-        self.walk(fit, "model.fitting_net", {
+        handlers = {
             "neuron": keep("neuron", lambda v: [int(x) for x in v]),
             "n_neuron": keep("neuron", lambda v: [int(x) for x in v]),
             "resnet_dt": keep("resnet_dt", bool),
             "numb_fparam": keep("numb_fparam", int), "numb_aparam": keep("numb_aparam", int),
             "seed": keep("seed"),
             "precision": precision,
-        })
+        }
+        if self.property:
+            handlers.update({
+                "property_name": keep("property_name", str), "task_dim": keep("task_dim", int),
+                "intensive": keep("intensive", bool), "distinguish_types": keep("distinguish_types", bool),
+            })
+            if "property_name" not in fit:
+                self.reject("model.fitting_net.property_name (missing)")
+        self.walk(fit, "model.fitting_net", handlers, skip=("type",) if self.property else ())
         for key, value in values.items():
             self.put(f"model.fitting_net.{key}", value)
 
@@ -245,6 +267,9 @@ class _Converter:
         self.warmup_ratio = float(ratio)
 
     def loss(self, loss: dict) -> None:
+        if self.property or loss.get("type") == "property":
+            self.property_loss(loss)
+            return
         values = {**LOSS_DEFAULTS}
         handlers = {k: _setter(values, k, float) for k in LOSS_DEFAULTS if k != "relative_f"}
         handlers["relative_f"] = lambda v: values.__setitem__("relative_f", None if v is None else float(v))
@@ -254,6 +279,21 @@ class _Converter:
         # dpfit's relative-energy term does not exist in DeePMD-kit: off
         self.put("loss.start_pref_de", 0.0)
         self.put("loss.limit_pref_de", 0.0)
+
+    def property_loss(self, loss: dict) -> None:
+        """DeePMD-kit's ``property`` loss (also for a property fitting whose input has no loss section)."""
+        if loss.get("type", "property") != "property" or not self.property:
+            self.reject("loss.type", loss.get("type", "ener"), show_value=True)  # loss and fitting disagree
+            return
+        values = {**PROPERTY_LOSS_DEFAULTS}
+        self.walk(loss, "loss", {
+            "loss_func": _setter(values, "loss_func", str), "beta": _setter(values, "beta", float),
+            "metric": _setter(values, "metric", lambda v: [str(x) for x in v]),
+        }, skip=("type",))
+        for key, value in values.items():
+            self.put(f"loss.{key}", value)
+        self.put("loss.pref", 1.0)  # DeePMD-kit fits the frame label only
+        self.put("loss.pref_atomic", 0.0)
 
     def training(self, tr: dict) -> None:
         def data(section: str, value: dict, val: bool) -> None:
@@ -353,6 +393,9 @@ def convert_input(input_json: dict, base_dir: str | Path = ".", data_root: str |
     input_json = _from_v1(input_json)
     conv = _Converter(base_dir, data_root)
     conv.out["defaults"] = [{"override /data": "deepmd"}]
+    model = input_json.get("model")
+    fitting = model.get("fitting_net") if isinstance(model, dict) else None
+    conv.property = isinstance(fitting, dict) and fitting.get("type") == "property"  # (whatever the key order)
     sections = {
         "model": conv.model,
         "learning_rate": conv.learning_rate,

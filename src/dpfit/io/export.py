@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from dpfit.data.neighbor import deepmd_slots, image_reach
-from dpfit.model import EnergyModel
+from dpfit.model import EnergyModel, PropertyModel
 
 
 def torch_neighbor_list(
@@ -124,13 +124,96 @@ def frozen_copy(model: EnergyModel, backend: str = "compact") -> EnergyModel:
     return model.use_backend(backend, "cpu")
 
 
-def freeze(model: EnergyModel, output: str | Path, overwrite: bool = False, backend: str = "compact") -> Path:
-    """Script and save ``model`` (on ``backend``, see :func:`frozen_copy`); refuses to replace an existing
-    file unless ``overwrite``."""
+class FrozenPropertyModel(nn.Module):
+    """What ``freeze.py`` saves for a property model: the property from coordinates, types, cell.
+
+    ``forward(coord (nloc, 3), atype (nloc,), box (3, 3) or None, fparam (nq,), aparam (nloc, np))``
+    returns ``<property_name>`` (task_dim,) and ``atom_<property_name>`` (nloc, task_dim), DeePMD-kit's
+    output names; ``forward_lower`` takes batches and a neighbor list (see PropertyModel.forward).
+    """
+
+    type_map: list[str]
+    sel: list[int]
+    property_name: str
+
+    def __init__(self, model: PropertyModel) -> None:
+        super().__init__()
+        self.model = model.eval()
+        self.type_map = list(model.type_map)
+        self.rcut = float(model.descriptor.rcut)
+        self.sel = list(model.descriptor.sel)
+        self.property_name = str(model.property_name)
+        self.task_dim = int(model.task_dim)
+        self.intensive = bool(model.intensive)
+
+    @torch.jit.export
+    def get_type_map(self) -> list[str]:
+        return self.type_map
+
+    @torch.jit.export
+    def get_rcut(self) -> float:
+        return self.rcut
+
+    @torch.jit.export
+    def get_property_name(self) -> str:
+        return self.property_name
+
+    @torch.jit.export
+    def get_task_dim(self) -> int:
+        return self.task_dim
+
+    @torch.jit.export
+    def get_intensive(self) -> bool:
+        return self.intensive
+
+    @torch.jit.export
+    def forward_lower(
+        self,
+        coord: torch.Tensor,
+        atype: torch.Tensor,
+        nlist: torch.Tensor,
+        box: torch.Tensor | None = None,
+        shift: torch.Tensor | None = None,
+        fparam: torch.Tensor | None = None,
+        aparam: torch.Tensor | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """Batched evaluation with an external DeePMD neighbor list: ``property`` (nf, task_dim) and
+        ``atom_property`` (nf, nloc, task_dim)."""
+        return self.model(coord, atype, nlist, box, shift, fparam, aparam)
+
+    def forward(
+        self,
+        coord: torch.Tensor,
+        atype: torch.Tensor,
+        box: torch.Tensor | None = None,
+        fparam: torch.Tensor | None = None,
+        aparam: torch.Tensor | None = None,
+    ) -> dict[str, torch.Tensor]:
+        dtype = self.model.descriptor.davg.dtype
+        coord = coord.to(dtype)
+        if box is not None:
+            box = box.to(dtype).reshape(3, 3)
+        wrapped, nlist, shift = torch_neighbor_list(coord, atype, box, self.rcut, self.sel)
+        out = self.model(
+            wrapped.unsqueeze(0), atype.unsqueeze(0), nlist.unsqueeze(0),
+            box.unsqueeze(0) if box is not None else None,
+            shift.unsqueeze(0) if box is not None else None,
+            fparam.reshape(1, -1) if fparam is not None else None,
+            aparam.reshape(1, coord.shape[0], -1) if aparam is not None else None,
+        )
+        return {self.property_name: out["property"][0], "atom_" + self.property_name: out["atom_property"][0]}
+
+
+def freeze(model: EnergyModel | PropertyModel, output: str | Path, overwrite: bool = False,
+           backend: str = "compact") -> Path:
+    """Script and save ``model`` (a copy on ``backend``, see :func:`frozen_copy`); refuses to replace an
+    existing file unless ``overwrite``."""
     output = Path(output)
     if output.exists() and not overwrite:
         raise FileExistsError(f"{output}: exists; choose another output or pass overwrite=true")
-    scripted = torch.jit.script(FrozenModel(frozen_copy(model, backend)))
+    copy_ = frozen_copy(model, backend)
+    frozen = FrozenPropertyModel(copy_) if isinstance(model, PropertyModel) else FrozenModel(copy_)
+    scripted = torch.jit.script(frozen)
     output.parent.mkdir(parents=True, exist_ok=True)
     torch.jit.save(scripted, str(output))
     return output

@@ -20,7 +20,7 @@ from dpfit.io.deepmd_checkpoint import is_deepmd_checkpoint
 from dpfit.io.deepmd_export import deepmd_model_params, deepmd_passthrough, export_deepmd_checkpoint
 from dpfit.io.deepmd_pth import freeze_for_deepmd
 from dpfit.io.export import freeze
-from dpfit.model import EnergyModel
+from dpfit.model import EnergyModel, PropertyModel
 
 FORMATS = ("dpfit", "lammps", "deepmd")
 
@@ -54,6 +54,9 @@ def freeze_checkpoint(
     if output.exists() and not overwrite:
         raise FileExistsError(f"{output}: exists; choose another output or pass overwrite=true")
     model = load_model(ckpt_path, precision=precision, impl="fast")
+    if fmt == "lammps" and isinstance(model, PropertyModel):
+        raise ConfigError("format=lammps is LAMMPS pair_style deepmd, for energy models: freeze a property model "
+                          "with format=dpfit (TorchScript) or format=deepmd (a DeePMD-kit checkpoint)")
     if fmt == "dpfit":
         return freeze(model, output, overwrite=overwrite), model
     deepmd_model_params(model)  # a clear error before anything is written, if DeePMD cannot represent it

@@ -80,3 +80,46 @@ def check_device(name: str, device: torch.device | str) -> None:
     if allowed is not None and kind not in allowed:
         raise ValueError(f"the {name!r} backend runs on {'/'.join(allowed)}, not on {kind}: select the backend for "
                          f"the device (model.select_backend(device))")
+
+
+class BackendChoice:
+    """The backend choice of a model whose ``descriptor`` is an :class:`SeE2A` (and whose ``fitting``, when
+    an :class:`EnergyFitting`, follows it): mixed into :class:`~dpfit.model.EnergyModel` and
+    :class:`~dpfit.model.PropertyModel`. ``config["kernels"]`` holds the model option."""
+
+    @property
+    def kernels(self) -> str:
+        """The model option for the compiled CPU kernels (``model.kernels``): ``auto`` (where they build),
+        ``on`` (fail if they cannot be built) or ``off``; :meth:`select_backend` reads it."""
+        return self.config.get("kernels", "off")
+
+    @property
+    def backend(self) -> str:
+        """The backend the stages run on: ``kernels``, ``compact`` or ``static``."""
+        return backend_of(self.descriptor)
+
+    @torch.jit.ignore
+    def select_backend(self, device: torch.device | str | None = None, kernels: str | None = None) -> str:
+        """Choose the backend for ``device`` (default: where the parameters are) from the ``kernels``
+        option (given here, it replaces the model's), swap it in and return its name."""
+        if kernels is not None:
+            self.config["kernels"] = check_kernels_option(kernels)
+        device = torch.device(device) if device is not None else self.descriptor.davg.device
+        name = choose_backend(self.kernels, device)
+        self.use_backend(name, device)
+        return name
+
+    @torch.jit.ignore
+    def use_backend(self, name: str, device: torch.device | str | None = None):
+        """Swap in backend ``name``: the classes of the descriptor (and energy fitting) change, their
+        parameters and buffers stay the same tensors."""
+        check_device(name, device if device is not None else self.descriptor.davg.device)
+        if name == "kernels":
+            from dpfit.model.kernels import load_library
+
+            load_library(required=True)
+        descriptor_class, fitting_class = backend_classes(name)
+        self.descriptor.__class__ = descriptor_class
+        if isinstance(self.fitting, EnergyFitting):
+            self.fitting.__class__ = fitting_class
+        return self

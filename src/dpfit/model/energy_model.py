@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from dpfit.model.backends import backend_classes, backend_of, check_device, check_kernels_option, choose_backend
+from dpfit.model.backends import BackendChoice, check_kernels_option
 from dpfit.model.descriptor import SeE2A
 from dpfit.model.fitting import EnergyFitting
 from dpfit.model.geometry import forces_and_virials
@@ -17,7 +17,7 @@ from dpfit.model.stages import IndexFacts
 DTYPES = {"float64": torch.float64, "float32": torch.float32}
 
 
-class EnergyModel(nn.Module):
+class EnergyModel(BackendChoice, nn.Module):
     """Energy, atomic energies, forces, virial and atomic virial of one or more frames of one system.
 
     Forces and virials come from ``dE/dd_ij``, the energy's gradient with respect to the pair vectors,
@@ -61,41 +61,6 @@ class EnergyModel(nn.Module):
         else:
             model.select_backend(device)
         return model
-
-    @property
-    def kernels(self) -> str:
-        """The model option for the compiled CPU kernels (``model.kernels``): ``auto`` (where they build),
-        ``on`` (fail if they cannot be built) or ``off``; :meth:`select_backend` reads it."""
-        return self.config.get("kernels", "off")
-
-    @property
-    def backend(self) -> str:
-        """The backend the stages run on: ``kernels``, ``compact`` or ``static``."""
-        return backend_of(self.descriptor)
-
-    @torch.jit.ignore
-    def select_backend(self, device: torch.device | str | None = None, kernels: str | None = None) -> str:
-        """Choose the backend for ``device`` (default: where the parameters are) from the ``kernels``
-        option (given here, it replaces the model's), swap it in and return its name."""
-        if kernels is not None:
-            self.config["kernels"] = check_kernels_option(kernels)
-        device = torch.device(device) if device is not None else self.descriptor.davg.device
-        name = choose_backend(self.kernels, device)
-        self.use_backend(name, device)
-        return name
-
-    @torch.jit.ignore
-    def use_backend(self, name: str, device: torch.device | str | None = None) -> EnergyModel:
-        """Swap in backend ``name`` (same parameters and buffers; see :mod:`dpfit.model.backends`)."""
-        check_device(name, device if device is not None else self.descriptor.davg.device)
-        if name == "kernels":
-            from dpfit.model.kernels import load_library
-
-            load_library(required=True)
-        descriptor_class, fitting_class = backend_classes(name)
-        self.descriptor.__class__ = descriptor_class
-        self.fitting.__class__ = fitting_class
-        return self
 
     @property
     def dtype(self) -> torch.dtype:

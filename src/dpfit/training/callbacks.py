@@ -11,7 +11,8 @@ from lightning.pytorch.utilities import rank_zero_only
 class LCurveWriter(L.Callback):
     """Writes ``lcurve.out`` as DeePMD-kit does: a row every ``disp_freq`` training steps (and at every
     validation) with step, rmse_val, rmse_trn, rmse_e_val, rmse_e_trn, rmse_f_val, rmse_f_trn,
-    [rmse_v_val, rmse_v_trn], lr. Training columns are those of the step's batch; validation columns hold
+    [rmse_v_val, rmse_v_trn], lr (a property model: rmse_p_val, rmse_p_trn and/or rmse_ap_val, rmse_ap_trn
+    in place of the energy and force columns). Training columns are those of the step's batch; validation columns hold
     the validation of that step, ``nan`` where none ran. Named validation sets
     (``data.val_systems={name: [...]}``) add ``rmse_<q>_val_<name>`` columns after ``lr``.
 
@@ -29,6 +30,8 @@ class LCurveWriter(L.Callback):
         self._last_written = -1
 
     def _columns(self, pl_module) -> list[str]:
+        if getattr(pl_module, "is_property", False):  # a property model: frame (p) and atomic (ap) errors
+            return [c for c in ("p", "ap") if c in pl_module.loss.active]
         cols = ["e", "f"]
         if pl_module.loss.needs_virial:
             cols.append("v")
@@ -145,7 +148,8 @@ def summary_rows(metrics: dict, sets: list[str] | tuple = ()) -> list[tuple[str,
     rows = []
     for name in ("", *sets):
         prefix = f"val/{name}/" if name else "val/"
-        for q, label, unit in (("e", "energy / atom", "eV"), ("f", "force", "eV/Å"), ("v", "virial / atom", "eV")):
+        for q, label, unit in (("e", "energy / atom", "eV"), ("f", "force", "eV/Å"), ("v", "virial / atom", "eV"),
+                               ("p", "property (/ atom if extensive)", "units"), ("ap", "atomic property", "units")):
             r, a = metrics.get(f"{prefix}rmse_{q}"), metrics.get(f"{prefix}mae_{q}")
             if r is not None:
                 row = (f"{label} [{unit}]", f"{float(r):.4e}", f"{float(a):.4e}" if a is not None else "-")

@@ -13,11 +13,17 @@ from torchmetrics import MeanMetric
 from dpfit.data.batch import model_inputs
 from dpfit.errors import ConfigError, NonFiniteLossError
 from dpfit.io.checkpoint import MODEL_CONFIG_KEY
-from dpfit.model import build_model
+from dpfit.model import PropertyModel, build_model
 from dpfit.model.backends import KERNEL_MODES
 from dpfit.training.guards import NONFINITE_MODES, nonfinite_message
 from dpfit.training.loss import EnergyLoss
-from dpfit.training.metrics import error_metrics, update_error_metrics
+from dpfit.training.metrics import (
+    error_metrics,
+    property_error_metrics,
+    update_error_metrics,
+    update_property_metrics,
+)
+from dpfit.training.property_loss import PropertyLoss
 from dpfit.training.schedule import ExponentialDecay, worker_scale
 from dpfit.training.statistics import compute_statistics, load_statistics, save_statistics, statistics_key
 
@@ -25,7 +31,8 @@ log = logging.getLogger(__name__)
 
 
 class DeepPotentialModule(L.LightningModule):
-    """Trains an :class:`EnergyModel` (built from the plain ``model`` config) with an :class:`EnergyLoss`.
+    """Trains an :class:`EnergyModel` (built from the plain ``model`` config) with an :class:`EnergyLoss`,
+    or a :class:`PropertyModel` (``fitting_net.type: property``) with a :class:`PropertyLoss`.
 
     Forces (and the virial when a virial term is on) are written out in closed form by the model and
     differentiated with the loss in one backward pass. ``kernels`` (off / auto / on; None: the model
@@ -37,7 +44,7 @@ class DeepPotentialModule(L.LightningModule):
     def __init__(
         self,
         model: dict,
-        loss: EnergyLoss,
+        loss: EnergyLoss | PropertyLoss,
         schedule: ExponentialDecay,
         scale_by_worker: str = "none",
         data_stat_protect: float = 1e-2,
@@ -56,6 +63,13 @@ class DeepPotentialModule(L.LightningModule):
         self.save_hyperparameters({MODEL_CONFIG_KEY: model, "scale_by_worker": scale_by_worker,
                                    "data_stat_protect": data_stat_protect})
         self.model = build_model(model, device=None)  # (the backend is selected in setup, for the device)
+        self.is_property = isinstance(self.model, PropertyModel)
+        if self.is_property != isinstance(loss, PropertyLoss):
+            raise ConfigError("the property model (model.fitting_net.type=property) trains with loss=property, and "
+                              "loss=property fits the property model: choose model=se_e2_a_property loss=property, "
+                              "or an energy model and loss")
+        if self.is_property:
+            loss.bind(self.model.fitting)
         self.loss = loss
         self.schedule = schedule
         self.scale_by_worker = scale_by_worker
@@ -64,7 +78,7 @@ class DeepPotentialModule(L.LightningModule):
         self.nonfinite_loss = nonfinite_loss
         self.skipped_batches = 0
         self.register_buffer("stats_ready", torch.zeros((), dtype=torch.bool))
-        self.metrics = torch.nn.ModuleDict({f"{s}_": error_metrics() for s in ("val", "test")})
+        self.metrics = torch.nn.ModuleDict({f"{s}_": self._error_metrics() for s in ("val", "test")})
         # frame-weighted mean of the loss over the evaluation set, summed over DDP ranks
         self.eval_loss = torch.nn.ModuleDict({f"{s}_": MeanMetric() for s in ("val", "test")})
         self.last_train: dict[str, float | torch.Tensor] = {}
@@ -80,17 +94,33 @@ class DeepPotentialModule(L.LightningModule):
         dm = self.trainer.datamodule if self._trainer is not None else None
         for name in getattr(dm, "val_set_names", None) or []:
             if name not in self.set_metrics:
-                self.set_metrics[name] = error_metrics()
+                self.set_metrics[name] = self._error_metrics()
         log.info("model backend: %s (%s)", self.model.select_backend(device), device.type)
+
+    def _error_metrics(self):
+        return property_error_metrics() if self.is_property else error_metrics()
+
+    def _update_metrics(self, metrics, pred: dict, batch: dict) -> None:
+        if self.is_property:
+            fit = self.model.fitting
+            update_property_metrics(metrics, pred, batch, fit.property_name, fit.intensive)
+        else:
+            update_error_metrics(metrics, pred, batch)
 
     # ------------------------------------------------------------ statistics
     def data_needs(self) -> dict:
         """What the data module reads (:class:`dpfit.data.system.Needs`): the labels the loss fits (a
         malformed file of one is an error), the labels reported as validation errors (read when well
-        formed), and the model's fparam/aparam widths (0: the files are not read)."""
+        formed), and the model's fparam/aparam widths (0: the files are not read). A property model adds
+        its labels ``<name>`` / ``atom_<name>`` (``extra``), one of which every training system must have."""
         fit = self.model.fitting
-        return {"labels": set(self.loss.labels), "reported": {"energy", "force", "virial"},
-                "numb_fparam": int(fit.numb_fparam), "numb_aparam": int(fit.numb_aparam)}
+        needs = {"labels": set(self.loss.labels), "reported": {"energy", "force", "virial"},
+                 "numb_fparam": int(fit.numb_fparam), "numb_aparam": int(fit.numb_aparam)}
+        if self.is_property:
+            name, width = fit.property_name, fit.task_dim
+            needs.update(reported={name, f"atom_{name}"}, extra=((name, False, width), (f"atom_{name}", True, width)),
+                         required=set(self.loss.labels))
+        return needs
 
     def on_fit_start(self) -> None:
         dm = self.trainer.datamodule
@@ -181,9 +211,9 @@ class DeepPotentialModule(L.LightningModule):
         loss, _ = self.loss(pred, batch, self._lr_ratio(), strict=False)
         nf = batch["coord"].shape[0]
         self.eval_loss[f"{stage}_"].update(loss.detach(), nf)
-        update_error_metrics(self.metrics[f"{stage}_"], pred, batch)
+        self._update_metrics(self.metrics[f"{stage}_"], pred, batch)
         if stage == "val" and len(self.set_metrics):
-            update_error_metrics(self.set_metrics[self.trainer.datamodule.val_set_of(batch["system"])], pred, batch)
+            self._update_metrics(self.set_metrics[self.trainer.datamodule.val_set_of(batch["system"])], pred, batch)
         return pred  # predictions for callbacks (on_validation_batch_end), e.g. parity plots
 
     def validation_step(self, batch: dict, batch_idx: int) -> dict[str, torch.Tensor]:

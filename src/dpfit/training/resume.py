@@ -18,13 +18,16 @@ MEANING = (
     "descriptor.sel", "descriptor.rcut", "descriptor.rcut_smth", "descriptor.neuron", "descriptor.axis_neuron",
     "descriptor.resnet_dt", "descriptor.type_one_side", "descriptor.exclude_types", "descriptor.set_davg_zero",
     "fitting_net.neuron", "fitting_net.resnet_dt", "fitting_net.numb_fparam", "fitting_net.numb_aparam",
+    "fitting_net.type", "fitting_net.property_name", "fitting_net.task_dim", "fitting_net.intensive",
+    "fitting_net.atom_sum",
 )
 #: where the user sets a model setting when the model config takes it from the data group
 USER_KEY = {"type_map": "data.type_map", "descriptor.sel": "data.sel"}
 #: the model's defaults, for a checkpoint or config that leaves a setting out
 DEFAULTS = {"precision": "float64", "descriptor.rcut_smth": 0.5, "descriptor.resnet_dt": False,
             "descriptor.type_one_side": True, "descriptor.exclude_types": [], "descriptor.set_davg_zero": False,
-            "fitting_net.resnet_dt": True, "fitting_net.numb_fparam": 0, "fitting_net.numb_aparam": 0}
+            "fitting_net.resnet_dt": True, "fitting_net.numb_fparam": 0, "fitting_net.numb_aparam": 0,
+            "fitting_net.type": "ener"}
 
 
 def _step_of(path: Path) -> int:
