@@ -73,10 +73,20 @@ def _run(model, coord, atype, fparam=None) -> dict[str, np.ndarray]:
 # ----------------------------------------------------------------------------------------------------------------
 
 
+def _on_backend(model, backend: str):
+    from dpfit.model.kernels import load_library
+
+    if backend == "kernels" and load_library(required=False) is None:
+        pytest.skip("the op library is unavailable")
+    return model.use_backend(backend)
+
+
+@pytest.mark.parametrize("backend", ["compact", "kernels", "static"])
 @pytest.mark.parametrize("kind", ["intensive", "extensive"])
-def test_deepmd_property_predictions_reproduced(fixture, kind):
+def test_deepmd_property_predictions_reproduced(fixture, kind, backend):
+    """On every descriptor backend (dpfit.model.backends)."""
     entry = fixture["models"][kind]
-    model = model_from_deepmd_state(_state(entry)).eval()
+    model = _on_backend(model_from_deepmd_state(_state(entry)).eval(), backend)
     fit = entry["model_params"]["fitting_net"]
     assert isinstance(model, PropertyModel)
     assert (model.property_name, model.task_dim, model.intensive) == (fit["property_name"], fit["task_dim"],
@@ -481,10 +491,12 @@ def test_property_models_beat_the_per_type_baseline(shared_dir, tmp_path):
             assert row["factor"] > 2.0, (case, name, row)
 
 
-def test_loss_gradient_matches_finite_differences():
-    """Training differentiates the property through the descriptor by autograd: the gradient of the loss with
-    respect to every weight, along a random direction, equals a central finite difference."""
-    model = build_model(_config())
+@pytest.mark.parametrize("backend", ["compact", "kernels", "static"])
+def test_loss_gradient_matches_finite_differences(backend):
+    """Training differentiates the property through the descriptor by autograd (on every backend: the
+    kernels' ops carry their backward): the gradient of the loss with respect to every weight, along a
+    random direction, equals a central finite difference."""
+    model = _on_backend(build_model(_config()), backend)
     with torch.no_grad():
         model.fitting.out_bias.uniform_(-1, 1)
         model.fitting.out_std.uniform_(0.5, 2)
