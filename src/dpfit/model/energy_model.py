@@ -80,7 +80,7 @@ class EnergyModel(nn.Module):
 
     @kernels.setter
     def kernels(self, mode: str) -> None:
-        from dpfit.model.kernels.build import check_mode
+        from dpfit.model.kernels import check_mode
 
         check_mode(mode, "model.kernels")
         for module in self.modules():

@@ -14,8 +14,7 @@ from dpfit.data.batch import model_inputs
 from dpfit.errors import ConfigError, NonFiniteLossError
 from dpfit.io.checkpoint import MODEL_CONFIG_KEY
 from dpfit.model import build_model
-from dpfit.model.kernels import compiled_kernels
-from dpfit.model.kernels.build import MODES
+from dpfit.model.kernels import MODES, compiled_kernels
 from dpfit.training.guards import NONFINITE_MODES, nonfinite_message
 from dpfit.training.loss import EnergyLoss
 from dpfit.training.metrics import error_metrics, update_error_metrics

@@ -1,4 +1,4 @@
-"""The compiled embedding-net kernel (``embedding_net.cpp``, the op ``dpfit::value_and_tangent``).
+"""The compiled embedding-net kernel (``csrc/embedding_net.cpp``, the op ``dpfit::value_and_tangent``).
 
 Same values and gradients as :class:`~dpfit.model.tangent_function.ValueAndTangent` (to rounding),
 computed in blocks of rows that stay in the core's cache: each layer's ``tanh`` and ``tx W`` are kept
@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from dpfit.model.kernels.ops import BLOCK_ROWS, value_and_tangent
+from dpfit.model.kernels.ops import BLOCK_ROWS
 
 __all__ = ["BLOCK_ROWS", "compiled_value_and_tangent", "kernel_applies"]
 
@@ -25,5 +25,5 @@ def compiled_value_and_tangent(kinds: tuple[int, ...], has_idt: tuple[bool, ...]
     """``(g, dg/ds)`` of a tanh embedding net on s (rows, 1) through ``dpfit::value_and_tangent``
     (arguments as ValueAndTangent's); the activations for the backward are kept while autograd records."""
     keep = torch.is_grad_enabled() and (s.requires_grad or any(p.requires_grad for p in params))
-    g, t, _ = value_and_tangent(s, params, kinds, has_idt, keep)
+    g, t, _ = torch.ops.dpfit.value_and_tangent(s, params, list(kinds), list(has_idt), keep)
     return g, t

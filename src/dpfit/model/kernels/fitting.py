@@ -1,4 +1,4 @@
-"""The compiled fitting-net kernel (``fitting_net.cpp``, the op ``dpfit::fitting``).
+"""The compiled fitting-net kernel (``csrc/fitting_net.cpp``, the op ``dpfit::fitting``).
 
 Same values and gradients as :meth:`~dpfit.model.network.ResidualMLP.value_and_input_grad` with an
 output gradient of 1 (to rounding): the atomic energies and dE/dx in one forward, and one hand-written
@@ -9,8 +9,6 @@ elementwise work is one pass per layer instead of a dozen small ops.
 from __future__ import annotations
 
 import torch
-
-from dpfit.model.kernels.ops import fitting
 
 
 def fitting_kernel_applies(x: torch.Tensor, layers) -> bool:
@@ -32,5 +30,5 @@ def compiled_fitting(layers, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tenso
     kinds = [layer.kind for layer in layers[:-1]]
     has_idt = [layer.idt is not None for layer in layers[:-1]]
     keep = torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in params))
-    energy, grad, _ = fitting(x, params, kinds, has_idt, keep)
+    energy, grad, _ = torch.ops.dpfit.fitting(x, params, kinds, has_idt, keep)
     return energy, grad
