@@ -109,7 +109,7 @@ def graph_nodes(tensor: torch.Tensor) -> set[str]:
         fn = stack.pop()
         if fn is not None and fn not in seen:
             seen.add(fn)
-            names.add(type(fn).__name__)
+            names.add(fn.name())
             stack.extend(f for f, _ in fn.next_functions)
     return names
 

@@ -1,15 +1,15 @@
-"""The dpfit op library (``csrc/``): built or found, loaded once per process, and its Python parts registered.
+"""The dpfit op library (``csrc/``): built or found, loaded once per process, and its Python part registered.
 
 The library is a plain libtorch shared library (``TORCH_LIBRARY(dpfit, ...)``, no Python): it defines the
-ops ``torch.ops.dpfit.<name>`` and their CPU kernels. Python adds the fake implementations (for
-``torch.compile``, ``torch.fx``, ``torch.export``) and the backward formulas
-(:mod:`dpfit.model.kernels.registration`). Three ways to get it:
+ops ``torch.ops.dpfit.<name>``, their CPU kernels and their autograd kernels. Python adds the fake
+implementations (for ``torch.compile``, ``torch.fx``, ``torch.export``;
+:mod:`dpfit.model.kernels.registration`). Three ways to get it:
 
 - ``DPFIT_OPS_LIBRARY=/path/to/libdpfit_ops.so``: that prebuilt library (e.g. the CMake build of
-  ``csrc/CMakeLists.txt``), loaded as it is; nothing is built;
+  ``CMakeLists.txt``), loaded as it is; nothing is built;
 - otherwise it is built on first use with the system's C++ compiler and ``ninja``
-  (``torch.utils.cpp_extension``; ``pip install dpfit[kernels]``), which takes minutes; a message says so
-  before the build starts. The result is cached under ``TORCH_EXTENSIONS_DIR`` (default
+  (``torch.utils.cpp_extension``; ``pip install dpfit[kernels]``), which takes a minute or two; a message
+  says so before the build starts. The result is cached under ``TORCH_EXTENSIONS_DIR`` (default
   ``~/.cache/torch_extensions``) in a folder keyed by the sources, the flags, the torch and Python
   versions and the instruction set PyTorch dispatches to here (AVX512, AVX2 or none): another virtual
   environment with the same torch reuses it, a source change or a torch upgrade rebuilds it, and a cache
@@ -32,8 +32,8 @@ log = logging.getLogger(__name__)
 
 CSRC = Path(__file__).with_name("csrc")
 #: the sources of the library (the CMake build compiles the same files)
-SOURCES = [CSRC / name for name in ("ops.cpp", "embedding_net.cpp", "slot_contraction.cpp", "environment.cpp",
-                                    "fitting_net.cpp", "descriptor_product.cpp")]
+SOURCES = [CSRC / name for name in ("ops.cpp", "autograd.cpp", "embedding_net.cpp", "slot_contraction.cpp",
+                                    "environment.cpp", "fitting_net.cpp", "descriptor_product.cpp")]
 HEADERS = [CSRC / "kernels.h"]
 #: the environment variable naming a prebuilt library to load instead of building one
 LIBRARY_VARIABLE = "DPFIT_OPS_LIBRARY"
@@ -57,7 +57,7 @@ def library_path() -> str | None:
 
 def load_library(required: bool) -> str | None:
     """The op library loaded (once per process: built, found in the cache, or ``DPFIT_OPS_LIBRARY``),
-    with its fake implementations and autograd formulas registered; returns its path. Where it is
+    with its fake implementations registered; returns its path. Where it is
     unavailable (no compiler or ninja, a broken prebuilt library): a RuntimeError when ``required``,
     else None with one warning per process naming the cause."""
     global _path, _failure, _warned

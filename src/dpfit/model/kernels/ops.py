@@ -7,12 +7,12 @@ from __future__ import annotations
 import torch
 
 from dpfit.model.kernels.library import load_library
-from dpfit.model.kernels.registration import OPS, backward_node, layer_grads
+from dpfit.model.kernels.registration import OPS, backward_node
 
 #: rows per block of the embedding kernel (csrc/ops.cpp)
 BLOCK_ROWS = 128
 
-__all__ = ["BLOCK_ROWS", "OPS", "backward_node", "layer_grads"]
+__all__ = ["BLOCK_ROWS", "OPS", "backward_node"]
 
 
 def __getattr__(name: str):

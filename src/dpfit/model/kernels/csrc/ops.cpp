@@ -1,7 +1,8 @@
-// The dpfit op library: the schemas of the ops torch.ops.dpfit.<name> (TORCH_LIBRARY) and their CPU
-// implementations (TORCH_LIBRARY_IMPL), small adapters from each schema to the kernels of kernels.h.
-// No Python: a C++ host (LAMMPS, a libtorch program) loads the built library with dlopen, or Python with
-// torch.ops.load_library; the fake implementations and autograd formulas are registered from Python
+// The dpfit op library: the schemas of the ops torch.ops.dpfit.<name> (TORCH_LIBRARY), their CPU
+// implementations (small adapters from each schema to the kernels of kernels.h) and their autograd
+// kernels (autograd.cpp), registered here (TORCH_LIBRARY_IMPL). No Python: a C++ host (LAMMPS, a
+// libtorch program) loads the built library with dlopen, or Python with torch.ops.load_library; the fake
+// implementations (torch.compile, torch.fx) are registered from Python
 // (dpfit.model.kernels.registration), which the library names with set_python_module.
 //
 // Ops (CPU, float32/64; int64 indices):
@@ -18,6 +19,10 @@
 #include <vector>
 
 #include "kernels.h"
+
+namespace dpfit {
+void register_autograd(torch::Library& m);  // autograd.cpp
+}
 
 namespace {
 
@@ -247,3 +252,5 @@ TORCH_LIBRARY_IMPL(dpfit, CPU, m) {
   m.impl("descriptor_vjp", TORCH_FN(descriptor_vjp_op));
   m.impl("descriptor_cross_gram", TORCH_FN(descriptor_cross_gram_op));
 }
+
+TORCH_LIBRARY_IMPL(dpfit, Autograd, m) { dpfit::register_autograd(m); }
