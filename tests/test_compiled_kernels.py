@@ -698,6 +698,10 @@ def test_env_geometry_extended_atoms(kernels, tiny_model):
     assert float((want[1] != -davg[ext["atype"][:, :nloc]] / dstd[ext["atype"][:, :nloc]]).sum()) > 100
     torch.library.opcheck(dpfit.env_geometry.default, (ext["coord"], ext["nlist"], None, None, ext["atype"], davg,
                                                        dstd, None, slot_type, rcut_smth, rcut, far))
+    bad = ext["nlist"].clone()
+    bad[1, 0, 0] = ext["coord"].shape[1]
+    with pytest.raises(RuntimeError, match="a neighbor index >= nall"):  # (a C++ host's bad list: an error)
+        geometry(ext["coord"], bad, ext["atype"])
 
 
 def test_reverse_slots_extended_atoms(kernels, tiny_model):

@@ -26,7 +26,7 @@ from dpfit.data.neighbor import build_neighbor_list
 from dpfit.model import EnergyModel, ReferenceEnergyModel, build_model, convert
 from dpfit.model.index_facts import index_facts
 from dpfit.model.kernels import compiled_kernels_mode, kernels_available
-from dpfit.model.kernels.ops import backward_node
+from dpfit.model.kernels.registration import backward_node
 
 pytestmark = pytest.mark.usefixtures("single_torch_thread")
 

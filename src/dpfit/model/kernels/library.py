@@ -41,9 +41,9 @@ _ISA_FLAGS = {
     "AVX512": ["-mavx512f", "-mavx512dq", "-mavx512vl", "-mavx512bw", "-mavx2", "-mfma"],
     "AVX2": ["-mavx2", "-mfma"],
 }
-#: the first build, said before it starts (measured with g++ 12: 314 CPU-seconds, 1.7 GB per compiler;
-#: 10.3 min wall on 2 cores shared with other jobs)
-BUILD_TIME = "about 3 minutes on 2 free cores, 10 on a busy machine"
+#: the first build, said before it starts (measured with g++ 12: 54 CPU-seconds, 29 s wall on 2 free
+#: cores; 91-113 s on 2 cores shared with other jobs)
+BUILD_TIME = "about 30 s on 2 free cores, 2 minutes on a busy machine"
 
 _path: str | None = None  # the library this process loaded
 _failure: str | None = None  # why it could not be loaded (remembered: tried once per process)

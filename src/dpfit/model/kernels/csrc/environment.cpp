@@ -94,6 +94,8 @@ std::vector<at::Tensor> env_geometry(const at::Tensor& coord, const at::Tensor& 
   const int64_t nall = coord.size(1), natype = atype.size(1);
   TORCH_CHECK(coord.size(0) == nf && atype.size(0) == nf && nall >= nloc && natype >= nloc,
               "env_geometry: coord (nf, nall >= nloc, 3) and atype (nf, >= nloc) for nlist (nf, nloc, nnei)");
+  TORCH_CHECK(nlist.numel() == 0 || nlist.max().item<int64_t>() < nall, "env_geometry: a neighbor index >= nall = ",
+              nall, " (coord's atoms per frame)");
   const bool periodic = shift.numel() > 0;
   TORCH_CHECK(!periodic || (shift.is_contiguous() && shift.scalar_type() == at::kLong && box.is_contiguous()),
               "contiguous int64 shift and box");
