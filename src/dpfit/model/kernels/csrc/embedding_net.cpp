@@ -7,7 +7,8 @@
 // register-tiled kernel below (these products are thin: 25 to 100 wide, 128 rows; BLAS runs them at
 // 27-39 GFLOP/s per core on the development machine, this kernel at 44-54); otherwise the BLAS that
 // torch links (sgemm_/dgemm_).
-#include <torch/extension.h>
+#include "kernels.h"
+
 #include <ATen/Parallel.h>
 #if defined(__AVX512F__)
 #include <immintrin.h>
@@ -585,62 +586,4 @@ std::vector<at::Tensor> value_and_tangent_backward(const at::Tensor& s, const at
   std::vector<at::Tensor> out{need_s ? grad_s : at::empty({0}, s.options())};
   out.insert(out.end(), grads.begin(), grads.end());
   return out;
-}
-
-// slot_contraction.cpp
-at::Tensor slot_gt(const at::Tensor& g, const at::Tensor& index, const at::Tensor& r);
-std::vector<at::Tensor> slots_of_rows(const at::Tensor& index, int64_t n_rows);
-std::vector<at::Tensor> block_rows(const at::Tensor& s, const at::Tensor& mask, const at::Tensor& atype,
-                                   const at::Tensor& partner, int64_t lo, int64_t kept,
-                                   const std::vector<int64_t>& centers, const at::Tensor& pad);
-at::Tensor slot_rows(const at::Tensor& coef, const at::Tensor& per_atom, const at::Tensor& order, const at::Tensor& ptr,
-                     int64_t n_rows, int64_t k, const c10::optional<at::Tensor>& base);
-std::vector<at::Tensor> slot_rows_value_and_tangent(const at::Tensor& coef_a, const at::Tensor& coef_b, const at::Tensor& per_atom,
-                                   const at::Tensor& order, const at::Tensor& ptr, const at::Tensor& valid, int64_t n_rows,
-                                   int64_t k);
-std::vector<at::Tensor> slot_env(const at::Tensor& g, const at::Tensor& t, const at::Tensor& index, const at::Tensor& valid,
-                                 const at::Tensor& gbar);
-at::Tensor slot_env_gbar(const at::Tensor& g, const at::Tensor& t, const at::Tensor& index, const at::Tensor& valid,
-                         const at::Tensor& grad_part, const at::Tensor& grad_tds);
-
-// environment.cpp
-std::vector<at::Tensor> env_geometry(const at::Tensor& coord, const at::Tensor& nlist, const at::Tensor& shift,
-                                     const at::Tensor& box, const at::Tensor& atype, const at::Tensor& davg,
-                                     const at::Tensor& dstd, const at::Tensor& keep, const at::Tensor& slot_type,
-                                     double rcut_smth, double rcut, double far);
-at::Tensor env_jacobian_apply(const at::Tensor& jac, const at::Tensor& v, bool transpose);
-at::Tensor reverse_slots(const at::Tensor& nlist, const at::Tensor& shift, const at::Tensor& atype,
-                         const std::vector<int64_t>& sections);
-
-// descriptor_product.cpp
-at::Tensor descriptor_gram(const at::Tensor& x, const at::Tensor& y, int64_t a, bool symmetric);
-at::Tensor descriptor_vjp(const at::Tensor& x, const at::Tensor& w);
-
-// fitting_net.cpp
-std::vector<at::Tensor> fitting_forward(const at::Tensor& x0, const std::vector<at::Tensor>& matrices,
-                                        const std::vector<at::Tensor>& biases, const std::vector<at::Tensor>& idts,
-                                        const std::vector<int64_t>& kinds, bool keep);
-std::vector<at::Tensor> fitting_backward(const at::Tensor& x0, const c10::optional<at::Tensor>& grad_e,
-                                         const c10::optional<at::Tensor>& grad_g0,
-                                         const std::vector<at::Tensor>& matrices, const std::vector<at::Tensor>& biases,
-                                         const std::vector<at::Tensor>& idts, const std::vector<int64_t>& kinds,
-                                         const std::vector<at::Tensor>& kept, bool need_x);
-
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("descriptor_gram", &descriptor_gram, "sum_c x[n, c, i] y[n, c, j] per atom, j < a (symmetric: + the swap)");
-  m.def("descriptor_vjp", &descriptor_vjp, "the gradient of D = G^T G< for G under a cotangent, per atom");
-  m.def("fitting_forward", &fitting_forward, "fitting net energies and their input gradient");
-  m.def("fitting_backward", &fitting_backward, "the backward of fitting_forward's two outputs");
-  m.def("env_geometry", &env_geometry, "pair vectors, normalized environment matrix and its Jacobian");
-  m.def("env_jacobian_apply", &env_jacobian_apply, "J v per slot (or J^T v)");
-  m.def("reverse_slots", &reverse_slots, "flat slot of each slot's reverse pair, or -1");
-  m.def("block_rows", &block_rows, "a neighbor-type block's embedding row inputs and each slot's row");
-  m.def("slots_of_rows", &slots_of_rows, "CSR of rows -> flat slots (counting sort)");
-  m.def("slot_gt", &slot_gt, "sum_j R[n, j]^T G[index[n, j]] per atom");
-  m.def("slot_rows", &slot_rows, "per-row sums over slots of coef[s] . per_atom[n(s)], onto base (or zeros)");
-  m.def("slot_rows_value_and_tangent", &slot_rows_value_and_tangent, "slot_rows for two coefficient sets sharing per_atom, over the valid slots");
-  m.def("slot_env", &slot_env, "G[index] . gbar and T[index] . gbar per valid slot (zeros elsewhere)");
-  m.def("slot_env_gbar", &slot_env_gbar, "the gradient of slot_env for gbar");
-  m.def("value_and_tangent", &value_and_tangent, "embedding net value and ds-tangent, in row blocks");
-  m.def("value_and_tangent_backward", &value_and_tangent_backward, "their backward from the kept activations");
 }

@@ -8,13 +8,11 @@
 // (k = 0 .. L-1), then down the value chain (k = L-1 .. 0), each layer's weight gradient taking one
 // product from each. The products go to ATen's matrix multiply (MKL, all threads); everything between
 // them is one pass over the (rows x width) arrays.
-#include <torch/extension.h>
+#include "kernels.h"
+
 #include <ATen/Parallel.h>
 
 #include <vector>
-
-void vector_tanh(float* h, size_t n);
-void vector_tanh(double* h, size_t n);
 
 namespace {
 
