@@ -114,12 +114,10 @@ def keep_input_copy(cfg: DictConfig, out: Path) -> None:
 
 # ---------------------------------------------------------------------------------------------- sel=auto
 def _checkpoint_sel(path: str) -> list[int] | None:
-    import torch
-
-    from dpfit.io.checkpoint import MODEL_CONFIG_KEY
+    from dpfit.io.checkpoint import MODEL_CONFIG_KEY, load_checkpoint
 
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+        ckpt = load_checkpoint(path, mmap=True)  # safely; an unreadable or unsafe file is reported by the resume
         return [int(s) for s in ckpt["hyper_parameters"][MODEL_CONFIG_KEY]["descriptor"]["sel"]]
     except Exception:  # noqa: BLE001 - unreadable here: the resume reports it
         return None
