@@ -122,15 +122,15 @@ def _resume_args(run: Path, *extra: str) -> list[str]:
 
 
 @pytest.mark.parametrize(("extra", "expected"), [
-    (["data.type_map=[Ni,Cu]"], ["data.type_map=[Ni,Cu] (checkpoint: [Cu,Ni])"]),
+    (["data.type_map=[Ni,Cu]"], ["data.type_map=[Ni,Cu] (the run's: [Cu,Ni])"]),
     (["model.descriptor.rcut=5.0", "model.precision=float32", "data.sel=[60,72]"],
-     ["model.precision=float32 (checkpoint: float64)", "model.descriptor.rcut=5.0 (checkpoint: 6.0)",
-      "data.sel=[60,72] (checkpoint: [72,72])"]),
+     ["model.precision=float32 (the run's: float64)", "model.descriptor.rcut=5.0 (the run's: 6.0)",
+      "data.sel=[60,72] (the run's: [72,72])"]),
     (["model.descriptor.type_one_side=false", "model.descriptor.exclude_types=[[0,1]]",
       "model.fitting_net.numb_fparam=1", "model.fitting_net.neuron=[16,8]", "model.descriptor.rcut_smth=0.6"],
-     ["model.descriptor.type_one_side=false (checkpoint: true)", "model.descriptor.rcut_smth=0.6 (checkpoint: 0.5)",
-      "model.descriptor.exclude_types=[[0,1]] (checkpoint: [])", "model.fitting_net.numb_fparam=1 (checkpoint: 0)",
-      "model.fitting_net.neuron=[16,8] (checkpoint: [16,16])"]),
+     ["model.descriptor.type_one_side=false (the run's: true)", "model.descriptor.rcut_smth=0.6 (the run's: 0.5)",
+      "model.descriptor.exclude_types=[[0,1]] (the run's: [])", "model.fitting_net.numb_fparam=1 (the run's: 0)",
+      "model.fitting_net.neuron=[16,8] (the run's: [16,16])"]),
 ])
 def test_resume_with_a_different_model_is_refused(extra, expected, trained, tmp_path, capsys, monkeypatch):
     run = tmp_path / "run"
@@ -138,7 +138,7 @@ def test_resume_with_a_different_model_is_refused(extra, expected, trained, tmp_
     before = (run / "config.yaml").read_text()
     rc, out, err = _cli("train", _resume_args(run, "ckpt_path=last", "trainer.max_steps=6", *extra), capsys, monkeypatch)
     line = _one_error_line(out, err)
-    assert rc == 1 and all(e in line for e in expected) and "ckpt_init=" in line, line
+    assert rc == 2 and all(e in line for e in expected) and "ckpt_init=" in line, line
     assert (run / "config.yaml").read_text() == before and (run / "csv" / "metrics.csv").is_file()
 
 
@@ -328,13 +328,13 @@ def test_sigterm_saves_the_current_step_exits_143_and_resumes_exactly(tmp_path):
     stopped_at, _ = _state(run / "checkpoints" / "last.ckpt")
     assert 5 <= stopped_at < STEPS
     line = err.rstrip().splitlines()[-1]
-    assert line.startswith(f"error: stopped by SIGTERM at step {stopped_at}") and "ckpt_path=last" in line, line
+    assert line.startswith(f"error: stopped by SIGTERM at step {stopped_at}") and f"ckpt_path={run}`" in line, line
     assert "stopped by SIGTERM" in (run / "INCOMPLETE").read_text()
     assert not (run / LOCK).exists()
     assert [p.name for p in (run / "checkpoints").iterdir()] == ["last.ckpt"]  # saved at the stop, not periodically
 
     train(compose_train(_preempt_args(), full))
-    train(compose_train([*_preempt_args(), "ckpt_path=last"], run))
+    train(compose_train([f"ckpt_path={run}"], run))  # the advice: the run folder alone, no override repeated
     step_full, w_full = _state(full / "checkpoints" / "last.ckpt")
     step_res, w_res = _state(run / "checkpoints" / "last.ckpt")
     assert step_full == step_res == STEPS
