@@ -266,6 +266,7 @@ class DeepPotentialModule(L.LightningModule):
         ``val_check_interval`` is, so the final numbers are those of the final weights."""
         if 0 < self.trainer.max_steps <= self.global_step:
             self.trainer.should_stop = True
+            _validate_every_frame_next(self.trainer)
 
     def on_test_epoch_end(self) -> None:
         self._log_metrics("test")
@@ -309,6 +310,22 @@ def wandb_run_id(trainer) -> str | None:
         if isinstance(logger, WandbLogger):
             return logger.version
     return None
+
+
+def _validate_every_frame_next(trainer) -> None:
+    """The validation at the last step covers every validation frame, whatever ``trainer.limit_val_batches``
+    and ``data.numb_btch`` limit the periodic ones to: the final numbers are the whole set's (the validation
+    loop builds its batches again). Without Lightning's loop attribute, train.py validates once more."""
+    loop = getattr(getattr(getattr(trainer, "fit_loop", None), "epoch_loop", None), "val_loop", None)
+    if loop is None or not hasattr(loop, "_combined_loader"):
+        return
+    dm = trainer.datamodule
+    if trainer.limit_val_batches == 1.0 and getattr(dm, "numb_btch", None) is None:
+        return  # already the whole set
+    trainer.limit_val_batches = 1.0
+    if dm is not None and hasattr(dm, "numb_btch"):
+        dm.numb_btch = None
+    loop._combined_loader = None
 
 
 def _refuse_nonfinite_statistics(model, batches: list[dict], dm) -> None:
