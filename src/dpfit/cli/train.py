@@ -343,7 +343,9 @@ def _newest_intact(out: Path) -> str:
     from dpfit.training.resume import newest_readable
 
     found = newest_readable(out / "checkpoints") if (out / "checkpoints").is_dir() else None
-    return f"the newest checkpoint {found[0]} (step {found[1]}) is intact" if found else "no checkpoint was written"
+    if found:
+        return f"the newest checkpoint {found[0]} (step {found[1]}) is intact"
+    return "no checkpoint was written yet (the run will train again from step 0)"
 
 
 def _fit(cfg: DictConfig, out: Path, resume_from: str | None, restart: bool, wandb_id: str | None):
@@ -376,6 +378,18 @@ def _fit(cfg: DictConfig, out: Path, resume_from: str | None, restart: bool, wan
                         signal.SIGTERM) from exc
     except Preempted:
         raise  # the Preemption callback wrote the marker (or train() does, before training started)
+    except SystemExit:  # Lightning ends a Ctrl-C (KeyboardInterrupt) with exit(1) after its teardown
+        from lightning.pytorch.trainer.states import TrainerStatus
+
+        if trainer.state.status != TrainerStatus.INTERRUPTED:
+            raise
+        import signal
+
+        message = (f"interrupted (Ctrl-C) at step {trainer.global_step}; {_newest_intact(out)}: continue with "
+                   f"{resume_command(out)}")
+        if trainer.is_global_zero:
+            write_marker(out, message + "\n")
+        raise Preempted(message, signal.SIGINT) from None
     except Exception as exc:
         failed = _write_failure(exc)
         if failed is not None:  # disk full, file too large, quota: say what is safe and how to continue
@@ -472,12 +486,13 @@ def _print_summary(metrics: dict, step: int, out: Path, sets: list[str] | tuple 
         console.print(f"run folder: {out}")
         return
     on = f"all {frames} validation frames" if frames >= total else f"{frames} of the {total} validation frames"
-    table = Table(title=f"Validation errors at step {step} (the last step), on {on}")
+    table = Table(title=f"Validation errors at step {step} (the last step)")
     for col in (("set",) if sets else ()) + ("quantity", "RMSE", "MAE"):
         table.add_column(col)
     for row in summary_rows(metrics, sets):
         table.add_row(*(escape(c) for c in row))  # "[eV]" would be read as rich markup
     console.print(table)
+    print(f"computed on {on}")
     console.print(f"run folder: {out}")
 
 

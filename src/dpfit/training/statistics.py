@@ -33,9 +33,10 @@ def descriptor_statistics(model: EnergyModel, batches: list[dict], protect: floa
     for t in range(nt):
         if count[t] == 0:
             continue
-        avg_r = s0[t] / count[t]
-        std_r = np.sqrt(max(s00[t] / count[t] - avg_r**2, 0.0))
-        std_a = np.sqrt(saa[t] / (3 * count[t]))
+        with np.errstate(invalid="ignore", over="ignore"):  # non-finite data: refused after the statistics
+            avg_r = s0[t] / count[t]
+            std_r = np.sqrt(max(s00[t] / count[t] - avg_r**2, 0.0))
+            std_a = np.sqrt(saa[t] / (3 * count[t]))
         davg[t, :, 0] = 0.0 if desc.set_davg_zero else avg_r
         dstd[t, :, 0] = max(std_r, protect)
         dstd[t, :, 1:] = max(std_a, protect)
