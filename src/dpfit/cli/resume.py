@@ -331,7 +331,10 @@ def prepare_argv(argv: list[str]) -> list[str]:
     out = list(argv)
     same = run_dir is None or Path(run_dir).absolute() == run
     if run_dir is None:
-        out.append(f"hydra.run.dir={run}")
+        from dpfit.cli.deepmd import _quoted
+        from dpfit.io.deepmd_input import literal
+
+        out.append(f"hydra.run.dir={_quoted(literal(str(run)))}")
     if same and _value_of(argv, "hydra.output_subdir") is None:
         out.append("hydra.output_subdir=null")  # the run's .hydra/ stays as its first command wrote it
     task = [a for a in argv if not _flag(a) and not a.lstrip("+~").startswith("hydra.")]
