@@ -351,15 +351,9 @@ def prepare_argv(argv: list[str]) -> list[str]:
         return out
     changes = compare(_container(base), _container(new), OmegaConf.to_container(stored))
     if changes.refused:
-        from dpfit.cli.errors import wants_traceback
-
-        exc = refusal(str(ckpt_arg), run, changes.refused)
-        if wants_traceback(argv):
-            import traceback
-
-            traceback.print_stack()
         import sys
 
+        exc = refusal(str(ckpt_arg), run, changes.refused)
         sys.stderr.write(f"error: {exc}\n")
         raise SystemExit(exc.exit_code)
     return out

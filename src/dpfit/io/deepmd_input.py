@@ -89,12 +89,11 @@ def _literal_strings(value: Any) -> Any:
 
 #: keys accepted only at the listed values (the behaviour dpfit implements); anything else is unsupported
 ACCEPTED_VALUES = {
-    "model.type": ("standard",),
+    **{key: types for key, types in IMPLEMENTED_TYPES.items() if key != "model.descriptor.type"},
     "model.data_stat_protect": (0.01,),
     "model.descriptor.activation_function": ("tanh",),
     "model.descriptor.trainable": (True,),
     "model.descriptor.env_protection": (0.0, 0),
-    "model.fitting_net.type": ("ener",),
     "model.fitting_net.activation_function": ("tanh",),
     "model.fitting_net.trainable": (True,),
     "model.fitting_net.rcond": (None,),
@@ -104,7 +103,6 @@ ACCEPTED_VALUES = {
     "model.atom_exclude_types": ([],),
     "learning_rate.type": ("exp",),
     "learning_rate.decay_rate": (None,),
-    "loss.type": ("ener",),
     "loss.enable_atom_ener_coeff": (False,),
     "loss.start_pref_gf": (0, 0.0),
     "loss.limit_pref_gf": (0, 0.0),
@@ -219,7 +217,7 @@ class _Converter:
 
     def descriptor(self, desc: dict) -> None:
         dtype = desc.get("type", "se_e2_a")
-        if dtype not in ("se_e2_a", "se_a"):
+        if dtype not in IMPLEMENTED_TYPES["model.descriptor.type"]:
             self.reject("model.descriptor.type", dtype, show_value=True)
             return
         values = {**DESCRIPTOR_DEFAULTS}
