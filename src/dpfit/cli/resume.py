@@ -329,8 +329,12 @@ def prepare_argv(argv: list[str]) -> list[str]:
     if run is None or not (run / STORED_CONFIG).is_file():
         return argv
     out = list(argv)
-    same = run_dir is None or Path(run_dir).absolute() == run
-    if run_dir is None:
+    # the run folder itself, `last` or its newest checkpoint continue in place; an older checkpoint without
+    # hydra.run.dir branches into a new folder (its later checkpoints stay as they are)
+    in_place = str(ckpt_arg) == "last" or Path(str(ckpt_arg)).is_dir() or Path(str(ckpt_arg)).name.startswith(
+        ("last", "hpc_ckpt_"))
+    same = Path(run_dir).absolute() == run if run_dir is not None else in_place
+    if run_dir is None and in_place:
         from dpfit.cli.deepmd import _quoted
         from dpfit.io.deepmd_input import literal
 
