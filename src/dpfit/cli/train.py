@@ -181,6 +181,7 @@ def _hydra_state() -> tuple[RunMode | None, list[str]]:
 
 def _check_launch(cfg: DictConfig, trainer) -> None:
     """Stop launches that would make several run folders or resume the wrong run, with the fix."""
+    _refuse_last_without_run_folder(cfg)
     mode, hydra_overrides = _hydra_state()
     run_dir_given = any(o.startswith("hydra.run.dir=") for o in hydra_overrides)
     if mode == RunMode.RUN and not run_dir_given:
