@@ -8,12 +8,14 @@ from omegaconf import DictConfig
 
 from dpfit.cli.config_dir import CONFIG_DIR
 from dpfit.cli.errors import one_line_errors, run_cli
+from dpfit.cli.validate import validate_freeze_config
 from dpfit.io.freeze_formats import freeze_checkpoint
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="freeze")
 @one_line_errors
 def _hydra_main(cfg: DictConfig) -> None:
+    validate_freeze_config(cfg)  # precision, format, min_nbor_dist: one line naming the key, exit 2
     fmt = str(cfg.get("format", "dpfit"))
     out, model = freeze_checkpoint(to_absolute_path(cfg.ckpt_path), to_absolute_path(cfg.output), fmt=fmt,
                                    precision=cfg.get("precision"), overwrite=bool(cfg.get("overwrite", False)),

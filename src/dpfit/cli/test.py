@@ -19,6 +19,7 @@ from omegaconf import DictConfig, ListConfig
 
 from dpfit.cli.config_dir import CONFIG_DIR
 from dpfit.cli.errors import one_line_errors, run_cli
+from dpfit.cli.validate import validate_test_config
 from dpfit.data.system import DataError, load_systems
 from dpfit.inference.evaluate import (
     error_metrics,
@@ -174,6 +175,7 @@ def _run_property(cfg: DictConfig, model: PropertyModel, ckpt: Path, device: tor
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="test")
 @one_line_errors
 def _hydra_main(cfg: DictConfig) -> None:
+    validate_test_config(cfg)  # precision, device, impl, kernels: one line naming the key, exit 2
     run(cfg, out_dir=Path(HydraConfig.get().runtime.output_dir))
 
 

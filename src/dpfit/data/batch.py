@@ -22,7 +22,8 @@ def make_sample(system: FrameSource, index: int, rcut: float, sel: list[int], ba
     ``min_distance`` > 0: a :class:`~dpfit.data.system.DataError` naming file and frame when two atoms are
     closer (the check of frames not scanned before training)."""
     frame = system.frame(index)
-    check_min_distance(system, index, frame["coord"], frame["box"], min_distance)
+    if min_distance > 0:
+        check_min_distance(system, index, frame["coord"], frame["box"], min_distance)
     nl = build_neighbor_list(frame["coord"], frame["atype"], frame["box"], rcut, sel, warn=False, backend=backend)
     frame["nlist"] = nl.nlist
     frame["shift"] = nl.shift

@@ -93,6 +93,13 @@ def _pairs(coord: np.ndarray, box: np.ndarray | None, rcut: float, backend: str 
 def closest_pair(coord: np.ndarray, box: np.ndarray | None, cutoff: float) -> tuple[int, int, float] | None:
     """(i, j, distance) of the closest pair of atoms (an atom and a periodic image included) nearer than
     ``cutoff`` Å, else None: a cell-list search with that small cutoff."""
+    pair = nearest_pair(coord, box, cutoff)
+    return pair if pair is not None and pair[2] < cutoff else None
+
+
+def nearest_pair(coord: np.ndarray, box: np.ndarray | None, cutoff: float = 0.0) -> tuple[int, int, float] | None:
+    """(i, j, distance) of the closest pair of atoms (periodic images included) within the search radius
+    max(``cutoff``, the atoms' mean spacing), else None: one cell-list search of about one cell per atom."""
     coord = np.ascontiguousarray(coord, dtype=np.float64)
     box = None if box is None else np.ascontiguousarray(box, dtype=np.float64).reshape(3, 3)
     # search at least as far as the mean spacing of the atoms: the cell list then has about one cell per
@@ -106,7 +113,7 @@ def closest_pair(coord: np.ndarray, box: np.ndarray | None, cutoff: float) -> tu
         heights = volume / np.linalg.norm(np.cross(box[[1, 2, 0]], box[[2, 0, 1]]), axis=1)
         search = min(search, max(float(cutoff), 0.49 * float(heights.min())))
     i, j, _, d = _pairs(coord, box, search)
-    if not len(d) or d.min() >= cutoff:
+    if not len(d):
         return None
     k = int(np.argmin(d))
     return int(i[k]), int(j[k]), float(d[k])

@@ -247,11 +247,17 @@ class FrameSource:
         """(file, frame in that file) of frame ``index``: for messages."""
         return self.name, index
 
+    #: the smallest distance between two atoms (Å) over every frame, set by :meth:`check` (inf: none found)
+    nearest_distance: float | None = None
+
     def check(self, min_distance: float = 0.0) -> None:
-        """Read every frame once: NaN/inf, singular cells, atoms closer than ``min_distance`` Å."""
+        """Read every frame once: NaN/inf, singular cells, atoms closer than ``min_distance`` Å (and the
+        smallest distance between two atoms, :attr:`nearest_distance`)."""
+        nearest = float("inf")
         for index in range(self.nframes):
             frame = self.frame(index)
-            check_min_distance(self, index, frame["coord"], frame["box"], min_distance)
+            nearest = min(nearest, check_min_distance(self, index, frame["coord"], frame["box"], min_distance))
+        self.nearest_distance = nearest
 
     @property
     def type_counts(self) -> np.ndarray:
@@ -278,19 +284,23 @@ def _check_cells(boxes: np.ndarray, file, first: int = 0) -> None:
 
 
 def check_min_distance(system: FrameSource, index: int, coord: np.ndarray, box: np.ndarray | None,
-                       min_distance: float) -> None:
+                       min_distance: float) -> float:
     """:class:`DataError` naming file and frame when two atoms (or an atom and an image) are closer than
-    ``min_distance`` Å (a cell-list search with that cutoff: microseconds per frame)."""
-    if not min_distance > 0 or len(coord) < 2 and box is None:
-        return
-    from dpfit.data.neighbor import closest_pair
+    ``min_distance`` Å (a cell-list search with a small cutoff: microseconds per frame). Returns the
+    frame's smallest distance between two atoms found by that search (inf: none within it)."""
+    if len(coord) < 2 and box is None:
+        return float("inf")
+    from dpfit.data.neighbor import nearest_pair
 
-    pair = closest_pair(coord, box, min_distance)
-    if pair is not None:
+    pair = nearest_pair(coord, box, max(float(min_distance), 0.0))
+    if pair is None:
+        return float("inf")
+    if min_distance > 0 and pair[2] < min_distance:
         i, j, d = pair
         file, local = system.where(index, "coord")
         raise DataError(f"{file}: atoms {i} and {j} of frame {local} are {d:.3g} Å apart, closer than "
                         f"data.min_distance={min_distance:g} Å (duplicated atoms or wrong units?)")
+    return pair[2]
 
 
 def _map_types(path, atype: np.ndarray, sys_map: list[str] | None, type_map: list[str] | None):
@@ -363,6 +373,9 @@ class SetSystem(FrameSource):
         nf = coord.shape[0] if len(coord.shape) > 1 else 1
         if coord.size == 0 or nf == 0:
             raise DataError(f"{folder}/coord.npy: no frames")
+        if len(coord.shape) == 2 and coord.shape[0] == 3 * natoms and coord.shape[1] != 3 * natoms:
+            raise DataError(f"{folder}/coord.npy: shape {coord.shape} looks transposed: expected (nframes, "
+                            f"{3 * natoms}) for {natoms} atoms (one frame per row)")
         st = _Set(folder, nf)
         for key, ref in refs.items():
             file = st.file(key)
@@ -371,7 +384,9 @@ class SetSystem(FrameSource):
             if key not in ("coord", "box") and not needs.wants(key):
                 continue  # not used by the model or loss: not validated
             shape = ref.shape
-            if key in ("coord", "force") and len(shape) == 3 and shape[1:] == (3, natoms) and natoms != 3:
+            transposed = (len(shape) == 3 and shape[1:] == (3, natoms) and natoms != 3) or (
+                key == "force" and len(shape) == 2 and shape == (3 * natoms, nf) and nf != 3 * natoms)
+            if key in ("coord", "force") and transposed:
                 raise DataError(f"{file}: shape {shape} looks transposed: expected (nframes, {natoms}, 3) or "
                                 f"(nframes, {3 * natoms}) for {natoms} atoms")
             shape_of = needs.width(key)
@@ -445,6 +460,7 @@ class SetSystem(FrameSource):
     def check(self, min_distance: float = 0.0, chunk_bytes: int = 1 << 24) -> None:
         """Every frame of every array read (in chunks, vectorised): NaN/inf, singular cells, and atoms
         closer than ``min_distance``; the first problem is a :class:`DataError` naming file and frame."""
+        nearest = float("inf")
         for k, st in enumerate(self.sets):
             rows_per_chunk = max(1, chunk_bytes // (8 * max(3 * self.natoms, 9)))
             for a in range(0, st.nframes, rows_per_chunk):
@@ -460,11 +476,12 @@ class SetSystem(FrameSource):
                             read[key] = data
                 if self.pbc:
                     _check_cells(read["box"], st.file("box"), a)
-                if min_distance > 0:
-                    for r in range(b - a):
-                        box = read["box"][r].reshape(3, 3) if self.pbc else None
-                        check_min_distance(self, int(self._offsets[k]) + a + r,
-                                           read["coord"][r].reshape(self.natoms, 3), box, min_distance)
+                for r in range(b - a):
+                    box = read["box"][r].reshape(3, 3) if self.pbc else None
+                    nearest = min(nearest, check_min_distance(self, int(self._offsets[k]) + a + r,
+                                                              read["coord"][r].reshape(self.natoms, 3), box,
+                                                              min_distance))
+        self.nearest_distance = nearest
 
 
 def _read_type_raw(file: Path) -> np.ndarray:

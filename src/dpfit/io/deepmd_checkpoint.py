@@ -60,11 +60,10 @@ def _load_mlp(mlp, state: dict, prefix: str) -> None:
 
 def load_deepmd_checkpoint(path: str | Path, precision: str | None = None) -> EnergyModel | PropertyModel:
     """Build a dpfit model from a DeePMD-kit checkpoint file, weights and statistics included."""
+    from dpfit.io.checkpoint import load_checkpoint
+
     path = Path(path)
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as exc:
-        raise ValueError(f"{path}: cannot be read as a torch checkpoint ({exc})") from exc
+    ckpt = load_checkpoint(path)  # safely: weights_only with dpfit's allowlist
     if not is_deepmd_checkpoint(ckpt):
         raise ValueError(f"{path}: not a DeePMD-kit checkpoint (no model._extra_state)")
     return model_from_deepmd_state(ckpt["model"], precision=precision, source=str(path))

@@ -34,14 +34,70 @@ LR_DEFAULTS = {"start_lr": 1e-3, "stop_lr": 1e-8, "decay_steps": 5000}
 TRAINING_DEFAULTS = {"disp_freq": 1000, "save_freq": 1000}
 PRECISIONS = ("float64", "float32")
 
+#: the DeePMD-kit model, descriptor, fitting and loss types dpfit implements. Any other type is refused
+#: (exit 2): translated, it would train a different model than the input describes.
+IMPLEMENTED_TYPES = {
+    "model.type": ("standard",),
+    "model.descriptor.type": ("se_e2_a", "se_a"),
+    "model.fitting_net.type": ("ener", "property"),
+    "loss.type": ("ener", "property"),
+}
+#: the type a section has when the input leaves ``type`` out (DeePMD-kit's defaults)
+DEFAULT_TYPES = {"model.type": "standard", "model.descriptor.type": None, "model.fitting_net.type": "ener",
+                 "loss.type": "ener"}
+
+
+class UnimplementedTypeError(ValueError):
+    """An input.json asks for a model, descriptor, fitting or loss type dpfit does not implement."""
+
+    exit_code = 2
+
+
+def unimplemented_types(input_json: dict) -> list[str]:
+    """``section.type=value (dpfit implements ...)`` for each type of :data:`IMPLEMENTED_TYPES` not implemented."""
+    found = []
+    for key, implemented in IMPLEMENTED_TYPES.items():
+        node: Any = input_json
+        for part in key.split(".")[:-1]:
+            node = node.get(part) if isinstance(node, dict) else None
+        if not isinstance(node, dict):
+            continue
+        value = node.get("type", DEFAULT_TYPES[key])
+        if value is not None and value not in implemented:
+            found.append(f"{key}={value!r} (dpfit implements {', '.join(implemented)})")
+    return found
+
+
+def literal(text: str) -> str:
+    """``text`` as an OmegaConf value that reads back as itself: ``${...}`` in it is not an interpolation."""
+    import re
+
+    return re.sub(r"(\\*)\$\{", lambda m: "\\" * (2 * len(m.group(1)) + 1) + "${", text)
+
+
+class _Interpolation(str):
+    """A string the translation writes as an interpolation on purpose (``${paths.data_root}/...``)."""
+
+
+def _literal_strings(value: Any) -> Any:
+    if isinstance(value, _Interpolation):
+        return str(value)
+    if isinstance(value, str):
+        return literal(value)
+    if isinstance(value, list):
+        return [_literal_strings(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _literal_strings(v) for k, v in value.items()}
+    return value
+
+
 #: keys accepted only at the listed values (the behaviour dpfit implements); anything else is unsupported
 ACCEPTED_VALUES = {
-    "model.type": ("standard",),
+    **{key: types for key, types in IMPLEMENTED_TYPES.items() if key != "model.descriptor.type"},
     "model.data_stat_protect": (0.01,),
     "model.descriptor.activation_function": ("tanh",),
     "model.descriptor.trainable": (True,),
     "model.descriptor.env_protection": (0.0, 0),
-    "model.fitting_net.type": ("ener",),
     "model.fitting_net.activation_function": ("tanh",),
     "model.fitting_net.trainable": (True,),
     "model.fitting_net.rcond": (None,),
@@ -53,7 +109,6 @@ ACCEPTED_VALUES = {
     "model.atom_exclude_types": ([],),
     "learning_rate.type": ("exp",),
     "learning_rate.decay_rate": (None,),
-    "loss.type": ("ener",),
     "loss.enable_atom_ener_coeff": (False,),
     "loss.start_pref_gf": (0, 0.0),
     "loss.limit_pref_gf": (0, 0.0),
@@ -112,13 +167,15 @@ class _Converter:
             except ValueError:
                 pass
             else:
-                return "${paths.data_root}" if str(rel) == "." else "${paths.data_root}/" + rel.as_posix()
+                root = "${paths.data_root}"
+                return _Interpolation(root if str(rel) == "." else f"{root}/{literal(rel.as_posix())}")
         return str(resolved)
 
     def systems(self, value) -> list[str]:
         return [self.system_path(v) for v in ([value] if isinstance(value, str) else list(value))]
 
     def put(self, dotted: str, value: Any) -> None:
+        value = _literal_strings(value)  # text from the json is taken literally (never an interpolation)
         node = self.out
         *parents, last = dotted.split(".")
         for p in parents:
@@ -167,7 +224,7 @@ class _Converter:
 
     def descriptor(self, desc: dict) -> None:
         dtype = desc.get("type", "se_e2_a")
-        if dtype not in ("se_e2_a", "se_a"):
+        if dtype not in IMPLEMENTED_TYPES["model.descriptor.type"]:
             self.reject("model.descriptor.type", dtype, show_value=True)
             return
         values = {**DESCRIPTOR_DEFAULTS}
@@ -391,6 +448,10 @@ def convert_input(input_json: dict, base_dir: str | Path = ".", data_root: str |
     translate, in file order.
     """
     input_json = _from_v1(input_json)
+    refused = unimplemented_types(input_json)
+    if refused:
+        raise UnimplementedTypeError(f"{'; '.join(refused)}: not implemented by dpfit, which would train a "
+                                     "different model than the input describes")
     conv = _Converter(base_dir, data_root)
     conv.out["defaults"] = [{"override /data": "deepmd"}]
     model = input_json.get("model")

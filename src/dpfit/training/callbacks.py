@@ -16,9 +16,10 @@ class LCurveWriter(L.Callback):
     the validation of that step, ``nan`` where none ran. Named validation sets
     (``data.val_systems={name: [...]}``) add ``rmse_<q>_val_<name>`` columns after ``lr``.
 
-    ``disp_freq``: null writes rows at validations only. A resumed run (``ckpt_path``) appends; rows the
-    killed run wrote after its checkpoint's step are moved to ``<filename>.superseded``, so every step
-    appears once."""
+    ``disp_freq``: null writes rows at validations only. As DeePMD-kit 3.2, a row is also written at step 1,
+    with a validation run there (the first point of the learning curve). A resumed run (``ckpt_path``)
+    appends; rows the killed run wrote after its checkpoint's step are moved to ``<filename>.superseded``,
+    so every step appears once."""
 
     def __init__(self, filename: str = "lcurve.out", disp_freq: int | None = None) -> None:
         if disp_freq is not None and int(disp_freq) <= 0:
@@ -49,6 +50,31 @@ class LCurveWriter(L.Callback):
         for name in self._sets(trainer):
             header += [f"rmse_{c}_val_{name}" for c in self._columns(pl_module)]
         return header
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        """Every rank: validate at step 1 too (DeePMD-kit's first lcurve.out row), by asking Lightning's
+        training loop for a validation there; a Lightning without that hook writes the row without one."""
+        loop = getattr(getattr(trainer, "fit_loop", None), "epoch_loop", None)
+        decide = getattr(loop, "_should_check_val_fx", None)
+        if stage != "fit" or not self.disp_freq or decide is None or getattr(decide, "_dpfit_step_one", False):
+            return
+        done = {"step": False}
+
+        def should_check_val(data_fetcher):
+            if decide(data_fetcher):
+                return True
+            if trainer.global_step == 1 and not done["step"]:
+                done["step"] = True
+                return True
+            return False
+
+        should_check_val._dpfit_step_one = True
+        loop._should_check_val_fx = should_check_val
+
+    def teardown(self, trainer, pl_module, stage: str) -> None:
+        loop = getattr(getattr(trainer, "fit_loop", None), "epoch_loop", None)
+        if loop is not None and getattr(loop.__dict__.get("_should_check_val_fx"), "_dpfit_step_one", False):
+            del loop._should_check_val_fx  # the class's own again
 
     @rank_zero_only
     def on_train_start(self, trainer, pl_module) -> None:
@@ -116,7 +142,7 @@ class LCurveWriter(L.Callback):
             return
         self._flush(trainer, pl_module)  # the previous row: no validation ran at its step
         step = trainer.global_step
-        if self.disp_freq and step % self.disp_freq == 0 and step > self._last_written:
+        if self.disp_freq and (step % self.disp_freq == 0 or step == 1) and step > self._last_written:
             self._pending = (step, self._train_values(pl_module))  # validation may still run at this step
 
     @rank_zero_only

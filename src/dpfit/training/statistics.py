@@ -24,11 +24,7 @@ def descriptor_statistics(model: EnergyModel, batches: list[dict], protect: floa
     s00 = np.zeros(nt)
     saa = np.zeros(nt)
     for b in batches:
-        inp = model_inputs(b)
-        box = inp.get("box")
-        diff, mask = pair_vectors(inp["coord"].to(desc.davg.dtype), None if box is None else box.to(desc.davg.dtype),
-                                  inp["nlist"], inp.get("shift"), far=desc.rcut + 1.0)
-        env = desc.env_matrix(diff, mask)
+        inp, env = _env_matrix(desc, b)
         for t in range(nt):
             rows = env[inp["atype"] == t]
             if rows.numel() == 0:
@@ -42,14 +38,24 @@ def descriptor_statistics(model: EnergyModel, batches: list[dict], protect: floa
     for t in range(nt):
         if count[t] == 0:
             continue
-        avg_r = s0[t] / count[t]
-        std_r = np.sqrt(max(s00[t] / count[t] - avg_r**2, 0.0))
-        std_a = np.sqrt(saa[t] / (3 * count[t]))
+        with np.errstate(invalid="ignore", over="ignore"):  # non-finite data: refused after the statistics
+            avg_r = s0[t] / count[t]
+            std_r = np.sqrt(max(s00[t] / count[t] - avg_r**2, 0.0))
+            std_a = np.sqrt(saa[t] / (3 * count[t]))
         davg[t, :, 0] = 0.0 if desc.set_davg_zero else avg_r
         dstd[t, :, 0] = max(std_r, protect)
         dstd[t, :, 1:] = max(std_a, protect)
     desc.davg.copy_(davg)
     desc.dstd.copy_(dstd)
+
+
+def _env_matrix(desc, batch: dict) -> tuple[dict, torch.Tensor]:
+    """(model inputs, raw environment matrix (nf, nloc, nnei, 4)) of a batch."""
+    inp = model_inputs(batch)
+    box = inp.get("box")
+    diff, mask = pair_vectors(inp["coord"].to(desc.davg.dtype), None if box is None else box.to(desc.davg.dtype),
+                              inp["nlist"], inp.get("shift"), far=desc.rcut + 1.0)
+    return inp, desc.env_matrix(diff, mask)
 
 
 def energy_bias(type_counts: np.ndarray, energies: np.ndarray) -> np.ndarray:
@@ -169,6 +175,33 @@ def property_statistics(model: PropertyModel, batches: list[dict], protect: floa
     input_statistics(fit, batches, protect)
 
 
+#: the statistics buffers, as a user knows them
+STAT_NAMES = {"descriptor.davg": "davg", "descriptor.dstd": "dstd", "fitting.bias_atom_e": "energy bias",
+              "fitting.fparam_avg": "fparam mean", "fitting.fparam_inv_std": "fparam std",
+              "fitting.aparam_avg": "aparam mean", "fitting.aparam_inv_std": "aparam std",
+              "fitting.out_bias": "property bias", "fitting.out_std": "property spread"}
+
+
+def nonfinite_statistics(model: EnergyModel) -> list[str]:
+    """The statistics (davg, dstd, energy bias, ...) holding NaN or inf; empty when all are finite."""
+    return [STAT_NAMES.get(n, n) for n, b in _stat_buffers(model).items() if not bool(torch.isfinite(b).all())]
+
+
+@torch.no_grad()
+def first_nonfinite_batch(model: EnergyModel, batches: list[dict]) -> int | None:
+    """The index of the first batch whose own data gives non-finite statistics (environment matrix, energy,
+    fparam, aparam), else None."""
+    desc = model.descriptor
+    for k, b in enumerate(batches):
+        _, env = _env_matrix(desc, b)
+        values = [env, *(b[key] for key in ("energy", "fparam", "aparam") if torch.is_tensor(b.get(key)))]
+        if not all(bool(torch.isfinite(v.to(torch.float64)).all()) for v in values):
+            return k
+        if torch.is_tensor(b.get("energy")) and bool((b["energy"].abs() > 1e150).any()):
+            return k  # its square overflows in the least-squares bias
+    return None
+
+
 def compute_statistics(model: EnergyModel | PropertyModel, batches: list[dict], protect: float = 1e-2) -> None:
     """All data-derived buffers of the model, from the sampled training batches."""
     descriptor_statistics(model, batches, protect)
@@ -207,6 +240,38 @@ def _stat_buffers(model: EnergyModel) -> dict[str, torch.Tensor]:
     return {n: buffers[n] for n in STAT_BUFFERS if n in buffers}
 
 
+#: the entry marking a dpfit statistics file (an .npz of ``<key>/<buffer>`` entries)
+STAT_FILE_MARK = "dpfit_statistics"
+
+
+def _is_stat_file(entries) -> bool:
+    import re
+
+    names = list(entries)
+    return STAT_FILE_MARK in names or (bool(names) and all(re.fullmatch(r"[0-9a-f]{16}/[\w.]+", n) for n in names))
+
+
+def check_stat_file(path) -> None:
+    """``data.stat_file`` must be absent or a dpfit statistics file: any other file is never replaced."""
+    from pathlib import Path
+
+    from dpfit.errors import ConfigError
+
+    path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"data.stat_file={path}: is a folder; give a file name, e.g. {path / 'stats.npz'}")
+    if not path.exists():
+        return
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            ok = _is_stat_file(data.files)
+    except Exception:  # noqa: BLE001 - not an .npz at all
+        ok = False
+    if not ok:
+        raise ConfigError(f"data.stat_file={path}: exists and is not a dpfit statistics file; it is never replaced: "
+                          "give a new file name (e.g. stats.npz in the run folder)")
+
+
 def _read_stat_file(path) -> dict[str, np.ndarray]:
     from pathlib import Path
 
@@ -214,8 +279,10 @@ def _read_stat_file(path) -> dict[str, np.ndarray]:
     if not path.is_file():
         return {}
     try:
-        with np.load(path) as data:
-            return {k: data[k] for k in data.files}
+        with np.load(path, allow_pickle=False) as data:
+            if not _is_stat_file(data.files):
+                return {}
+            return {k: data[k] for k in data.files if k != STAT_FILE_MARK}
     except Exception as exc:  # noqa: BLE001 - an unreadable cache is recomputed, never trusted
         import logging
 
@@ -244,8 +311,10 @@ def save_statistics(model: EnergyModel, path, key: str) -> None:
     from pathlib import Path
 
     path = Path(path)
+    check_stat_file(path)
     stored = _read_stat_file(path)
     stored.update({f"{key}/{n}": b.detach().cpu().numpy() for n, b in _stat_buffers(model).items()})
+    stored[STAT_FILE_MARK] = np.array(1)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     with open(tmp, "wb") as f:
