@@ -271,7 +271,10 @@ def validate_freeze_config(cfg: DictConfig) -> None:
     from dpfit.io.freeze_formats import FORMATS
 
     _choice(cfg, "precision", PRECISIONS, "unsupported precision")
+    from dpfit.model.backends import KERNEL_MODES
+
     _choice(cfg, "format", FORMATS, "unknown format")
+    _choice(cfg, "kernels", KERNEL_MODES, "unknown kernels mode")
     _positive_number(cfg, "min_nbor_dist")
     for key in ("overwrite", "verbose"):
         v = _get(cfg, key)

@@ -32,7 +32,7 @@ from torch import nn
 
 from dpfit.data.neighbor import deepmd_slots
 from dpfit.io.deepmd_export import deepmd_model_params, merge_source_params
-from dpfit.io.export import frozen_copy, torch_neighbor_list
+from dpfit.io.export import DevicePaths, torch_neighbor_list
 from dpfit.model import EnergyModel
 
 
@@ -42,10 +42,9 @@ class DeepmdFrozenModel(nn.Module):
     type_map: list[str]
     sel: list[int]
 
-    def __init__(self, model: EnergyModel, model_def_script: str, backend: str = "compact") -> None:
+    def __init__(self, model: EnergyModel, model_def_script: str, kernels: bool = False) -> None:
         super().__init__()
-        model = frozen_copy(model, backend)
-        self.model = model
+        self.model = DevicePaths(model, kernels)
         self.type_map = list(model.type_map)
         self.rcut = float(model.descriptor.rcut)
         self.sel = [int(s) for s in model.descriptor.sel]
@@ -156,7 +155,7 @@ class DeepmdFrozenModel(nn.Module):
         do_atomic_virial: bool = False,
         comm_dict: dict[str, torch.Tensor] | None = None,
     ) -> dict[str, torch.Tensor]:
-        dtype = self.model.descriptor.davg.dtype
+        dtype = self.model.cpu_model.descriptor.davg.dtype
         in_dtype = extended_coord.dtype
         nf, nall = extended_atype.shape
         coord = extended_coord.reshape(nf, nall, 3).to(dtype)
@@ -166,7 +165,7 @@ class DeepmdFrozenModel(nn.Module):
             coord, extended_atype[:, :nloc], nl, None, None,
             fparam.reshape(nf, -1).to(dtype) if fparam is not None else None,
             aparam.reshape(nf, nloc, -1).to(dtype) if aparam is not None else None,
-            True, True, do_atomic_virial, False,
+            do_atomic_virial,
         )
         result = {
             "energy": out["energy"].reshape(nf, 1).to(torch.float64),
@@ -189,7 +188,7 @@ class DeepmdFrozenModel(nn.Module):
         charge_spin: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
         """(``charge_spin``: accepted for DeePMD-kit's Python caller, unused: se_e2_a has no such input.)"""
-        dtype = self.model.descriptor.davg.dtype
+        dtype = self.model.cpu_model.descriptor.davg.dtype
         in_dtype = coord.dtype
         nf, nloc = atype.shape
         coord = coord.reshape(nf, nloc, 3).to(dtype)
@@ -208,7 +207,7 @@ class DeepmdFrozenModel(nn.Module):
             torch.stack(shifts) if boxes is not None else None,
             fparam.reshape(nf, -1).to(dtype) if fparam is not None else None,
             aparam.reshape(nf, nloc, -1).to(dtype) if aparam is not None else None,
-            True, True, True, False,
+            True,
         )
         return {
             "energy": out["energy"].reshape(nf, 1).to(torch.float64),
@@ -220,10 +219,11 @@ class DeepmdFrozenModel(nn.Module):
 
 
 def freeze_for_deepmd(model: EnergyModel, output: str | Path, overwrite: bool = False,
-                      source_params: dict | None = None) -> Path:
+                      source_params: dict | None = None, kernels: bool = False) -> Path:
     """Script ``model`` as :class:`DeepmdFrozenModel` and save it; refuses an existing file unless ``overwrite``.
 
     ``source_params``: a DeePMD source checkpoint's ``model_params`` (kept in ``get_model_def_script``).
+    ``kernels``: the CPU path on dpfit's op library (LAMMPS loads it from ``DP_PLUGIN_PATH``).
     """
     output = Path(output)
     if output.exists() and not overwrite:
@@ -231,7 +231,7 @@ def freeze_for_deepmd(model: EnergyModel, output: str | Path, overwrite: bool = 
     params = deepmd_model_params(model)  # also refuses a model DeePMD-kit cannot represent
     if source_params:
         params = merge_source_params(params, source_params)
-    scripted = torch.jit.script(DeepmdFrozenModel(model, json.dumps(params)))
+    scripted = torch.jit.script(DeepmdFrozenModel(model, json.dumps(params), kernels))
     output.parent.mkdir(parents=True, exist_ok=True)
     tmp = output.with_name(output.name + ".tmp")
     torch.jit.save(scripted, str(tmp))

@@ -52,19 +52,52 @@ def torch_neighbor_list(
     return coord, nlist.reshape(nloc, nnei), shift.reshape(nloc, nnei, 3)
 
 
+def frozen_copy(model: EnergyModel | PropertyModel, backend: str = "compact") -> EnergyModel | PropertyModel:
+    """A CPU copy of ``model`` in eval mode, without parameter gradients, on ``backend``."""
+    model = copy.deepcopy(model).cpu().eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model.use_backend(backend, "cpu")
+
+
+class DevicePaths(nn.Module):
+    """The energy model of a frozen file, twice over the same tensors: ``cpu_model`` computes on CPUs (the op
+    library's kernels, or PyTorch's compact layout: :mod:`dpfit.model.backends`), ``gpu_model`` on other devices
+    (the static layout). Each call takes the path of its coordinates' device. ``forward``: the energy
+    model's, with forces, virial and (``do_atomic_virial``) atomic virials."""
+
+    def __init__(self, model: EnergyModel, kernels: bool) -> None:
+        super().__init__()
+        self.cpu_model = frozen_copy(model, "kernels" if kernels else "compact")
+        self.gpu_model = frozen_copy(model, "static")
+        self.gpu_model.load_state_dict(self.cpu_model.state_dict(keep_vars=True), assign=True)  # (the same tensors)
+        self.kernels = kernels
+
+    def forward(self, coord: torch.Tensor, atype: torch.Tensor, nlist: torch.Tensor, box: torch.Tensor | None,
+                shift: torch.Tensor | None, fparam: torch.Tensor | None, aparam: torch.Tensor | None,
+                do_atomic_virial: bool) -> dict[str, torch.Tensor]:
+        if coord.device.type == "cpu":
+            partner = self.cpu_model.descriptor.reverse_pairs(nlist, shift, atype)
+            return self.cpu_model(coord, atype, nlist, box, shift, fparam, aparam, True, True, do_atomic_virial, False,
+                            partner)
+        return self.gpu_model(coord, atype, nlist, box, shift, fparam, aparam, True, True, do_atomic_virial, False)
+
+
 class FrozenModel(nn.Module):
     """What ``freeze.py`` saves: energy, forces, virial, atomic energies from coordinates, types, cell.
 
     ``forward(coord (nloc, 3), atype (nloc,), box (3, 3) or None, fparam (nq,), aparam (nloc, np))``
-    returns energy (), force (nloc, 3), virial (9,), atom_energy (nloc,), atom_virial (nloc, 9).
+    returns energy (), force (nloc, 3), virial (9,), atom_energy (nloc,), atom_virial (nloc, 9). With
+    ``kernels`` the CPU path calls the op library (``torch.ops.dpfit.*``): load it first
+    (``torch.ops.load_library("libdpfit_ops.so")``).
     """
 
     type_map: list[str]
     sel: list[int]
 
-    def __init__(self, model: EnergyModel) -> None:
+    def __init__(self, model: EnergyModel, kernels: bool = False) -> None:
         super().__init__()
-        self.model = model.eval()
+        self.model = DevicePaths(model, kernels)
         self.type_map = list(model.type_map)
         self.rcut = float(model.descriptor.rcut)
         self.sel = list(model.descriptor.sel)
@@ -89,7 +122,7 @@ class FrozenModel(nn.Module):
         aparam: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
         """Batched evaluation with an external DeePMD neighbor list (see EnergyModel.forward)."""
-        return self.model(coord, atype, nlist, box, shift, fparam, aparam, True, True, True, False)
+        return self.model(coord, atype, nlist, box, shift, fparam, aparam, True)
 
     def forward(
         self,
@@ -99,7 +132,7 @@ class FrozenModel(nn.Module):
         fparam: torch.Tensor | None = None,
         aparam: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
-        dtype = self.model.descriptor.davg.dtype
+        dtype = self.model.cpu_model.descriptor.davg.dtype
         coord = coord.to(dtype)
         if box is not None:
             box = box.to(dtype).reshape(3, 3)
@@ -110,18 +143,9 @@ class FrozenModel(nn.Module):
             shift.unsqueeze(0) if box is not None else None,
             fparam.reshape(1, -1) if fparam is not None else None,
             aparam.reshape(1, coord.shape[0], -1) if aparam is not None else None,
-            True, True, True, False,
+            True,
         )
         return {k: v[0] for k, v in out.items()}
-
-
-def frozen_copy(model: EnergyModel, backend: str = "compact") -> EnergyModel:
-    """A CPU copy of ``model`` in eval mode, without parameter gradients, on ``backend`` (what a frozen
-    file computes with: ``compact``, PyTorch only, or ``kernels``, the op library)."""
-    model = copy.deepcopy(model).cpu().eval()
-    for p in model.parameters():
-        p.requires_grad_(False)
-    return model.use_backend(backend, "cpu")
 
 
 class FrozenPropertyModel(nn.Module):
@@ -205,14 +229,16 @@ class FrozenPropertyModel(nn.Module):
 
 
 def freeze(model: EnergyModel | PropertyModel, output: str | Path, overwrite: bool = False,
-           backend: str = "compact") -> Path:
-    """Script and save ``model`` (a copy on ``backend``, see :func:`frozen_copy`); refuses to replace an
-    existing file unless ``overwrite``."""
+           kernels: bool = False) -> Path:
+    """Script and save ``model`` (``kernels``: its CPU path on the op library, see :class:`DevicePaths`);
+    refuses to replace an existing file unless ``overwrite``."""
     output = Path(output)
     if output.exists() and not overwrite:
         raise FileExistsError(f"{output}: exists; choose another output or pass overwrite=true")
-    copy_ = frozen_copy(model, backend)
-    frozen = FrozenPropertyModel(copy_) if isinstance(model, PropertyModel) else FrozenModel(copy_)
+    if isinstance(model, PropertyModel):
+        frozen = FrozenPropertyModel(frozen_copy(model, "kernels" if kernels else "compact"))
+    else:
+        frozen = FrozenModel(model, kernels)
     scripted = torch.jit.script(frozen)
     output.parent.mkdir(parents=True, exist_ok=True)
     torch.jit.save(scripted, str(output))

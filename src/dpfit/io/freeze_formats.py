@@ -55,13 +55,14 @@ def _check_output(ckpt_path: Path, output: Path, overwrite: bool) -> None:
 
 def freeze_checkpoint(
     ckpt_path: str | Path, output: str | Path, fmt: str = "dpfit", precision: str | None = None,
-    overwrite: bool = False, min_nbor_dist: float | None = None,
+    overwrite: bool = False, min_nbor_dist: float | None = None, kernels: bool = False,
 ) -> tuple[Path, EnergyModel]:
     """Write the model of ``ckpt_path`` to ``output`` in format ``fmt``; returns (output, model).
 
     ``min_nbor_dist`` (Å, ``deepmd`` format): the training data's smallest neighbor distance, which
     ``dp --pt compress`` needs; default: the checkpoint's (a dpfit run computes it from its training data
-    when it starts; a DeePMD-kit source carries its own).
+    when it starts; a DeePMD-kit source carries its own). ``kernels`` (TorchScript formats): the file's CPU
+    path calls dpfit's op library, which whoever loads the file loads first (LAMMPS: ``DP_PLUGIN_PATH``).
     """
     if fmt not in FORMATS:
         raise ConfigError(f"format={fmt!r}: choose one of {', '.join(FORMATS)}")
@@ -73,12 +74,12 @@ def freeze_checkpoint(
         raise ConfigError("format=lammps is LAMMPS pair_style deepmd, for energy models: freeze a property model "
                           "with format=dpfit (TorchScript) or format=deepmd (a DeePMD-kit checkpoint)")
     if fmt == "dpfit":
-        return freeze(model, output, overwrite=overwrite), model
+        return freeze(model, output, overwrite=overwrite, kernels=kernels), model
     deepmd_model_params(model)  # a clear error before anything is written, if DeePMD cannot represent it
     passthrough, train_infos = _source_info(ckpt)
     if fmt == "lammps":
-        return freeze_for_deepmd(model, output, overwrite=overwrite,
-                                 source_params=passthrough.get("model_params")), model
+        return freeze_for_deepmd(model, output, overwrite=overwrite, source_params=passthrough.get("model_params"),
+                                 kernels=kernels), model
     if min_nbor_dist is not None:
         if not float(min_nbor_dist) > 0:
             raise ConfigError(f"min_nbor_dist={min_nbor_dist}: must be a distance > 0 (Å)")

@@ -59,6 +59,13 @@ def backend_of(descriptor: SeE2A) -> str:
     raise TypeError(f"{type(descriptor).__name__} is not a backend's descriptor")
 
 
+def library_path() -> str | None:
+    """The op library this process loaded (its path), or None (never builds it)."""
+    from dpfit.model.kernels import library_path as loaded
+
+    return loaded()
+
+
 def choose_backend(kernels: str, device: torch.device | str | None = None) -> str:
     """The backend for a model whose option is ``kernels`` (off / auto / on), running on ``device``
     (default CPU): on a CPU the compiled kernels where allowed and available (``on``: an error if

@@ -259,6 +259,11 @@ class SeE2A(nn.Module):
         grad_rr = self.slot_gradient(blocks, env.rr, env.mask)
         return self.env_matrix_vjp(env.diff, env.mask, atype, grad_rr)
 
+    def reverse_pairs(self, nlist: torch.Tensor, shift: torch.Tensor | None, atype: torch.Tensor) -> torch.Tensor | None:
+        """Inside a frozen file (no data pipeline): the reverse pairs of ``nlist`` where this backend
+        computes them itself (:class:`~dpfit.model.stages.IndexFacts`' ``partner``), else None."""
+        return None
+
     def forward(self, diff: torch.Tensor, mask: torch.Tensor, atype: torch.Tensor) -> torch.Tensor:
         """Descriptor (nf, nloc, M * axis_neuron) from pair vectors diff (nf, nloc, nnei, 3) Å."""
         env = Environment(diff, mask, self.normalized_env(diff, mask, atype), diff.new_empty(0))

@@ -56,6 +56,12 @@ class KernelSeE2A(CompactSeE2A):
             self.rcut_smth, self.rcut, self.rcut + 1.0)
         return Environment(diff, nlist >= 0, rr, jac)
 
+    def reverse_pairs(self, nlist: torch.Tensor, shift: Optional[torch.Tensor],
+                      atype: torch.Tensor) -> Optional[torch.Tensor]:
+        """``reverse_slots``: each slot's reverse pair among the local atoms (a ghost neighbour has none)."""
+        return torch.ops.dpfit.reverse_slots(nlist.long(), None if shift is None else shift.long(), atype.long(),
+                                             self.sections)
+
     def embed(self, env: Environment, atype: torch.Tensor, tangent: bool, facts: IndexFacts) -> Embedding:
         """The descriptor from the occupied slots' rows: per neighbour type, which slots get rows and
         each slot's row (``block_rows``), the nets' values and tangents on the rows (``value_and_tangent``),

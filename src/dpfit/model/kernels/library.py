@@ -142,7 +142,7 @@ def _build() -> str:
     folder.mkdir(parents=True, exist_ok=True)
     # --as-needed first: torch adds -ltorch_python, which the library does not use (no Python in it)
     path = load(name=name, sources=[str(p) for p in SOURCES], extra_cflags=flags,
-                extra_ldflags=["-Wl,--as-needed", "-fopenmp"], extra_include_paths=[str(CSRC)],
+                extra_ldflags=["-Wl,--as-needed", "-fopenmp", "-ldl"], extra_include_paths=[str(CSRC)],
                 build_directory=str(folder), is_python_module=False, verbose=False)
     done.write_text(f"{torch.__version__} {capability}\n")
     log.warning("dpfit op library built in %.0f s", time.perf_counter() - start)

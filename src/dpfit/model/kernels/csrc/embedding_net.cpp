@@ -5,9 +5,12 @@
 // h = tanh(x W + b) and u = tx W; the backward rebuilds the layers' inputs from them block by block.
 // Matrix products (one thread each: the blocks are spread over the threads): with AVX-512, the small
 // register-tiled kernel below (these products are thin: 25 to 100 wide, 128 rows; BLAS runs them at
-// 27-39 GFLOP/s per core on the development machine, this kernel at 44-54); otherwise the BLAS that
-// torch links (sgemm_/dgemm_).
+// 27-39 GFLOP/s per core on the development machine, this kernel at 44-54); otherwise the BLAS inside
+// libtorch (sgemm_/dgemm_ of libtorch_cpu, looked up there: a host may define its own, e.g. LAMMPS's
+// bundled reference BLAS, which a plain symbol reference would bind to, several times slower).
 #include "kernels.h"
+
+#include <dlfcn.h>
 
 #include <ATen/Parallel.h>
 #if defined(__AVX512F__)
@@ -18,12 +21,25 @@
 #include <cmath>
 #include <vector>
 
-extern "C" {
-void sgemm_(const char*, const char*, const int*, const int*, const int*, const float*, const float*, const int*,
-            const float*, const int*, const float*, float*, const int*);
-void dgemm_(const char*, const char*, const int*, const int*, const int*, const double*, const double*, const int*,
-            const double*, const int*, const double*, double*, const int*);
+namespace {
+
+using sgemm_fn = void (*)(const char*, const char*, const int*, const int*, const int*, const float*, const float*,
+                          const int*, const float*, const int*, const float*, float*, const int*);
+using dgemm_fn = void (*)(const char*, const char*, const int*, const int*, const int*, const double*, const double*,
+                          const int*, const double*, const int*, const double*, double*, const int*);
+
+// ``name`` (sgemm_ / dgemm_) from libtorch_cpu, which is loaded already (this library links it); from the
+// process's global scope only if libtorch exports none.
+template <typename F>
+F torch_blas(const char* name) {
+  void* handle = dlopen("libtorch_cpu.so", RTLD_NOW | RTLD_NOLOAD);
+  void* fn = handle != nullptr ? dlsym(handle, name) : nullptr;
+  if (fn == nullptr) fn = dlsym(RTLD_DEFAULT, name);
+  TORCH_CHECK(fn != nullptr, "dpfit op library: no ", name, " in libtorch_cpu or the process");
+  return reinterpret_cast<F>(fn);
 }
+
+}  // namespace
 
 // tanh in place, vectorized (glibc's libmvec under -ffast-math, for every instruction set we build for);
 // also used by fitting_net.cpp. float64: tanh(x) = expm1(2x) / (expm1(2x) + 2), |x| clamped at 20
@@ -64,11 +80,13 @@ namespace {
 
 inline void gemm(char ta, char tb, int m, int n, int k, float alpha, const float* a, int lda, const float* b, int ldb,
                  float beta, float* c, int ldc) {
-  sgemm_(&ta, &tb, &m, &n, &k, &alpha, a, &lda, b, &ldb, &beta, c, &ldc);
+  static const sgemm_fn sgemm = torch_blas<sgemm_fn>("sgemm_");
+  sgemm(&ta, &tb, &m, &n, &k, &alpha, a, &lda, b, &ldb, &beta, c, &ldc);
 }
 inline void gemm(char ta, char tb, int m, int n, int k, double alpha, const double* a, int lda, const double* b,
                  int ldb, double beta, double* c, int ldc) {
-  dgemm_(&ta, &tb, &m, &n, &k, &alpha, a, &lda, b, &ldb, &beta, c, &ldc);
+  static const dgemm_fn dgemm = torch_blas<dgemm_fn>("dgemm_");
+  dgemm(&ta, &tb, &m, &n, &k, &alpha, a, &lda, b, &ldb, &beta, c, &ldc);
 }
 
 #if defined(__AVX512F__)
@@ -586,4 +604,32 @@ std::vector<at::Tensor> value_and_tangent_backward(const at::Tensor& s, const at
   std::vector<at::Tensor> out{need_s ? grad_s : at::empty({0}, s.options())};
   out.insert(out.end(), grads.begin(), grads.end());
   return out;
+}
+
+// C^T = op(B)^T op(A)^T in BLAS's column-major terms: a row-major matrix is its transpose there.
+void matmul(const at::Tensor& a_, bool ta, const at::Tensor& b_, bool tb, at::Tensor& c, bool accumulate) {
+  const at::Tensor a = a_.contiguous(), b = b_.contiguous();
+  TORCH_CHECK(c.is_contiguous() && a.dim() == 2 && b.dim() == 2 &&
+                  c.dim() == 2 && a.scalar_type() == c.scalar_type() && b.scalar_type() == c.scalar_type(),
+              "matmul: contiguous 2-d matrices of one dtype");
+  const int64_t m = ta ? a.size(1) : a.size(0), k = ta ? a.size(0) : a.size(1);
+  const int64_t n = tb ? b.size(0) : b.size(1);
+  TORCH_CHECK((tb ? b.size(1) : b.size(0)) == k && c.size(0) == m && c.size(1) == n, "matmul: shapes");
+  if (m == 0 || n == 0) return;
+  if (k == 0) {
+    if (!accumulate) c.zero_();
+    return;
+  }
+  AT_DISPATCH_FLOATING_TYPES(c.scalar_type(), "matmul", [&] {
+    gemm(tb ? 'T' : 'N', ta ? 'T' : 'N', static_cast<int>(n), static_cast<int>(m), static_cast<int>(k),
+         scalar_t(1), b.data_ptr<scalar_t>(), static_cast<int>(b.size(1)), a.data_ptr<scalar_t>(),
+         static_cast<int>(a.size(1)), accumulate ? scalar_t(1) : scalar_t(0), c.data_ptr<scalar_t>(),
+         static_cast<int>(n));
+  });
+}
+
+at::Tensor matmul(const at::Tensor& a, bool ta, const at::Tensor& b, bool tb) {
+  at::Tensor c = at::empty({ta ? a.size(1) : a.size(0), tb ? b.size(0) : b.size(1)}, a.options());
+  matmul(a, ta, b, tb, c, false);
+  return c;
 }

@@ -24,6 +24,10 @@ void vector_tanh(float* h, size_t n);
 void vector_tanh(double* h, size_t n);
 void stream_copy(float* dst, const float* src, size_t n);
 void stream_copy(double* dst, const double* src, size_t n);
+// c = op(a) op(b), or c += op(a) op(b) with ``accumulate``: contiguous row-major matrices (float32/64), op(x)
+// = x^T where asked; by libtorch's BLAS (as at::mm / addmm_, without the dispatcher; see embedding_net.cpp)
+void matmul(const at::Tensor& a, bool ta, const at::Tensor& b, bool tb, at::Tensor& c, bool accumulate);
+at::Tensor matmul(const at::Tensor& a, bool ta, const at::Tensor& b, bool tb);
 
 // slot_contraction.cpp: the descriptor's contractions over neighbor slots
 at::Tensor slot_gt(const at::Tensor& g, const at::Tensor& index, const at::Tensor& r);

@@ -13,8 +13,12 @@
 //   slot contractions:    slot_gt (autograd), slot_rows, slot_env (autograd), slot_rows_value_and_tangent,
 //                         slot_env_gbar
 //   descriptor products:  descriptor_gram (autograd), descriptor_vjp (autograd), descriptor_cross_gram
+#include <ATen/Version.h>
 #include <torch/library.h>
+#include <torch/version.h>
 
+#include <iostream>
+#include <string>
 #include <tuple>
 #include <vector>
 
@@ -31,6 +35,24 @@ using at::TensorList;
 
 // rows per block of the embedding kernel: two layers of 100 channels at 128 rows fit in a core's L2 cache
 constexpr int64_t kBlockRows = 128;
+
+// Empty when the torch that loaded this library is the one it was built for (major.minor), else the error
+// saying so: a C++ ABI mismatch, which may load and then compute garbage or crash.
+const std::string& torch_mismatch() {
+  static const std::string message = [] {
+    const std::string built = std::to_string(TORCH_VERSION_MAJOR) + "." + std::to_string(TORCH_VERSION_MINOR);
+    const std::string config = at::show_config();
+    const std::string key = "TORCH_VERSION=";
+    const auto at = config.find(key);
+    if (at == std::string::npos) return std::string();
+    const std::string running = config.substr(at + key.size(), config.find_first_of(", \n", at) - at - key.size());
+    const auto minor_end = running.find('.', running.find('.') + 1);
+    if (running.substr(0, minor_end) == built) return std::string();
+    return "libdpfit_ops.so was built for torch " + built + " but this process runs torch " + running +
+           ": rebuild it against this torch (scripts/build_ops_library.sh, docs/lammps.md)";
+  }();
+  return message;
+}
 
 std::vector<int64_t> to_vector(at::IntArrayRef values) { return {values.begin(), values.end()}; }
 
@@ -112,6 +134,7 @@ std::tuple<Tensor, Tensor, Tensor> env_geometry_op(const Tensor& coord, const Te
                                                    const Tensor& atype, const Tensor& davg, const Tensor& dstd,
                                                    const std::optional<Tensor>& keep, const Tensor& slot_type,
                                                    double rcut_smth, double rcut, double far) {
+  TORCH_CHECK(torch_mismatch().empty(), torch_mismatch());  // (every model's first op)
   const bool periodic = shift.has_value() && box.has_value();
   const Tensor empty = coord.new_empty({0});
   std::vector<Tensor> out = env_geometry(
@@ -200,6 +223,7 @@ Tensor descriptor_cross_gram_op(const Tensor& x, const Tensor& y, int64_t a, boo
 }  // namespace
 
 TORCH_LIBRARY(dpfit, m) {
+  if (!torch_mismatch().empty()) std::cerr << "error: " << torch_mismatch() << std::endl;  // said once, at load
   // where Python finds the ops' fake implementations (torch.compile, torch.fx) and autograd formulas
   m.set_python_module("dpfit.model.kernels.registration");
   const std::vector<at::Tag> tags{at::Tag::pt2_compliant_tag};
