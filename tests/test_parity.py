@@ -4,8 +4,8 @@ Paths: ``reference`` itself (checked against the DeePMD-kit fixtures); the fast 
 (dpfit.model.backends): ``compact`` (PyTorch on CPU, deriving its index facts from the neighbour
 list), ``kernels`` (the C++ op library; skipped where it cannot be built), ``static`` (every slot
 embedded: the GPU and torch.compile layout, on CPU) and ``cuda`` (static on a GPU; skipped without one);
-and TorchScript exports saved and loaded back, ``script`` (PyTorch only) and ``script_kernels`` (calling
-the op library). All but ``compact`` take the batch's index facts as the data pipeline computes them
+and TorchScript exports saved and loaded back, ``script`` (PyTorch only), ``script_kernels`` (calling
+the op library) and ``script_static`` (a frozen file's GPU path, here on CPU). All but ``compact`` take the batch's index facts as the data pipeline computes them
 (:func:`dpfit.data.index_facts.index_facts`). Each is compared with the reference on the same
 weights: energy, forces, virial, atomic energies, atomic virials (inference), and (not for the exports,
 whose parameters carry no gradient) the parameter gradients of an energy + force + virial training loss.
@@ -34,9 +34,10 @@ from dpfit.model.kernels.registration import backward_node
 pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
 KEYS = ("energy", "force", "virial", "atom_energy", "atom_virial")
-PATHS = ("reference", "compact", "kernels", "static", "cuda", "script", "script_kernels")
-WITH_FACTS = {"kernels", "static", "cuda", "script", "script_kernels"}
-EXPORTS = {"script": "compact", "script_kernels": "kernels"}
+PATHS = ("reference", "compact", "kernels", "static", "cuda", "script", "script_kernels", "script_static")
+WITH_FACTS = {"kernels", "static", "cuda", "script", "script_kernels", "script_static"}
+#: TorchScript of a frozen file's paths: CPU without / with the op library, and the GPU path (static)
+EXPORTS = {"script": "compact", "script_kernels": "kernels", "script_static": "static"}
 TOL = {torch.float64: (1e-10, 1e-10), torch.float32: (2e-5, 5e-5)}  # (outputs, loss gradients)
 
 #: the options of the model, one case each (tiny models; batches of three frames)

