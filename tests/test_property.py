@@ -179,7 +179,7 @@ def test_property_model_options_and_torchscript():
     scripted = torch.jit.script(model)
     nlist = torch.from_numpy(build_neighbor_list(coord, atype, None, model.rcut, model.sel).nlist[None])
     got = scripted(torch.from_numpy(coord[None]), torch.from_numpy(atype[None]), nlist)
-    np.testing.assert_allclose(got["atom_property"].detach().numpy(), out["atom_property"], rtol=1e-14)
+    np.testing.assert_allclose(got["atom_property"].detach().numpy(), out["atom_property"], rtol=1e-13, atol=1e-15)
     with pytest.raises(ValueError, match="atom_sum .* extensive"):
         build_model(_config(atom_sum=0.0, intensive=True))
     with pytest.raises(ValueError, match="task_dim"):

@@ -83,21 +83,15 @@ class DevicePaths(nn.Module):
         return self.gpu_model(coord, atype, nlist, box, shift, fparam, aparam, True, True, do_atomic_virial, False)
 
 
-class FrozenModel(nn.Module):
-    """What ``freeze.py`` saves: energy, forces, virial, atomic energies from coordinates, types, cell.
-
-    ``forward(coord (nloc, 3), atype (nloc,), box (3, 3) or None, fparam (nq,), aparam (nloc, np))``
-    returns energy (), force (nloc, 3), virial (9,), atom_energy (nloc,), atom_virial (nloc, 9). With
-    ``kernels`` the CPU path calls the op library (``torch.ops.dpfit.*``): load it first
-    (``torch.ops.load_library("libdpfit_ops.so")``).
-    """
+class FrozenFile(nn.Module):
+    """What every ``freeze.py`` TorchScript file has: the type map, rcut and sel, and one frame's inputs with
+    its neighbour list built in torch (:func:`torch_neighbor_list`) as the model's batch of one."""
 
     type_map: list[str]
     sel: list[int]
 
-    def __init__(self, model: EnergyModel, kernels: bool = False) -> None:
+    def __init__(self, model: EnergyModel | PropertyModel) -> None:
         super().__init__()
-        self.model = DevicePaths(model, kernels)
         self.type_map = list(model.type_map)
         self.rcut = float(model.descriptor.rcut)
         self.sel = list(model.descriptor.sel)
@@ -109,6 +103,36 @@ class FrozenModel(nn.Module):
     @torch.jit.export
     def get_rcut(self) -> float:
         return self.rcut
+
+    def frame_batch(
+        self, coord: torch.Tensor, atype: torch.Tensor, box: torch.Tensor | None, fparam: torch.Tensor | None,
+        aparam: torch.Tensor | None, dtype: torch.dtype,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None,
+               torch.Tensor | None, torch.Tensor | None]:
+        """coord (nloc, 3), atype (nloc,), box (3, 3) or None, fparam (nq,), aparam (nloc, np) -> the model's
+        (coord, atype, nlist, box, shift, fparam, aparam) of a batch of one frame."""
+        coord = coord.to(dtype)
+        if box is not None:
+            box = box.to(dtype).reshape(3, 3)
+        wrapped, nlist, shift = torch_neighbor_list(coord, atype, box, self.rcut, self.sel)
+        return (wrapped.unsqueeze(0), atype.unsqueeze(0), nlist.unsqueeze(0),
+                box.unsqueeze(0) if box is not None else None, shift.unsqueeze(0) if box is not None else None,
+                fparam.reshape(1, -1) if fparam is not None else None,
+                aparam.reshape(1, coord.shape[0], -1) if aparam is not None else None)
+
+
+class FrozenModel(FrozenFile):
+    """What ``freeze.py`` saves: energy, forces, virial, atomic energies from coordinates, types, cell.
+
+    ``forward(coord (nloc, 3), atype (nloc,), box (3, 3) or None, fparam (nq,), aparam (nloc, np))``
+    returns energy (), force (nloc, 3), virial (9,), atom_energy (nloc,), atom_virial (nloc, 9). With
+    ``kernels`` the CPU path calls the op library (``torch.ops.dpfit.*``): load it first
+    (``torch.ops.load_library("libdpfit_ops.so")``).
+    """
+
+    def __init__(self, model: EnergyModel, kernels: bool = False) -> None:
+        super().__init__(model)
+        self.model = DevicePaths(model, kernels)
 
     @torch.jit.export
     def forward_lower(
@@ -132,23 +156,13 @@ class FrozenModel(nn.Module):
         fparam: torch.Tensor | None = None,
         aparam: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
-        dtype = self.model.cpu_model.descriptor.davg.dtype
-        coord = coord.to(dtype)
-        if box is not None:
-            box = box.to(dtype).reshape(3, 3)
-        wrapped, nlist, shift = torch_neighbor_list(coord, atype, box, self.rcut, self.sel)
-        out = self.model(
-            wrapped.unsqueeze(0), atype.unsqueeze(0), nlist.unsqueeze(0),
-            box.unsqueeze(0) if box is not None else None,
-            shift.unsqueeze(0) if box is not None else None,
-            fparam.reshape(1, -1) if fparam is not None else None,
-            aparam.reshape(1, coord.shape[0], -1) if aparam is not None else None,
-            True,
-        )
+        c, t, nl, b, sh, fp, ap = self.frame_batch(coord, atype, box, fparam, aparam,
+                                                   self.model.cpu_model.descriptor.davg.dtype)
+        out = self.model(c, t, nl, b, sh, fp, ap, True)
         return {k: v[0] for k, v in out.items()}
 
 
-class FrozenPropertyModel(nn.Module):
+class FrozenPropertyModel(FrozenFile):
     """What ``freeze.py`` saves for a property model: the property from coordinates, types, cell.
 
     ``forward(coord (nloc, 3), atype (nloc,), box (3, 3) or None, fparam (nq,), aparam (nloc, np))``
@@ -156,27 +170,14 @@ class FrozenPropertyModel(nn.Module):
     output names; ``forward_lower`` takes batches and a neighbor list (see PropertyModel.forward).
     """
 
-    type_map: list[str]
-    sel: list[int]
     property_name: str
 
     def __init__(self, model: PropertyModel) -> None:
-        super().__init__()
+        super().__init__(model)
         self.model = model.eval()
-        self.type_map = list(model.type_map)
-        self.rcut = float(model.descriptor.rcut)
-        self.sel = list(model.descriptor.sel)
         self.property_name = str(model.property_name)
         self.task_dim = int(model.task_dim)
         self.intensive = bool(model.intensive)
-
-    @torch.jit.export
-    def get_type_map(self) -> list[str]:
-        return self.type_map
-
-    @torch.jit.export
-    def get_rcut(self) -> float:
-        return self.rcut
 
     @torch.jit.export
     def get_property_name(self) -> str:
@@ -213,18 +214,9 @@ class FrozenPropertyModel(nn.Module):
         fparam: torch.Tensor | None = None,
         aparam: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
-        dtype = self.model.descriptor.davg.dtype
-        coord = coord.to(dtype)
-        if box is not None:
-            box = box.to(dtype).reshape(3, 3)
-        wrapped, nlist, shift = torch_neighbor_list(coord, atype, box, self.rcut, self.sel)
-        out = self.model(
-            wrapped.unsqueeze(0), atype.unsqueeze(0), nlist.unsqueeze(0),
-            box.unsqueeze(0) if box is not None else None,
-            shift.unsqueeze(0) if box is not None else None,
-            fparam.reshape(1, -1) if fparam is not None else None,
-            aparam.reshape(1, coord.shape[0], -1) if aparam is not None else None,
-        )
+        c, t, nl, b, sh, fp, ap = self.frame_batch(coord, atype, box, fparam, aparam,
+                                                   self.model.descriptor.davg.dtype)
+        out = self.model(c, t, nl, b, sh, fp, ap)
         return {self.property_name: out["property"][0], "atom_" + self.property_name: out["atom_property"][0]}
 
 

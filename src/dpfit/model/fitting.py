@@ -9,7 +9,28 @@ from dpfit.model.network import ResidualMLP
 from dpfit.model.stages import type_groups
 
 
-class EnergyFitting(nn.Module):
+class FittingInputs:
+    """The fitting nets' input: the descriptor with the normalised fparam and aparam; mixed into the fitting
+    modules (energy, property), whose ``numb_fparam``/``numb_aparam`` and ``fparam_avg``, ``fparam_inv_std``,
+    ``aparam_avg``, ``aparam_inv_std`` buffers it reads."""
+
+    def _inputs(self, descriptor: torch.Tensor, fparam: torch.Tensor | None, aparam: torch.Tensor | None) -> torch.Tensor:
+        """The nets' input (nf, nloc, dim + nq + np): descriptor, normalised fparam and aparam."""
+        nf, nloc, _ = descriptor.shape
+        parts = [descriptor]
+        if self.numb_fparam:
+            if fparam is None:
+                raise ValueError(f"this model needs fparam ({self.numb_fparam} values per frame)")
+            fp = (fparam.reshape(nf, self.numb_fparam) - self.fparam_avg) * self.fparam_inv_std
+            parts.append(fp.unsqueeze(1).expand(nf, nloc, self.numb_fparam))
+        if self.numb_aparam:
+            if aparam is None:
+                raise ValueError(f"this model needs aparam ({self.numb_aparam} values per atom)")
+            parts.append((aparam.reshape(nf, nloc, self.numb_aparam) - self.aparam_avg) * self.aparam_inv_std)
+        return torch.cat(parts, dim=-1) if len(parts) > 1 else descriptor  # no copy of a lone descriptor
+
+
+class EnergyFitting(FittingInputs, nn.Module):
     """``E_i = F_{t_i}([D_i, (fparam - avg) * inv_std, (aparam_i - avg) * inv_std]) + bias_atom_e[t_i]``.
 
     One ResidualMLP (hidden ``neuron``, tanh, linear output of width 1) per atom type. The input
@@ -43,21 +64,6 @@ class EnergyFitting(nn.Module):
         self.register_buffer("fparam_inv_std", torch.ones(self.numb_fparam, dtype=dtype))
         self.register_buffer("aparam_avg", torch.zeros(self.numb_aparam, dtype=dtype))
         self.register_buffer("aparam_inv_std", torch.ones(self.numb_aparam, dtype=dtype))
-
-    def _inputs(self, descriptor: torch.Tensor, fparam: torch.Tensor | None, aparam: torch.Tensor | None) -> torch.Tensor:
-        """The nets' input (nf, nloc, dim + nq + np): descriptor, normalised fparam and aparam."""
-        nf, nloc, _ = descriptor.shape
-        parts = [descriptor]
-        if self.numb_fparam:
-            if fparam is None:
-                raise ValueError(f"this model needs fparam ({self.numb_fparam} values per frame)")
-            fp = (fparam.reshape(nf, self.numb_fparam) - self.fparam_avg) * self.fparam_inv_std
-            parts.append(fp.unsqueeze(1).expand(nf, nloc, self.numb_fparam))
-        if self.numb_aparam:
-            if aparam is None:
-                raise ValueError(f"this model needs aparam ({self.numb_aparam} values per atom)")
-            parts.append((aparam.reshape(nf, nloc, self.numb_aparam) - self.aparam_avg) * self.aparam_inv_std)
-        return torch.cat(parts, dim=-1) if len(parts) > 1 else descriptor  # no copy of a lone descriptor
 
     def forward(
         self,

@@ -11,10 +11,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from dpfit.model.fitting import FittingInputs
 from dpfit.model.network import ResidualMLP
 
 
-class PropertyFitting(nn.Module):
+class PropertyFitting(FittingInputs, nn.Module):
     """``p_i = F_{t_i}([D_i, (fparam - avg) * inv_std, (aparam_i - avg) * inv_std]) * out_std[t_i] + out_bias[t_i]``.
 
     One ResidualMLP (hidden ``neuron``, tanh, linear output of width ``task_dim``) per atom type.
@@ -72,21 +73,6 @@ class PropertyFitting(nn.Module):
         self.register_buffer("fparam_inv_std", torch.ones(self.numb_fparam, dtype=dtype))
         self.register_buffer("aparam_avg", torch.zeros(self.numb_aparam, dtype=dtype))
         self.register_buffer("aparam_inv_std", torch.ones(self.numb_aparam, dtype=dtype))
-
-    def _inputs(self, descriptor: torch.Tensor, fparam: torch.Tensor | None, aparam: torch.Tensor | None) -> torch.Tensor:
-        """The nets' input (nf, nloc, dim + nq + np): descriptor, normalised fparam and aparam."""
-        nf, nloc, _ = descriptor.shape
-        parts = [descriptor]
-        if self.numb_fparam:
-            if fparam is None:
-                raise ValueError(f"this model needs fparam ({self.numb_fparam} values per frame)")
-            fp = (fparam.reshape(nf, self.numb_fparam) - self.fparam_avg) * self.fparam_inv_std
-            parts.append(fp.unsqueeze(1).expand(nf, nloc, self.numb_fparam))
-        if self.numb_aparam:
-            if aparam is None:
-                raise ValueError(f"this model needs aparam ({self.numb_aparam} values per atom)")
-            parts.append((aparam.reshape(nf, nloc, self.numb_aparam) - self.aparam_avg) * self.aparam_inv_std)
-        return torch.cat(parts, dim=-1) if len(parts) > 1 else descriptor
 
     def net_outputs(self, descriptor: torch.Tensor, atype: torch.Tensor, fparam: torch.Tensor | None = None,
                     aparam: torch.Tensor | None = None) -> torch.Tensor:
