@@ -76,7 +76,11 @@ class SkinNeighborList:
         self._ref_cell = None if cell is None else cell.copy()
         self._cand_j = cand.nlist
         self._cand_valid = cand.nlist >= 0
+        self._cand_safe_j = np.where(self._cand_valid, cand.nlist, 0)
         self._cand_shift = cand.shift
+        # what does not change until the next search: each candidate's type and order key for equal distances
+        self._cand_type = atype[self._cand_safe_j]
+        self._cand_tie = tie_key(self._cand_safe_j.reshape(-1), cand.shift.reshape(-1, 3)).reshape(cand.nlist.shape)
         # Cartesian image offsets S h; valid until the cell changes (which triggers a new search)
         self._cand_offset = None if cell is None else cand.shift.astype(np.float64) @ cell
 
@@ -87,18 +91,17 @@ class SkinNeighborList:
         cell = None if cell is None else np.ascontiguousarray(cell, dtype=np.float64).reshape(3, 3)
         if self._needs_build(positions, atype, cell):
             self._build(positions, atype, cell)
-        j = np.where(self._cand_valid, self._cand_j, 0)
-        diff = positions[j] - positions[:, None, :]
+        diff = positions[self._cand_safe_j] - positions[:, None, :]
         if self._cand_offset is not None:
-            diff = diff + self._cand_offset
-        dist = np.sqrt(np.sum(diff * diff, axis=-1))
-        center, column = np.nonzero(self._cand_valid & (dist < self.rcut))
+            diff += self._cand_offset
+        dist2 = np.einsum("ijk,ijk->ij", diff, diff)
+        center, column = np.nonzero(self._cand_valid & (dist2 < self.rcut * self.rcut))
         j = self._cand_j[center, column]
         s = self._cand_shift[center, column]
         nloc = len(positions)
-        kept, slot, _ = deepmd_slots(torch.from_numpy(center), torch.from_numpy(atype[j]),
-                                     torch.from_numpy(distance_key(dist[center, column])),
-                                     torch.from_numpy(tie_key(j, s)), nloc, self.sel)
+        kept, slot, _ = deepmd_slots(torch.from_numpy(center), torch.from_numpy(self._cand_type[center, column]),
+                                     torch.from_numpy(distance_key(np.sqrt(dist2[center, column]))),
+                                     torch.from_numpy(self._cand_tie[center, column]), nloc, self.sel)
         kept, slot = kept.numpy(), slot.numpy()
         nnei = sum(self.sel)
         nlist = np.full(nloc * nnei, -1, dtype=np.int64)
@@ -192,6 +195,12 @@ class DPCalculator(Calculator):
             raise ValueError(f"aparam has {ap.shape[0]} rows but there are {natoms} atoms")
         return ap.reshape(natoms, -1)
 
+    def _reverse_pairs(self, inputs: dict) -> torch.Tensor | None:
+        descriptor = getattr(self.model, "descriptor", None)
+        if not hasattr(descriptor, "reverse_pairs"):  # (the reference model)
+            return None
+        return descriptor.reverse_pairs(inputs["nlist"], inputs.get("shift"), inputs["atype"])
+
     # ------------------------------------------------------------------ ASE interface
     def calculate(self, atoms=None, properties=("energy",), system_changes=all_changes) -> None:
         super().calculate(atoms, properties, system_changes)
@@ -225,8 +234,10 @@ class DPCalculator(Calculator):
         if periodic:
             inputs["box"] = torch.from_numpy(cell.reshape(1, 3, 3).copy())
             inputs["shift"] = torch.from_numpy(self.shift[None])
-        # the index facts next to the neighbour list, on the host (the model's step does not derive them)
-        inputs.update(index_facts(inputs["nlist"], inputs.get("shift"), inputs["atype"], list(self.model.sel)))
+        # the index facts next to the neighbour list, on the host (the model's step does not derive them); the
+        # reverse pairs by the model's backend where it finds them itself (the op library's search)
+        inputs.update(index_facts(inputs["nlist"], inputs.get("shift"), inputs["atype"], list(self.model.sel),
+                                  self._reverse_pairs(inputs)))
         inputs = {k: v.to(dev) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
         if self.fparam is not None:
             inputs["fparam"] = torch.from_numpy(self.fparam.reshape(1, -1).copy()).to(dev)

@@ -73,18 +73,20 @@ def type_split(atype: torch.Tensor, ntypes: int) -> tuple[list[int], torch.Tenso
     return counts, torch.sort(flat, stable=True)[1]
 
 
-def index_facts(nlist: torch.Tensor, shift: torch.Tensor | None, atype: torch.Tensor, sel: list[int]) -> dict:
+def index_facts(nlist: torch.Tensor, shift: torch.Tensor | None, atype: torch.Tensor, sel: list[int],
+                partner: torch.Tensor | None = None) -> dict:
     """The index facts of a batch, as keyword arguments of :meth:`dpfit.model.EnergyModel.forward`
     (:class:`dpfit.model.stages.IndexFacts`): ``partner`` (nf, nloc, nnei) reverse-pair slots
-    (:func:`reverse_slots`), ``kept`` (per type, :func:`kept_slots`), ``type_counts`` and ``type_order``
-    (:func:`type_split`). Computed on the host next to the neighbour list (DataLoader collate, test.py, the
-    ASE calculator), so that the model's step needs no host synchronisation for them."""
+    (:func:`reverse_slots`, unless given), ``kept`` (per type, :func:`kept_slots`), ``type_counts`` and
+    ``type_order`` (:func:`type_split`). Computed on the host next to the neighbour list (DataLoader
+    collate, test.py, the ASE calculator), so that the model's step needs no host synchronisation for them."""
     ntypes = len(sel)
     sections = [sum(sel[:t]) for t in range(ntypes + 1)]
     counts, order = type_split(atype, ntypes)
     slot_type = torch.repeat_interleave(torch.arange(ntypes, device=nlist.device), torch.tensor(sel, device=nlist.device))
-    facts = {"partner": reverse_slots(nlist, shift, atype, slot_type), "kept": kept_slots(nlist, sections),
-             "type_counts": counts}
+    if partner is None:
+        partner = reverse_slots(nlist, shift, atype, slot_type)
+    facts = {"partner": partner, "kept": kept_slots(nlist, sections), "type_counts": counts}
     if order is not None:
         facts["type_order"] = order
     return facts

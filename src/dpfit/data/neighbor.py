@@ -120,9 +120,9 @@ def nearest_pair(coord: np.ndarray, box: np.ndarray | None, cutoff: float = 0.0)
 
 
 def distance_key(d: np.ndarray) -> np.ndarray:
-    """Distances rounded to 1e-10 Å, the sort key of :func:`deepmd_slots` on the host (the neighbour
-    search backends agree to that precision, so equal distances stay equal)."""
-    return np.rint(d * 1e10)
+    """Distances in units of 1e-10 Å (int64), the sort key of :func:`deepmd_slots` on the host (the
+    neighbour search backends agree to that precision, so equal distances stay equal)."""
+    return np.rint(d * 1e10).astype(np.int64)
 
 
 def tie_key(j: np.ndarray, s: np.ndarray) -> np.ndarray:
@@ -140,16 +140,24 @@ def deepmd_slots(center: torch.Tensor, ntype: torch.Tensor, dist: torch.Tensor, 
     distances in the order of ``tie``, truncated to ``sel[t]``. TorchScript-compatible.
 
     Candidate pairs, all (npairs,): ``center`` in [0, nloc), ``ntype`` the neighbour's type, ``dist`` the
-    sort key (the distance), ``tie`` an integer key for equal distances. Returns the candidates kept
-    (indices into the pairs), their flat slots ``center * sum(sel) + slot``, and the count of
-    candidates per (centre, type), (nloc * ntypes,), truncated or not.
+    sort key (the distance; or an int64 key such as :func:`distance_key`'s), ``tie`` an integer key for
+    equal distances. Returns the candidates kept (indices into the pairs), their flat slots
+    ``center * sum(sel) + slot``, and the count of candidates per (centre, type), (nloc * ntypes,),
+    truncated or not.
     """
     ntypes = len(sel)
     device = center.device
     order = torch.sort(tie, stable=True)[1]
-    order = order.index_select(0, torch.sort(dist.index_select(0, order), stable=True)[1])
     group = center * ntypes + ntype
-    order = order.index_select(0, torch.sort(group.index_select(0, order), stable=True)[1])
+    packed = not dist.is_floating_point() and nloc * ntypes < 2**23
+    if packed and dist.numel() > 0:
+        packed = int(dist.min()) >= 0 and int(dist.max()) < 2**40
+    if packed:  # (centre, type) then distance in one int64 key: one sort instead of two
+        key = (group * 2**40 + dist).index_select(0, order)
+        order = order.index_select(0, torch.sort(key, stable=True)[1])
+    else:
+        order = order.index_select(0, torch.sort(dist.index_select(0, order), stable=True)[1])
+        order = order.index_select(0, torch.sort(group.index_select(0, order), stable=True)[1])
     group = group.index_select(0, order)
     counts = torch.bincount(group, minlength=nloc * ntypes)
     starts = torch.cumsum(counts, 0) - counts

@@ -49,11 +49,11 @@ def forces_and_virials(
         if nall > nloc:
             own = torch.nn.functional.pad(own, [0, 0, 0, nall - nloc])
         out["force"] = own - g.new_zeros(nf, nall, 3).scatter_add(1, idx, g.reshape(nf, nloc * nnei, 3))
-    if do_virial or do_atomic_virial:
-        pair_virial = -(g.unsqueeze(-1) * diff.unsqueeze(-2)).reshape(nf, nloc, nnei, 9)
-        if do_virial:
-            out["virial"] = pair_virial.sum(dim=(1, 2))
-        if do_atomic_virial:
-            idx9 = nlist.clamp(min=0).reshape(nf, nloc * nnei, 1).expand(nf, nloc * nnei, 9)
-            out["atom_virial"] = g.new_zeros(nf, nall, 9).scatter_add(1, idx9, pair_virial.reshape(nf, nloc * nnei, 9))
+    if do_virial:  # -sum_ij g_ij (x) d_ij as one product (no pair-by-pair 3x3 array)
+        out["virial"] = -torch.bmm(g.reshape(nf, nloc * nnei, 3).transpose(1, 2), diff.reshape(nf, nloc * nnei, 3)
+                                   ).reshape(nf, 9)
+    if do_atomic_virial:
+        pair_virial = -(g.unsqueeze(-1) * diff.unsqueeze(-2)).reshape(nf, nloc * nnei, 9)
+        idx9 = nlist.clamp(min=0).reshape(nf, nloc * nnei, 1).expand(nf, nloc * nnei, 9)
+        out["atom_virial"] = g.new_zeros(nf, nall, 9).scatter_add(1, idx9, pair_virial)
     return out
