@@ -206,7 +206,10 @@ class ResidualMLP(nn.Module):
         """:meth:`value_and_tangent` by the op library's ``value_and_tangent`` (the kernels backend's call;
         only that backend calls it, so a TorchScript file of another backend holds no dpfit op)."""
         params = self.flat_parameters()
-        g, t, _ = torch.ops.dpfit.value_and_tangent(s, params, self.kinds, self.has_idt, records_gradient(params, s))
+        # (a statement of its own: as an argument of the op call, TorchScript's optimised graph handed it params as
+        # None from the second call on, "Expected GenericList but got None")
+        keep = records_gradient(params, s)
+        g, t, _ = torch.ops.dpfit.value_and_tangent(s, params, self.kinds, self.has_idt, keep)
         return g, t
 
     @torch.jit.unused
