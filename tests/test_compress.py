@@ -436,3 +436,37 @@ def test_random_check_frames_respect_min_nbor_dist():
         dist = d.norm(dim=-1) + torch.eye(len(coord), dtype=torch.float64) * 1e9
         assert float(dist.min()) >= 0.9 and float(dist.min()) < 1.35
         assert int((atype == 1).sum()) == 2 * int((atype == 0).sum())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_frozen_compressed_file_on_cuda(tmp_path, tiny_model, random_frame):
+    """A frozen compressed file moved to a GPU takes its static path there (the tables in plain PyTorch):
+    the same numbers as its CPU path."""
+    from dpfit.io.export import freeze
+
+    model = tiny_model(**TINY_CASES["pairs"])
+    model.compress(TINY_MIN_NBOR_DIST)
+    file = torch.jit.load(str(freeze(model, tmp_path / "m.pth")))
+    coord, atype, box = (torch.from_numpy(x) for x in random_frame(seed=2, natoms=8))
+    want = file(coord, atype, box)
+    file = file.to("cuda")
+    got = file(coord.cuda(), atype.cuda(), box.cuda())
+    for key in ("energy", "force", "virial"):
+        torch.testing.assert_close(got[key].cpu(), want[key], rtol=1e-10, atol=1e-10)
+
+
+def test_frozen_compressed_gpu_path_equals_cpu_path(tmp_path, tiny_model, random_frame):
+    """The frozen file's GPU path (static layout, the tables in plain PyTorch, scripted), run on the CPU,
+    equals its CPU path (compact layout)."""
+    from dpfit.io.export import freeze, torch_neighbor_list
+
+    model = tiny_model(**TINY_CASES["pairs"])
+    model.compress(TINY_MIN_NBOR_DIST)
+    paths = torch.jit.load(str(freeze(model, tmp_path / "m.pth"))).model
+    coord, atype, box = (torch.from_numpy(x) for x in random_frame(seed=2, natoms=8))
+    wrapped, nlist, shift = torch_neighbor_list(coord, atype, box, model.rcut, model.sel)
+    args = (wrapped[None], atype[None], nlist[None], box[None], shift[None], None, None, True, True, True, False)
+    want = paths(*args[:7], True)  # (coordinates on the CPU: the CPU path)
+    got = paths.gpu_model(*args)
+    for key in ("energy", "force", "virial", "atom_virial"):
+        torch.testing.assert_close(got[key], want[key], rtol=1e-10, atol=1e-12)
