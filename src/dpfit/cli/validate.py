@@ -276,7 +276,13 @@ def validate_freeze_config(cfg: DictConfig) -> None:
     _choice(cfg, "format", FORMATS, "unknown format")
     _choice(cfg, "kernels", KERNEL_MODES, "unknown kernels mode")
     _positive_number(cfg, "min_nbor_dist")
-    for key in ("overwrite", "verbose"):
+    _positive_number(cfg, "compression.step")
+    extrapolate = _positive_number(cfg, "compression.extrapolate")
+    if extrapolate is not None and extrapolate <= 1:
+        _fail(cfg, "compression.extrapolate", extrapolate, "must be more than 1 (the tables reach distances down to "
+              "min_nbor_dist / extrapolate)")
+    _int(cfg, "compression.frames", 0, "random frames the compressed model is checked on")
+    for key in ("overwrite", "verbose", "compress"):
         v = _get(cfg, key)
         if v is not None and not isinstance(v, bool):
             _fail(cfg, key, v, "must be true or false")

@@ -219,16 +219,19 @@ class DeepmdFrozenModel(nn.Module):
 
 
 def freeze_for_deepmd(model: EnergyModel, output: str | Path, overwrite: bool = False,
-                      source_params: dict | None = None, kernels: bool = False) -> Path:
+                      source_params: dict | None = None, kernels: bool = False, params: dict | None = None) -> Path:
     """Script ``model`` as :class:`DeepmdFrozenModel` and save it; refuses an existing file unless ``overwrite``.
 
     ``source_params``: a DeePMD source checkpoint's ``model_params`` (kept in ``get_model_def_script``).
-    ``kernels``: the CPU path on dpfit's op library (LAMMPS loads it from ``DP_PLUGIN_PATH``).
+    ``kernels``: the CPU path on dpfit's op library (LAMMPS loads it from ``DP_PLUGIN_PATH``). ``params``:
+    the model's DeePMD ``model_params`` when given (a compressed model's: those of the model it was
+    compressed from, :func:`~dpfit.io.deepmd_export.deepmd_model_params`), else read from ``model``.
     """
     output = Path(output)
     if output.exists() and not overwrite:
         raise FileExistsError(f"{output}: exists; choose another output or pass overwrite=true")
-    params = deepmd_model_params(model)  # also refuses a model DeePMD-kit cannot represent
+    if params is None:
+        params = deepmd_model_params(model)  # also refuses a model DeePMD-kit cannot represent
     if source_params:
         params = merge_source_params(params, source_params)
     scripted = torch.jit.script(DeepmdFrozenModel(model, json.dumps(params), kernels))

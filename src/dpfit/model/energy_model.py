@@ -62,6 +62,20 @@ class EnergyModel(BackendChoice, nn.Module):
             model.select_backend(device)
         return model
 
+    @torch.jit.ignore
+    def compress(self, min_nbor_dist: float, step: float = 0.01, extrapolate: float = 5.0):
+        """Replace the embedding nets by tables of quintic pieces (:mod:`dpfit.model.tabulation`, DeePMD-kit's
+        ``dp compress``), in place, for inference: every backend then evaluates g and dg/ds from the tables
+        (no matrix products); the model is put in eval mode and refuses ``train()``. ``min_nbor_dist`` (Å):
+        the training data's smallest neighbour distance, where the accurate part of the tables ends;
+        ``step``: the pieces' width in the nets' input s; ``extrapolate``: the coarse part reaches
+        ``extrapolate`` times the largest w(r)/r. Returns the :class:`~dpfit.model.tabulation.Compression`
+        (tables, measured error bound)."""
+        from dpfit.model.tabulation import compress
+
+        self.eval()
+        return compress(self.descriptor, min_nbor_dist, step, extrapolate)
+
     @property
     def dtype(self) -> torch.dtype:
         return self.descriptor.davg.dtype

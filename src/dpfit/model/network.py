@@ -47,6 +47,18 @@ def _residual_input(x: torch.Tensor, kind: int) -> torch.Tensor:
     return x.new_zeros(())
 
 
+def records_gradient(params: list[torch.Tensor], x: torch.Tensor) -> bool:
+    """Whether autograd records through an op on ``x`` and ``params`` (then it keeps its activations)."""
+    if not torch.is_grad_enabled():
+        return False
+    if x.requires_grad:
+        return True
+    for p in params:
+        if p.requires_grad:
+            return True
+    return False
+
+
 def layer_value_and_tangent(
     x: torch.Tensor, tx: torch.Tensor | None, matrix: torch.Tensor, bias: torch.Tensor, idt: torch.Tensor | None,
     kind: int,
@@ -189,6 +201,19 @@ class ResidualMLP(nn.Module):
             tx = t
         assert tx is not None
         return x, tx
+
+    def kernel_value_and_tangent(self, s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`value_and_tangent` by the op library's ``value_and_tangent`` (the kernels backend's call;
+        only that backend calls it, so a TorchScript file of another backend holds no dpfit op)."""
+        params = self.flat_parameters()
+        # (a statement of its own: as an argument of the op call, TorchScript's optimised graph handed it params as
+        # None from the second call on, "Expected GenericList but got None")
+        keep = records_gradient(params, s)
+        # (the name shows in the error of a file loaded without the op library: the lines of the first op call)
+        load_libdpfit_ops_so_first_LAMMPS_DP_PLUGIN_PATH = list(self.kinds)
+        g, t, _ = torch.ops.dpfit.value_and_tangent(s, params, load_libdpfit_ops_so_first_LAMMPS_DP_PLUGIN_PATH,
+                                                    self.has_idt, keep)
+        return g, t
 
     @torch.jit.unused
     def _value_and_tangent_fused(self, s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -3,9 +3,9 @@
 The compact layout of :mod:`dpfit.model.compact_layout` (occupied slots only, one row per same-type
 pair), computed by the C++ op library: the pair vectors, R~ and its Jacobian in one pass
 (``env_geometry``); each neighbour type's rows (``block_rows``), the embedding nets' values and
-tangents (``value_and_tangent``), the contractions straight from the rows (``slot_gt``, ``slot_env``,
-never gathering them into the slot layout), the descriptor products (``descriptor_gram``,
-``descriptor_vjp``) and the fitting nets with their input gradient (``fitting``). The ops carry their
+tangents (``value_and_tangent``; ``tabulated_value_and_tangent`` for a compressed model's tables), the
+contractions straight from the rows (``slot_gt``, ``slot_env``, never gathering them into the slot
+layout), the descriptor products (``descriptor_gram``, ``descriptor_vjp``) and the fitting nets with their input gradient (``fitting``). The ops carry their
 backward formulas, so a training step differentiates the closed-form forces in one backward pass.
 
 Swapped in by :meth:`dpfit.model.EnergyModel.use_backend` (same parameters and buffers); it runs where the
@@ -19,19 +19,8 @@ import torch
 
 from dpfit.model.compact_layout import CompactSeE2A, own_rows_first
 from dpfit.model.fitting import EnergyFitting
+from dpfit.model.network import records_gradient
 from dpfit.model.stages import Embedding, Environment, IndexFacts
-
-
-def _records_gradient(params: List[torch.Tensor], x: torch.Tensor) -> bool:
-    """Whether autograd records through an op on ``x`` and ``params`` (then it keeps its activations)."""
-    if not torch.is_grad_enabled():
-        return False
-    if x.requires_grad:
-        return True
-    for p in params:
-        if p.requires_grad:
-            return True
-    return False
 
 
 class KernelSeE2A(CompactSeE2A):
@@ -119,17 +108,13 @@ class KernelSeE2A(CompactSeE2A):
                     x_own = index_and_inputs[1 + p]
                     x_pad = distincts[p]
                     p += 1
-                    params = net.flat_parameters()
-                    x = torch.cat([x_own, x_pad])
-                    g_x, t_x, kept_x = torch.ops.dpfit.value_and_tangent(x, params, net.kinds, net.has_idt,
-                                                                         _records_gradient(params, x))
+                    # (the net's own op: value_and_tangent, or tabulated_value_and_tangent for a table)
+                    g_x, t_x = net.kernel_value_and_tangent(torch.cat([x_own, x_pad]))
                     g_parts.append(g_x)
                     t_parts.append(t_x)
                     n_own.append(x_own.shape[0])
                     if kept < width:
-                        g_pad, t_pad, kept_pad = torch.ops.dpfit.value_and_tangent(
-                            x_pad, params, net.kinds, net.has_idt, _records_gradient(params, x_pad))
-                        pad_values.append(g_pad)
+                        pad_values.append(net.kernel_value_and_tangent(x_pad)[0])
             g_rows = own_rows_first(g_parts, n_own)
             if kept < width:
                 tail = self.padded_tail(tail, lo, hi, kept, pad_values, pad_alone)
@@ -173,17 +158,6 @@ class KernelSeE2A(CompactSeE2A):
         return torch.ops.dpfit.env_jacobian(env.jacobian, grad_rr, False)
 
 
-    def forward(self, diff: torch.Tensor, mask: torch.Tensor, atype: torch.Tensor) -> torch.Tensor:
-        """Descriptor (nf, nloc, M * axis_neuron) from pair vectors diff (nf, nloc, nnei, 3) Å (as SeE2A's).
-
-        TorchScript compiles this method first: where a frozen file is loaded without the op library,
-        its error shows the lines below."""
-        env = Environment(diff, mask, self.normalized_env(diff, mask, atype), diff.new_empty(0))
-        # This file's CPU path calls dpfit's op library: load libdpfit_ops.so first (LAMMPS: DP_PLUGIN_PATH=/path/to/
-        # libdpfit_ops.so; torch: torch.ops.load_library), built for this torch (docs/lammps.md); or freeze kernels=off
-        return self.embed(env, atype, False, IndexFacts(None, None, None, None)).descriptor
-
-
 class KernelFitting(EnergyFitting):
     """:class:`~dpfit.model.fitting.EnergyFitting` whose nets run as the ``fitting`` op (the energies and
     their input gradient in one forward; same parameters and buffers)."""
@@ -198,7 +172,7 @@ class KernelFitting(EnergyFitting):
                 kinds = net.kinds[:-1]
                 has_idt = net.has_idt[:-1]
                 energy, grad, kept = torch.ops.dpfit.fitting(pieces[t], params, kinds, has_idt,
-                                                             _records_gradient(params, pieces[t]))
+                                                             records_gradient(params, pieces[t]))
                 values.append(energy.squeeze(-1))
                 if with_grad:
                     grads.append(grad)

@@ -33,7 +33,8 @@ log = logging.getLogger(__name__)
 CSRC = Path(__file__).with_name("csrc")
 #: the sources of the library (the CMake build compiles the same files)
 SOURCES = [CSRC / name for name in ("ops.cpp", "autograd.cpp", "embedding_net.cpp", "slot_contraction.cpp",
-                                    "environment.cpp", "fitting_net.cpp", "descriptor_product.cpp")]
+                                    "environment.cpp", "fitting_net.cpp", "descriptor_product.cpp",
+                                    "tabulation.cpp")]
 HEADERS = [CSRC / "kernels.h"]
 #: the environment variable naming a prebuilt library to load instead of building one
 LIBRARY_VARIABLE = "DPFIT_OPS_LIBRARY"

@@ -16,6 +16,7 @@ Ops (CPU, float32/64 unless said):
 - slot contractions: ``slot_gt`` (autograd), ``slot_rows``, ``slot_env`` (autograd),
   ``slot_rows_value_and_tangent``, ``slot_env_gbar``
 - descriptor products: ``descriptor_gram`` (autograd), ``descriptor_vjp`` (autograd), ``descriptor_cross_gram``
+- tabulated embedding nets (compressed models, inference only): ``tabulated_value_and_tangent``
 
 The forward ops that keep activations for their backward (``value_and_tangent``, ``fitting``) return
 them as extra outputs when ``keep`` is set (an op holds no hidden state); those outputs carry no
@@ -33,6 +34,8 @@ import torch
 OPS = ("value_and_tangent", "value_and_tangent_backward", "fitting", "fitting_backward", "env_geometry",
        "env_jacobian", "reverse_slots", "block_rows", "slots_of_rows", "slot_gt", "slot_rows", "slot_env",
        "slot_rows_value_and_tangent", "slot_env_gbar", "descriptor_gram", "descriptor_vjp", "descriptor_cross_gram")
+#: the ops of inference only (compressed models: :mod:`dpfit.model.tabulation`), never in a training step
+INFERENCE_OPS = ("tabulated_value_and_tangent",)
 #: the ops with a backward formula (csrc/autograd.cpp); the others raise when a gradient is asked of them
 DIFFERENTIABLE = ("value_and_tangent", "fitting", "env_jacobian", "slot_gt", "slot_env", "descriptor_gram",
                   "descriptor_vjp")
@@ -159,6 +162,10 @@ def _descriptor_cross_gram_fake(x, y, a, symmetric):
     return x.new_empty(x.shape[0], x.shape[2], a)
 
 
+def _tabulated_value_and_tangent_fake(s, table, lo, step, n_fine, step_coarse):
+    return s.new_empty(s.shape[0], table.shape[2]), s.new_empty(s.shape[0], table.shape[2])
+
+
 def register() -> None:
     """Registers the fake implementation of every op (once per process); the library
     (``torch.ops.dpfit``) must be loaded."""
@@ -166,7 +173,7 @@ def register() -> None:
     if _registered:
         return
     fakes = globals()
-    for name in OPS:
+    for name in OPS + INFERENCE_OPS:
         torch.library.register_fake(f"dpfit::{name}", fakes[f"_{name}_fake"])
     _registered = True
 

@@ -377,7 +377,7 @@ void register_autograd(torch::Library& m) {
   // the others: asking a gradient of them is an error ("derivative for dpfit::<name> is not implemented")
   for (const char* name : {"value_and_tangent_backward", "fitting_backward", "env_geometry", "reverse_slots",
                            "block_rows", "slots_of_rows", "slot_rows", "slot_rows_value_and_tangent", "slot_env_gbar",
-                           "descriptor_cross_gram"})
+                           "descriptor_cross_gram", "tabulated_value_and_tangent"})
     m.impl(name, torch::autograd::autogradNotImplementedFallback());
 }
 

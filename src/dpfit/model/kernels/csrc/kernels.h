@@ -68,3 +68,7 @@ std::vector<at::Tensor> fitting_backward(const at::Tensor& x0, const std::option
                                          const std::vector<at::Tensor>& matrices, const std::vector<at::Tensor>& biases,
                                          const std::vector<at::Tensor>& idts, const std::vector<int64_t>& kinds,
                                          const std::vector<at::Tensor>& kept, bool need_x);
+
+// tabulation.cpp: a tabulated embedding net's value and ds-tangent (inference only)
+std::vector<at::Tensor> tabulated_value_and_tangent(const at::Tensor& s, const at::Tensor& table, double lo,
+                                                    double step, int64_t n_fine, double step_coarse);

@@ -13,6 +13,7 @@
 //   slot contractions:    slot_gt (autograd), slot_rows, slot_env (autograd), slot_rows_value_and_tangent,
 //                         slot_env_gbar
 //   descriptor products:  descriptor_gram (autograd), descriptor_vjp (autograd), descriptor_cross_gram
+//   tabulated embedding:  tabulated_value_and_tangent (inference only: compressed models)
 #include <ATen/Version.h>
 #include <torch/library.h>
 #include <torch/version.h>
@@ -220,6 +221,13 @@ Tensor descriptor_cross_gram_op(const Tensor& x, const Tensor& y, int64_t a, boo
   return descriptor_gram(x.contiguous(), y.contiguous(), a, symmetric);
 }
 
+std::tuple<Tensor, Tensor> tabulated_value_and_tangent_op(const Tensor& s, const Tensor& table, double lo, double step,
+                                                          int64_t n_fine, double step_coarse) {
+  std::vector<Tensor> out = tabulated_value_and_tangent(s.contiguous(), table.contiguous(), lo, step, n_fine,
+                                                        step_coarse);
+  return {out[0], out[1]};
+}
+
 }  // namespace
 
 TORCH_LIBRARY(dpfit, m) {
@@ -255,6 +263,8 @@ TORCH_LIBRARY(dpfit, m) {
   m.def("descriptor_gram(Tensor g, SymInt a) -> Tensor", tags);
   m.def("descriptor_vjp(Tensor g, Tensor w) -> Tensor", tags);
   m.def("descriptor_cross_gram(Tensor x, Tensor y, SymInt a, bool symmetric) -> Tensor", tags);
+  m.def("tabulated_value_and_tangent(Tensor s, Tensor table, float lo, float step, SymInt n_fine, "
+        "float step_coarse) -> (Tensor, Tensor)", tags);
 }
 
 TORCH_LIBRARY_IMPL(dpfit, CPU, m) {
@@ -275,6 +285,7 @@ TORCH_LIBRARY_IMPL(dpfit, CPU, m) {
   m.impl("descriptor_gram", TORCH_FN(descriptor_gram_op));
   m.impl("descriptor_vjp", TORCH_FN(descriptor_vjp_op));
   m.impl("descriptor_cross_gram", TORCH_FN(descriptor_cross_gram_op));
+  m.impl("tabulated_value_and_tangent", TORCH_FN(tabulated_value_and_tangent_op));
 }
 
 TORCH_LIBRARY_IMPL(dpfit, Autograd, m) { dpfit::register_autograd(m); }
