@@ -235,9 +235,9 @@ def main() -> int:
         library = args.ops_library
         if library is None:
             library = work / "ops" / "libdpfit_ops.so"
-            if not library.exists():
-                sh(["sh", REPO / "scripts" / "build_ops_library.sh", PEER_DIR / "bin" / "python", work / "ops"], work,
-                   "build_ops.log")
+            # (cached by the sources: a rebuild only when they changed)
+            sh(["sh", REPO / "scripts" / "build_ops_library.sh", PEER_DIR / "bin" / "python", work / "ops"], work,
+               "build_ops.log")
         os.environ["DP_PLUGIN_PATH"] = str(Path(library).resolve())
         print(f"# exported files call dpfit's op library: DP_PLUGIN_PATH={os.environ['DP_PLUGIN_PATH']}")
     # ---- the models: the water fixture imported into dpfit, a dpfit-trained model; each exported both ways

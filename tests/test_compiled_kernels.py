@@ -722,6 +722,12 @@ def test_reverse_slots_extended_atoms(kernels, tiny_model):
         assert torch.equal(got[is_local], periodic[is_local])
         assert bool((got[~is_local] == -1).all()) and int((periodic[~is_local & (ext["nlist"] >= 0)] >= 0).sum()) > 0
         assert int((got >= 0).sum()) > 20
+    # the PyTorch search a frozen file uses without the op library (TorchScript) gives the same slots
+    from dpfit.data.index_facts import reverse_slots
+    slot_type = torch.repeat_interleave(torch.arange(2), torch.tensor([6, 7]))
+    script = torch.jit.script(reverse_slots)
+    for search in (reverse_slots, script):
+        assert torch.equal(search(ext["nlist"], None, ext["atype"][:, :nloc], slot_type), got)
     torch.library.opcheck(dpfit.reverse_slots.default, (ext["nlist"], None, ext["atype"], sections))
 
 

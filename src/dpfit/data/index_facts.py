@@ -21,10 +21,11 @@ def reverse_slots(nlist: torch.Tensor, shift: torch.Tensor | None, atype: torch.
     nlist (nf, nloc, nnei) with -1 padding; shift (nf, nloc, nnei, 3) integer images (None: no
     periodicity); atype (nf, nloc); slot_type (nnei,) neighbor type of each slot. Only pairs of two
     atoms of the same type are matched; a pair whose reverse was cut from the other atom's list by
-    ``sel`` stays unmatched.
+    ``sel`` stays unmatched. With extended atoms (LAMMPS: nlist indexes nall >= nloc atoms, ghosts after
+    the local ones) only pairs of two local atoms are matched. TorchScript-compatible (frozen files).
     """
     nf, nloc, nnei = nlist.shape
-    same = (nlist >= 0) & (atype.unsqueeze(-1) == slot_type)
+    same = (nlist >= 0) & (nlist < nloc) & (atype.unsqueeze(-1) == slot_type)
     flat = torch.nonzero(same.reshape(-1)).squeeze(-1)
     out = torch.full((nf * nloc * nnei,), -1, dtype=torch.long, device=nlist.device)
     if flat.numel() == 0:
@@ -48,7 +49,7 @@ def reverse_slots(nlist: torch.Tensor, shift: torch.Tensor | None, atype: torch.
     pos = torch.searchsorted(sorted_key, wanted).clamp(max=flat.shape[0] - 1)
     found = sorted_key.index_select(0, pos) == wanted
     partner = torch.where(found, flat.index_select(0, order.index_select(0, pos)), torch.full_like(flat, -1))
-    out = out.index_put((flat,), partner)
+    out = out.index_put([flat], partner)
     return out.reshape(nf, nloc, nnei)
 
 

@@ -137,8 +137,8 @@ class DeepmdFrozenModel(nn.Module):
         neighbour = nlist.reshape(-1).index_select(0, flat)
         frame = torch.div(center, nloc, rounding_mode="floor")
         ntype = extended_atype.reshape(-1).index_select(0, frame * nall + neighbour)
-        kept, slot, _ = deepmd_slots(center, ntype, dist.reshape(-1).index_select(0, flat), neighbour, nf * nloc,
-                                     self.sel)
+        distance = torch.round(dist.reshape(-1).index_select(0, flat) * 1e10).long()  # (ties at 1e-10 Å, one sort)
+        kept, slot, _ = deepmd_slots(center, ntype, distance, neighbour, nf * nloc, self.sel)
         out = torch.full((nf * nloc * sum(self.sel),), -1, dtype=torch.long, device=nlist.device)
         out[slot] = neighbour.index_select(0, kept)
         return out.reshape(nf, nloc, -1)

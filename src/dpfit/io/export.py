@@ -6,6 +6,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from dpfit.data.index_facts import reverse_slots
 from dpfit.data.neighbor import deepmd_slots, image_reach
 from dpfit.model import EnergyModel, PropertyModel
 
@@ -43,7 +44,8 @@ def torch_neighbor_list(
     pairs = torch.nonzero(~self_pair & (dist < rcut))
     center, cand = pairs[:, 0], pairs[:, 1]
     j = cand_j.index_select(0, cand)
-    kept, slot, _ = deepmd_slots(center, atype.index_select(0, j), dist[center, cand], cand, nloc, sel)
+    distance = torch.round(dist[center, cand] * 1e10).long()  # (as data.neighbor.distance_key: ties at 1e-10 Å)
+    kept, slot, _ = deepmd_slots(center, atype.index_select(0, j), distance, cand, nloc, sel)
     nnei = int(sum(sel))
     nlist = torch.full((nloc * nnei,), -1, dtype=torch.long, device=coord.device)
     shift = torch.zeros(nloc * nnei, 3, dtype=coord.dtype, device=coord.device)
@@ -77,7 +79,9 @@ class DevicePaths(nn.Module):
                 shift: torch.Tensor | None, fparam: torch.Tensor | None, aparam: torch.Tensor | None,
                 do_atomic_virial: bool) -> dict[str, torch.Tensor]:
         if coord.device.type == "cpu":
-            partner = self.cpu_model.descriptor.reverse_pairs(nlist, shift, atype)
+            partner = self.cpu_model.descriptor.reverse_pairs(nlist, shift, atype)  # (the op library's search)
+            if partner is None:
+                partner = reverse_slots(nlist, shift, atype, self.cpu_model.descriptor.slot_type)
             return self.cpu_model(coord, atype, nlist, box, shift, fparam, aparam, True, True, do_atomic_virial, False,
                             partner)
         return self.gpu_model(coord, atype, nlist, box, shift, fparam, aparam, True, True, do_atomic_virial, False)
