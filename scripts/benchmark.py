@@ -2,7 +2,7 @@
 
     python scripts/benchmark.py                      # water fixture checkpoint on ../shared/data/water
     python scripts/benchmark.py --frames 40 --batch-size 4 --device cuda --json bench.json
-    python scripts/benchmark.py --kernels off --compile --all-slots   # torch.compile's code vs the kernels
+    python scripts/benchmark.py --kernels off --compile --backend static   # torch.compile's code vs the kernels
 
 Each measurement is one function returning a dict (added to ``results``); neighbor lists are built once
 and timed on their own, so inference timings exclude them. To add a measurement (e.g. a training step),
@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
 import time
 from collections.abc import Callable
@@ -25,7 +24,6 @@ from dpfit.data.batch import batch_to_device, collate, make_sample, model_inputs
 from dpfit.data.system import load_systems
 from dpfit.io.checkpoint import load_model
 from dpfit.model import EnergyModel
-from dpfit.model.kernels import set_compiled_kernels
 from dpfit.training.allocator import keep_freed_memory
 
 REPO = Path(__file__).resolve().parents[1]
@@ -64,13 +62,20 @@ def timed(
             "ms_per_frame": 1e3 * seconds / n_frames}
 
 
-def build_model(ckpt: Path | None, precision: str, device: torch.device) -> EnergyModel:
-    """The checkpoint's model (or a fresh water model) in ``precision`` on ``device``, eval mode."""
+def build_model(ckpt: Path | None, precision: str, device: torch.device, kernels: str = "off",
+                backend: str | None = None) -> EnergyModel:
+    """The checkpoint's model (or a fresh water model) in ``precision`` on ``device``, eval mode, on
+    ``backend`` (None: the one selected for the device from the ``kernels`` option)."""
     if ckpt is not None:
         model = load_model(ckpt, precision=precision)
     else:
-        model = EnergyModel.from_config({**WATER_CONFIG, "precision": precision})
-    return model.to(device).eval()
+        model = EnergyModel.from_config({**WATER_CONFIG, "precision": precision}, device=None)
+    model = model.to(device).eval()
+    if backend:
+        model.use_backend(backend, device)
+    else:
+        model.select_backend(device, kernels)
+    return model
 
 
 def pick_frames(data: Path, type_map: list[str], n_frames: int) -> list[tuple]:
@@ -117,7 +122,7 @@ def make_batches(samples: list[dict], batch_size: int, device: torch.device, fac
 
 def bench_facts(samples: list[dict], batch_size: int, sel: list[int]) -> dict:
     """The index facts' share of collate (done once per batch by the data pipeline, on the host)."""
-    from dpfit.model.index_facts import index_facts
+    from dpfit.data.index_facts import index_facts
 
     batches = make_batches(samples, batch_size, torch.device("cpu"), facts=False)
 
@@ -190,20 +195,20 @@ def train_step_fn(model: EnergyModel, batch: dict, opt: torch.optim.Optimizer | 
     return step
 
 
-def count_flops(step) -> int:
-    """FLOPs of one call of ``step`` (torch.utils.flop_counter: matmuls and convolutions), counted on
-    the PyTorch path (the counter does not see inside the compiled kernels; the arithmetic is the same)."""
+def count_flops(model: EnergyModel, step) -> int:
+    """FLOPs of one call of ``step`` (torch.utils.flop_counter: matmuls and convolutions), counted with
+    the model on PyTorch's compact layout if it runs the compiled kernels (the counter does not see
+    inside them; the arithmetic is the same)."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    from dpfit.model.kernels import compiled_kernels_mode
-
-    mode = compiled_kernels_mode()
-    set_compiled_kernels("off")
+    backend = model.backend
+    if backend == "kernels":
+        model.use_backend("compact")
     try:
         with FlopCounterMode(display=False) as counter:
             step()
     finally:
-        set_compiled_kernels(mode)
+        model.use_backend(backend)
     return int(counter.get_total_flops())
 
 
@@ -221,7 +226,7 @@ def bench_train(model: EnergyModel, batches: list[dict], device: torch.device, r
     for step in steps:  # one untimed pass (every batch's shapes seen once; compiling: the compilation)
         step()
     first_pass = time.perf_counter() - start
-    flops = count_flops(train_step_fn(model, batches[0], opt) if compile else steps[0])  # (eager: the counter)
+    flops = count_flops(model, train_step_fn(model, batches[0], opt) if compile else steps[0])  # (eager: the counter)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     times = []
@@ -252,10 +257,9 @@ import numpy as np, torch
 from dpfit.data.neighbor import build_neighbor_list
 from dpfit.io.checkpoint import load_model
 from dpfit.model import EnergyModel
-from dpfit.model.kernels import set_compiled_kernels
 ckpt, data, reps, precision, train = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4], sys.argv[5] == "1"
 from dpfit.data.system import load_systems
-model = (EnergyModel.from_config(json.loads(sys.argv[6])) if ckpt == "fresh" else load_model(ckpt, precision=precision))
+model = (EnergyModel.from_config(json.loads(sys.argv[6]), device=None) if ckpt == "fresh" else load_model(ckpt, precision=precision))
 system = load_systems([data], model.type_map)[0]
 frame = system.frame(0)
 shifts = np.stack(np.meshgrid(*[np.arange(reps)] * 3, indexing="ij"), -1).reshape(-1, 3)
@@ -264,6 +268,7 @@ atype = np.tile(frame["atype"], len(shifts))
 box = frame["box"] * reps
 device = torch.device(sys.argv[7])
 model = model.to(device)
+model.select_backend(device, sys.argv[8])
 nl = build_neighbor_list(coord, atype, box, model.rcut, model.sel, warn=False)
 inp = dict(coord=torch.from_numpy(coord)[None], atype=torch.from_numpy(atype)[None], nlist=torch.from_numpy(nl.nlist)[None],
            box=torch.from_numpy(box)[None], shift=torch.from_numpy(nl.shift)[None])
@@ -294,7 +299,7 @@ print(json.dumps({"natoms": len(coord), "seconds": seconds, "peak_mib": peak / 2
 
 
 def bench_scaling(ckpt: Path | None, data: Path, precision: str, reps: list[int], train: bool,
-                  device: torch.device) -> list[dict]:
+                  device: torch.device, kernels: str) -> list[dict]:
     """Water supercells (reps^3 copies of a frame): time and peak memory per atom of one energy+force
     evaluation (``train``: with create_graph and a backward pass), each in a fresh process."""
     import subprocess
@@ -303,7 +308,7 @@ def bench_scaling(ckpt: Path | None, data: Path, precision: str, reps: list[int]
     rows = []
     for r in reps:
         cmd = [sys.executable, "-c", SCALING_CHILD, str(ckpt) if ckpt else "fresh", str(data), str(r), precision,
-               "1" if train else "0", json.dumps({**WATER_CONFIG, "precision": precision}), str(device)]
+               "1" if train else "0", json.dumps({**WATER_CONFIG, "precision": precision}), str(device), kernels]
         proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
         if proc.returncode:
             rows.append({"reps": r, "error": proc.stderr.strip().splitlines()[-1] if proc.stderr else "failed"})
@@ -317,11 +322,10 @@ import json, resource, sys
 import torch
 from dpfit.data.datamodule import DeepmdDataModule
 from dpfit.model import EnergyModel
-from dpfit.model.kernels import set_compiled_kernels
 from dpfit.training.loss import EnergyLoss
 from dpfit.data.batch import model_inputs
 root, steps, config = sys.argv[1], int(sys.argv[2]), json.loads(sys.argv[3])
-model = EnergyModel.from_config(config)
+model = EnergyModel.from_config(config)  # (on CPU, with config["kernels"])
 dm = DeepmdDataModule(train_systems=[root], type_map=config["type_map"], rcut=config["descriptor"]["rcut"],
                       sel=config["descriptor"]["sel"], batch_size=1, data_stat_nbatch=2)
 dm.setup("fit")
@@ -337,7 +341,7 @@ print(json.dumps({"frames": frames, "peak_mib": resource.getrusage(resource.RUSA
 """
 
 
-def bench_data_memory(data: Path, replicas: int, steps: int = 20) -> list[dict]:
+def bench_data_memory(data: Path, replicas: int, kernels: str, steps: int = 20) -> list[dict]:
     """Peak memory of a short training run through the DataModule on the data and on ``replicas``
     copies of it (fresh process each): frames are memory-mapped and read on demand, so it stays flat."""
     import shutil
@@ -353,7 +357,7 @@ def bench_data_memory(data: Path, replicas: int, steps: int = 20) -> list[dict]:
                 for system in sorted(p.parent for p in Path(data).rglob("type.raw")):
                     shutil.copytree(system, root / f"copy{k}" / system.name)
             proc = subprocess.run([sys.executable, "-c", DATA_MEMORY_CHILD, str(root), str(steps),
-                                   json.dumps({**WATER_CONFIG, "precision": "float64"})],
+                                   json.dumps({**WATER_CONFIG, "precision": "float64", "kernels": kernels})],
                                   capture_output=True, text=True, check=False)
             if proc.returncode:
                 rows.append({"replicas": n, "error": proc.stderr.strip().splitlines()[-1]})
@@ -362,14 +366,19 @@ def bench_data_memory(data: Path, replicas: int, steps: int = 20) -> list[dict]:
     return rows
 
 
+def probe_backend(device: torch.device, args: argparse.Namespace) -> str:
+    """The backend the measured models run on."""
+    from dpfit.model.backends import choose_backend
+
+    return args.backend or choose_backend(args.kernels, device)
+
+
 def run(args: argparse.Namespace) -> dict:
     """All measurements -> ``results`` (plain dict, JSON-serialisable)."""
     device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
     if args.threads:
         torch.set_num_threads(args.threads)
-    os.environ["DPFIT_KERNELS"] = args.kernels  # also for the measurements in child processes
     malloc = "keep" if args.malloc == "keep" and keep_freed_memory() else "default"  # as train.py does
-    kernels = set_compiled_kernels(args.kernels) if device.type == "cpu" else False
     if args.ckpt == "fresh":
         ckpt = None
     else:
@@ -381,7 +390,7 @@ def run(args: argparse.Namespace) -> dict:
         "setup": {"data": str(args.data), "ckpt": str(ckpt) if ckpt else "fresh water model (random weights)",
                   "frames": len(frames), "natoms": natoms, "batch_size": args.batch_size, "device": str(device),
                   "torch": torch.__version__, "threads": torch.get_num_threads(), "python": platform.python_version(),
-                  "kernels": "compiled" if kernels else "pytorch", "malloc": malloc,
+                  "backend": probe_backend(device, args), "malloc": malloc,
                   "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None},
     }
     nl_result, samples = bench_neighbor_list(frames, probe.rcut, probe.sel)
@@ -390,17 +399,15 @@ def run(args: argparse.Namespace) -> dict:
         sample["sel"] = probe.sel
     if args.facts == "pipeline":
         results["index_facts"] = bench_facts(samples, args.batch_size, probe.sel)
-    results["setup"].update(facts=args.facts, all_slots=args.all_slots, compile=args.compile)
+    results["setup"].update(facts=args.facts, compile=args.compile)
     for precision in args.precisions:
         dtype = getattr(torch, precision)
         results[f"matmul_{precision}"] = bench_matmul(dtype, device)
-        model = build_model(ckpt, precision, device)
-        model.descriptor.all_slots = args.all_slots
+        model = build_model(ckpt, precision, device, args.kernels, args.backend)
         batches = make_batches(samples, args.batch_size, device, args.facts == "pipeline")
         results[f"inference_{precision}"] = bench_inference(model, batches, device, args.warmup, args.repeat)
         if not args.no_train:
-            model = build_model(ckpt, precision, device)
-            model.descriptor.all_slots = args.all_slots
+            model = build_model(ckpt, precision, device, args.kernels, args.backend)
             train = bench_train(model, batches, device, args.repeat, results[f"matmul_{precision}"]["gflops"],
                                 args.compile)
             # the machine's rate once more after the steps: a neighbour's load during one measurement
@@ -412,12 +419,12 @@ def run(args: argparse.Namespace) -> dict:
                 train["x_flop_limit"] = train["seconds"] / train["flop_limit_s"]
             results[f"train_{precision}"] = train
     if args.data_memory:
-        results["data_memory"] = bench_data_memory(Path(args.data), args.data_memory)
+        results["data_memory"] = bench_data_memory(Path(args.data), args.data_memory, args.kernels)
     if args.scaling:
         data0 = sorted(p.parent for p in Path(args.data).rglob("type.raw"))[0]
         for precision in args.precisions:
             results[f"scaling_{precision}"] = bench_scaling(ckpt, data0, precision, args.scaling, args.scaling_train,
-                                                                 device)
+                                                                 device, args.kernels)
     return results
 
 
@@ -426,7 +433,7 @@ def print_table(results: dict) -> None:
     print(f"# data {setup['data']}  ckpt {setup['ckpt']}")
     print(f"# {setup['frames']} frames of {setup['natoms']} atoms, batch {setup['batch_size']}, device "
           f"{setup['gpu'] or setup['device']}, torch {setup['torch']}, {setup['threads']} threads, "
-          f"{setup.get('kernels', 'pytorch')} kernels, malloc {setup.get('malloc', 'default')}")
+          f"backend {setup.get('backend')}, malloc {setup.get('malloc', 'default')}")
     for name, res in results.items():
         if name.startswith("matmul_"):
             print(f"# {name}: {res['gflops']:.1f} GFLOP/s")
@@ -474,8 +481,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--no-train", action="store_true", help="skip the training-step measurement")
     parser.add_argument("--facts", default="pipeline", choices=["pipeline", "model"],
                         help="index facts computed with the batch, as in training (default), or by the model each step")
-    parser.add_argument("--all-slots", action="store_true", default=None,
-                        help="the static-shape path (every slot embedded; default: by device)")
+    parser.add_argument("--backend", default=None, choices=["kernels", "compact", "static"],
+                        help="the model's backend (dpfit.model.backends; default: selected for the device from --kernels)")
     parser.add_argument("--compile", action="store_true",
                         help="training step's loss and backward through torch.compile (inductor, full graph)")
     parser.add_argument("--scaling", type=int, nargs="*", default=[],

@@ -20,7 +20,7 @@ import json
 import sys
 from pathlib import Path
 
-from dpfit.io.deepmd_input import convert_input, to_yaml
+from dpfit.io.deepmd_input import UnimplementedTypeError, convert_input, to_yaml
 
 
 def _systems(preset: dict) -> list[str]:
@@ -45,7 +45,11 @@ def main(argv=None) -> int:
         print(f"error: {path}: {exc}", file=sys.stderr)
         return 2
     base = Path(args.base_dir) if args.base_dir else path.resolve().parent
-    preset, unsupported = convert_input(data, base_dir=base, data_root=args.data_root)
+    try:
+        preset, unsupported = convert_input(data, base_dir=base, data_root=args.data_root)
+    except UnimplementedTypeError as exc:  # it would translate into a different model
+        print(f"error: {path}: {exc}", file=sys.stderr)
+        return 2
     sys.stdout.write(to_yaml(preset, source=str(path)))
     for key in unsupported:
         print(f"unsupported: {key}", file=sys.stderr)

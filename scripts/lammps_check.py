@@ -1,10 +1,14 @@
 """Run dpfit's exported models in the real LAMMPS + DeePMD-kit and compare with dpfit (see lammps_check.sh).
 
     python scripts/lammps_check.py [--work DIR] [--trained CKPT] [--steps 1000] [--only run0,dptest,...]
+                                   [--kernels on|off] [--ops-library LIB]
 
 Needs ``../shared/tools/peer_lammps.sh setup`` once (LAMMPS 2025.7.22 + DeePMD-kit 3.2.0, CPU). dpfit runs
 in this Python (``freeze.py``, ``test.py``, ``train.py``); LAMMPS and ``dp`` run through peer_lammps.sh.
-Prints one line per check (figure, tolerance, PASS/FAIL) and exits 1 if any check fails.
+Prints one line per check (figure, tolerance, PASS/FAIL) and exits 1 if any check fails. With ``--kernels on``
+(the default) the exported files call dpfit's op library, built for LAMMPS's torch by
+``scripts/build_ops_library.sh`` (or ``--ops-library``) and loaded with ``DP_PLUGIN_PATH`` (LAMMPS, ``dp``) or
+``torch.ops.load_library`` (DeePMD-kit's Python).
 """
 
 from __future__ import annotations
@@ -64,9 +68,14 @@ def mpirun(n: int, args: list, cwd: Path, log: str) -> str:
                 cwd, log)
 
 
+KERNELS = "on"  # freeze.py's kernels option (--kernels)
+
+
 def dpfit(script: str, overrides: list, cwd: Path, log: str) -> str:
-    if script == "test.py":  # PyTorch's path: no compiled-kernel build (shared cache) in the middle of a check
+    if script == "test.py":  # PyTorch's path: the reference predictions
         overrides = [*overrides, "kernels=off"]
+    if script == "freeze.py" and not any(o.startswith("format=deepmd") for o in overrides):
+        overrides = [*overrides, f"kernels={KERNELS}"]
     return sh([sys.executable, REPO / script, *overrides, f"hydra.run.dir={cwd / 'hydra' / log}"], cwd, log + ".log")
 
 
@@ -206,6 +215,10 @@ def main() -> int:
     ap.add_argument("--frames", default="0,20,40,60,79", help="data_3 frames for run 0")
     ap.add_argument("--only", default="", help="comma-separated subset of: run0,nve,mpi,fparam,dptest,devi,"
                                                "compress,python")
+    ap.add_argument("--kernels", default="on", choices=["on", "off"],
+                    help="the exported files' CPU path on dpfit's op library (default on) or PyTorch only")
+    ap.add_argument("--ops-library", type=Path, help="libdpfit_ops.so built for LAMMPS's torch (default: built "
+                                                     "into the work folder by scripts/build_ops_library.sh)")
     args = ap.parse_args()
     if not (PEER_DIR / "bin" / "lmp").exists():
         print(f"no peer venv at {PEER_DIR}: run `sh {PEER} setup` first", file=sys.stderr)
@@ -216,7 +229,17 @@ def main() -> int:
     work.mkdir(parents=True, exist_ok=True)
     frames = [int(f) for f in args.frames.split(",")]
     print(f"# work folder {work}")
-
+    global KERNELS
+    KERNELS = args.kernels
+    if KERNELS == "on":  # the op library for LAMMPS's torch, loaded by every LAMMPS / dp run (DP_PLUGIN_PATH)
+        library = args.ops_library
+        if library is None:
+            library = work / "ops" / "libdpfit_ops.so"
+            # (cached by the sources: a rebuild only when they changed)
+            sh(["sh", REPO / "scripts" / "build_ops_library.sh", PEER_DIR / "bin" / "python", work / "ops"], work,
+               "build_ops.log")
+        os.environ["DP_PLUGIN_PATH"] = str(Path(library).resolve())
+        print(f"# exported files call dpfit's op library: DP_PLUGIN_PATH={os.environ['DP_PLUGIN_PATH']}")
     # ---- the models: the water fixture imported into dpfit, a dpfit-trained model; each exported both ways
     trained = args.trained
     if trained is None:
@@ -384,7 +407,9 @@ def main() -> int:
     if want("python"):
         print("# DeePMD-kit's Python: DeepPot and deepmd.calculator.DP (ASE) on each file, data_3 frame 0")
         code = (
-            "import sys, numpy as np\nfrom deepmd.infer import DeepPot\n"
+            "import os, sys, numpy as np, torch\nfrom deepmd.infer import DeepPot\n"
+            "if os.environ.get('DP_PLUGIN_PATH'):  # a file calling dpfit's op library\n"
+            "    torch.ops.load_library(os.environ['DP_PLUGIN_PATH'])\n"
             "c = np.load(sys.argv[1] + '/set.000/coord.npy')[0].astype(float)\n"
             "b = np.load(sys.argv[1] + '/set.000/box.npy')[0].astype(float)\n"
             "t = np.loadtxt(sys.argv[1] + '/type.raw', dtype=int)\n"

@@ -18,7 +18,6 @@ import torch
 from benchmark import WATER_CKPT, WATER_DATA, build_model, pick_frames, train_step_fn
 
 from dpfit.data.batch import collate, make_sample
-from dpfit.model.kernels import set_compiled_kernels
 
 
 def main() -> None:
@@ -35,9 +34,8 @@ def main() -> None:
     from torch.profiler import ProfilerActivity, profile
 
     torch.set_num_threads(args.threads)
-    set_compiled_kernels(args.kernels)
     ckpt = WATER_CKPT if WATER_CKPT.exists() else None
-    model = build_model(ckpt, args.precision, torch.device("cpu"))
+    model = build_model(ckpt, args.precision, torch.device("cpu"), args.kernels)
     (system, index), = pick_frames(WATER_DATA, model.type_map, 1)
     step = train_step_fn(model, collate([make_sample(system, index, model.rcut, model.sel)]))
     for _ in range(3):

@@ -122,10 +122,10 @@ def test_early_stopping_on_force_rmse(tmp_path):
     cfg = compose_train(["callbacks=early_stopping", "callbacks.early_stopping.patience=1",
                          "callbacks.early_stopping.min_delta=1e9",
                          *_fast(**{"trainer.max_steps": 20, "trainer.val_check_interval": 2})], tmp_path)
-    train(cfg)
-    assert _ckpt(tmp_path / "checkpoints" / "last.ckpt")["global_step"] == 4
+    train(cfg)  # validations at step 1 (lcurve.out's first row) and 2: the second does not improve
+    assert _ckpt(tmp_path / "checkpoints" / "last.ckpt")["global_step"] == 2
     rows = [r for r in (tmp_path / "lcurve.out").read_text().splitlines() if not r.startswith("#")]
-    assert [int(r.split()[0]) for r in rows] == [2, 4]
+    assert [int(r.split()[0]) for r in rows] == [1, 2]
 
 
 # ----------------------------------------------------------------------------- scale_by_worker

@@ -1,9 +1,9 @@
 """torch.compile(fullgraph=True, dynamic=False): no host synchronisation, no data-dependent shapes.
 
 The reference (dpfit.model.reference) is plain tensor code whose shapes depend only on the system
-(frames, atoms, sel). The fast model takes its static-shape path while compiling (every neighbour slot
-embedded; the batch's index facts, computed by the data pipeline, instead of facts read back from the
-neighbour list). For both, the energy, the forces and virial and a training loss on them are captured
+(frames, atoms, sel). The fast model compiles on its ``static`` backend (every neighbour slot embedded;
+the batch's index facts, computed by the data pipeline, instead of facts read back from the neighbour
+list). For both, the energy, the forces and virial and a training loss on them are captured
 in one graph (``fullgraph``: a graph break, e.g. a ``.item()`` or a data-dependent shape, fails the
 test), and the loss's backward through that graph gives the eager gradients. The ``aot_eager`` backend
 checks the capture (forward and backward) without code generation, which takes minutes on 2 cores
@@ -18,7 +18,6 @@ import torch
 from test_parity import batch_inputs, random_labels
 
 from dpfit.model import convert
-from dpfit.model.kernels import kernels_available
 
 pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
@@ -61,14 +60,13 @@ def _water_batch(water_fixture, nframes: int = 2):
 
 @pytest.mark.parametrize("precision", ["float64", "float32"])
 def test_fast_training_loss_compiles_as_one_graph(water_fixture, precision):
-    """The fast model (closed-form forces and virial) on the DeePMD-kit water fixture: under
-    torch.compile it takes its static-shape path (every slot embedded, index facts from the batch), so
-    energy, forces, virial and the loss are captured in one graph (fullgraph: any graph break fails),
-    and the backward through it (AOTAutograd) gives the eager gradients."""
+    """The fast model (closed-form forces and virial) on the DeePMD-kit water fixture, on its static
+    backend (every slot embedded, index facts from the batch): energy, forces, virial and the loss are
+    captured in one graph (fullgraph: any graph break fails), and the backward through it (AOTAutograd)
+    gives the eager gradients."""
     model, inputs, labels = _water_batch(water_fixture)
-    model = model.to(getattr(torch, precision))
+    model = model.to(getattr(torch, precision)).use_backend("static")
     tol = 1e-10 if precision == "float64" else 2e-5  # (float32: as test_parity's outputs)
-    model.kernels = "on" if kernels_available() else "off"  # (not used while compiling)
     model.train()
     facts = {k: inputs[k] for k in ("partner", "kept", "type_counts", "type_order") if k in inputs}
 
@@ -83,7 +81,6 @@ def test_fast_training_loss_compiles_as_one_graph(water_fixture, precision):
     compiled = torch.compile(loss_of, fullgraph=True, dynamic=False, backend="aot_eager")
     loss = compiled(*args)
     grads = torch.autograd.grad(loss, params)
-    model.descriptor.all_slots = True  # eager, the same path
     want_loss = loss_of(*args)
     want = torch.autograd.grad(want_loss, params)
     torch.testing.assert_close(loss.detach(), want_loss.detach(), rtol=tol / 100, atol=0)

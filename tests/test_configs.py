@@ -25,7 +25,13 @@ def _options(group: str) -> list[str]:
 CASES = [(g, o) for g in GROUPS for o in _options(g)]
 
 
+#: options that need a partner option of another group (the property model and its loss)
+PARTNERS = {("model", "se_e2_a_property"): ["loss=property"], ("loss", "property"): ["model=se_e2_a_property"]}
+
+
 def _extra(group: str, option: str) -> list[str]:
+    if (group, option) in PARTNERS:
+        return PARTNERS[group, option]
     if group == "experiment" or option == "deepmd":
         root = SHARED / "data" / "water"
         if not root.is_dir():

@@ -111,7 +111,7 @@ def test_ddp_equals_gradient_accumulation_and_writes_one_run_folder(tmp_path):
         assert (run / name).is_file(), name
     assert (run / "train.log").read_text().count("data statistics computed") == 1  # both ranks log here
     lcurve = (run / "lcurve.out").read_text().splitlines()
-    assert sum(r.startswith("#") for r in lcurve) == 1 and len(lcurve) == 2
+    assert sum(r.startswith("#") for r in lcurve) == 1 and len(lcurve) == 3  # steps 1 and 2
 
     r0, r1 = (torch.load(tmp_path / "p_ddp" / f"probe_rank{r}.pt", weights_only=False) for r in (0, 1))
     one = torch.load(tmp_path / "p_one" / "probe_rank0.pt", weights_only=False)
@@ -141,14 +141,15 @@ def test_ddp_equals_gradient_accumulation_and_writes_one_run_folder(tmp_path):
             torch.testing.assert_close(r0["grads"][t][name], g, rtol=1e-10, atol=1e-13, msg=name)
         assert any(g.abs().max() > 0 for g in one["grads"][t].values())
 
-    # validation: every frame once over the ranks, metrics synced (same on both ranks, same as one process)
-    assert len(r0["val"]) == len(r1["val"]) == len(one["val"]) == 1
-    v0, v1, v = r0["val"][0], r1["val"][0], one["val"][0]
-    assert v0 == v1
-    assert {"val/loss", "val/rmse_e", "val/rmse_f", "val/mae_f", "val/rmse_f_Cu", "val/rmse_f_Ni"} <= v.keys()
-    assert v.keys() == v0.keys()
-    for k in v:
-        assert v0[k] == pytest.approx(v[k], rel=1e-5), k
+    # validation (steps 1 and 2): every frame once over the ranks, metrics synced (same on both ranks, same as
+    # one process)
+    assert len(r0["val"]) == len(r1["val"]) == len(one["val"]) == 2
+    for v0, v1, v in zip(r0["val"], r1["val"], one["val"]):
+        assert v0 == v1
+        assert {"val/loss", "val/rmse_e", "val/rmse_f", "val/mae_f", "val/rmse_f_Cu", "val/rmse_f_Ni"} <= v.keys()
+        assert v.keys() == v0.keys()
+        for k in v:
+            assert v0[k] == pytest.approx(v[k], rel=1e-5), k
 
 
 # ----------------------------------------------------------------------------- batches and frames

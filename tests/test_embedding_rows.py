@@ -1,5 +1,6 @@
-"""Embedding-row shortcuts: each same-type pair embedded once (reverse slots), and neighbor slots that
-are padding for every atom of the batch folded into a per-type constant."""
+"""Embedding-row shortcuts of the compact layout (dpfit.model.compact_layout, the CPU default without the
+kernels): each same-type pair embedded once (reverse slots, from the data pipeline's index facts), and
+neighbor slots that are padding for every atom of the batch folded into a per-type constant."""
 
 from __future__ import annotations
 
@@ -7,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
+from dpfit.data.index_facts import reverse_slots
 from dpfit.data.neighbor import build_neighbor_list
-from dpfit.model.index_facts import reverse_slots
 
 pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
@@ -122,7 +123,8 @@ def test_each_reverse_pair_is_embedded_once(tiny_model, random_frame, monkeypatc
 
     monkeypatch.setattr(ResidualMLP, "value_and_tangent", counting)
     inputs = dict(coord=torch.from_numpy(coord)[None], atype=atypes, nlist=nlist, box=torch.from_numpy(box)[None],
-                  shift=shift)
+                  shift=shift, partner=partner)
+    assert model.backend == "compact"
     model(**inputs, do_force=True)
     occupied = int((nlist >= 0).sum())
     pairs = int((partner >= 0).sum()) // 2
@@ -137,15 +139,15 @@ def test_each_reverse_pair_is_embedded_once(tiny_model, random_frame, monkeypatc
 
 def test_slots_padded_for_the_whole_batch_are_not_embedded(tiny_model, random_frame):
     """The embedding blocks end at the last slot any atom of the batch occupies."""
-    from dpfit.model.energy_model import pair_vectors
+    from dpfit.model.stages import IndexFacts
 
     model = tiny_model("float64")
     desc = model.descriptor
     coord, atype, box = random_frame(seed=3, natoms=6, periodic=True)
     nlist, shift, atypes, _ = _lists([(coord, atype, box)], model.rcut, model.sel)
-    diff, mask = pair_vectors(torch.from_numpy(coord)[None], torch.from_numpy(box)[None], nlist, shift, desc.rcut + 1)
-    g_blocks, t_blocks, _ = desc.embed(desc.normalized_env(diff, mask, atypes), atypes, mask, tangent=True)
+    env = desc.environment(torch.from_numpy(coord)[None], torch.from_numpy(box)[None], nlist, shift, atypes)
+    emb = desc.embed(env, atypes, True, IndexFacts(None, None, None, None))
     for t in range(desc.ntypes):
-        most = int(mask[..., desc.sections[t]:desc.sections[t + 1]].sum(-1).max())
+        most = int(env.mask[..., desc.sections[t]:desc.sections[t + 1]].sum(-1).max())
         assert most < desc.sel[t]
-        assert g_blocks[t].shape[1] == most and t_blocks[t].shape[1] == most
+        assert emb.values[t].shape[1] == most and emb.tangents[t].shape[1] == most

@@ -35,24 +35,24 @@ def _val_rows(rows: list[dict], key: str = "val/rmse_f") -> dict[int, float]:
 
 
 def test_last_step_is_validated_and_named_in_table_csv_and_lcurve(tmp_path, capsys):
-    """max_steps=5 with validation every 3 steps: validated at 3 and 5 (the last); lcurve rows every 2 steps
-    plus the validations, validation columns nan where none ran."""
+    """max_steps=5 with validation every 3 steps: validated at 1 (DeePMD-kit's first lcurve row), 3 and 5 (the
+    last); lcurve rows every 2 steps plus the validations, validation columns nan where none ran."""
     cfg = compose_train([*QUICK, "trainer.max_steps=5", "trainer.val_check_interval=3", "callbacks.lcurve.disp_freq=2"],
                         tmp_path)
     value = train(cfg)
     out = capsys.readouterr().out
     assert "Validation errors at step 5 (the last step)" in out
     val = _val_rows(_csv(tmp_path))
-    assert sorted(val) == [3, 5]
+    assert sorted(val) == [1, 3, 5]
     assert value == pytest.approx(val[5], rel=1e-6)
     table_rmse_f = re.search(r"force \[eV/Å\]\s*│\s*(\S+)", out).group(1)
     assert table_rmse_f == f"{val[5]:.4e}"  # the table is metrics.csv's row of step 5
     header, rows = _lcurve(tmp_path)
     assert header[:8] == ["step", "rmse_val", "rmse_trn", "rmse_e_val", "rmse_e_trn", "rmse_f_val", "rmse_f_trn", "lr"]
-    assert [int(r[0]) for r in rows] == [2, 3, 4, 5]
+    assert [int(r[0]) for r in rows] == [1, 2, 3, 4, 5]
     f_val = {int(r[0]): r[header.index("rmse_f_val")] for r in rows}
     assert math.isnan(f_val[2]) and math.isnan(f_val[4])
-    assert f_val[3] == pytest.approx(val[3], rel=1e-2) and f_val[5] == pytest.approx(val[5], rel=1e-2)
+    assert all(f_val[k] == pytest.approx(val[k], rel=1e-2) for k in (1, 3, 5))
     assert all(math.isfinite(r[header.index("rmse_f_trn")]) and r[header.index("lr")] > 0 for r in rows)
     assert (tmp_path / "lcurve.png").is_file()
 

@@ -1,4 +1,5 @@
-"""freeze.py: the TorchScript model equals the checkpoint, in a process where dpfit cannot be imported."""
+"""freeze.py: the TorchScript model equals the checkpoint, in a process where dpfit cannot be imported
+(with ``kernels=on`` that process loads dpfit's op library with torch.ops.load_library, nothing else)."""
 
 from __future__ import annotations
 
@@ -20,6 +21,8 @@ LOADER = r"""
 import sys, json
 sys.modules["dpfit"] = None  # any import of dpfit now fails
 import numpy as np, torch
+if len(sys.argv) > 3:  # a file whose CPU path calls dpfit's op library
+    torch.ops.load_library(sys.argv[3])
 m = torch.jit.load(sys.argv[1])
 r = np.load(sys.argv[2])
 out = {}
@@ -36,25 +39,39 @@ print(json.dumps({"type_map": m.get_type_map(), **out}))
 """
 
 
-def _frozen_outputs(model_file: Path, reference: Path) -> dict:
-    proc = subprocess.run([sys.executable, "-c", LOADER, str(model_file), str(reference)],
+def _frozen_outputs(model_file: Path, reference: Path, library: str | None = None) -> dict:
+    proc = subprocess.run([sys.executable, "-c", LOADER, str(model_file), str(reference), *([library] if library else [])],
                           capture_output=True, text=True, cwd="/", timeout=300)
     assert proc.returncode == 0, proc.stderr
     return json.loads(proc.stdout.splitlines()[-1])
 
 
+@pytest.mark.parametrize("kernels", ["off", "on"])
 @pytest.mark.parametrize("fixture", ["water", pytest.param("cho", marks=pytest.mark.slow)])
-def test_frozen_model_equals_checkpoint_without_dpfit(tmp_path, water_fixture, cho_fixture, fixture):
+def test_frozen_model_equals_checkpoint_without_dpfit(tmp_path, water_fixture, cho_fixture, fixture, kernels):
     folder = water_fixture if fixture == "water" else cho_fixture
     refs = {"water": ["reference_data_3.npz"], "cho": ["reference_C3H3O4.npz", "reference_C4H3O1.npz"]}[fixture]
+    library = None
+    if kernels == "on":
+        from dpfit.model.kernels import load_library
+
+        library = load_library(required=False)
+        if library is None:
+            pytest.skip("the op library is unavailable")
     out = tmp_path / "model.pth"
     proc = subprocess.run([sys.executable, str(REPO / "freeze.py"), f"ckpt_path={folder / 'model.ckpt.pt'}",
-                           f"output={out}", f"hydra.run.dir={tmp_path / 'run'}"], capture_output=True, text=True,
-                          timeout=300)
+                           f"output={out}", f"kernels={kernels}", f"hydra.run.dir={tmp_path / 'run'}"],
+                          capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
+    assert ("op library" in proc.stdout) == (kernels == "on")
+    if kernels == "on":  # without the library the file does not load
+        bare = subprocess.run([sys.executable, "-c", LOADER, str(out), str(folder / refs[0])], capture_output=True,
+                              text=True, cwd="/", timeout=300)
+        assert bare.returncode != 0 and "dpfit::" in bare.stderr
+        assert "load_libdpfit_ops_so_first_LAMMPS_DP_PLUGIN_PATH" in bare.stderr  # (the hint, docs/lammps.md)
     for ref_name in refs:
         ref = np.load(folder / ref_name)
-        got = _frozen_outputs(out, folder / ref_name)
+        got = _frozen_outputs(out, folder / ref_name, library)
         for key in ("energy", "force", "virial", "atom_energy"):
             np.testing.assert_allclose(np.array(got[key]), ref[key], rtol=1e-10, atol=1e-10, err_msg=key)
     assert got["type_map"] in (["O", "H"], ["C", "H", "O"])

@@ -49,8 +49,8 @@ def test_sigkill_then_resume_last_matches_uninterrupted_run(tmp_path):
     try:
         deadline = time.monotonic() + 240
         while time.monotonic() < deadline and proc.poll() is None:
-            lcurve = run / "lcurve.out"  # a row appears after the step-5 checkpoints were written
-            if lcurve.is_file() and len(lcurve.read_text().splitlines()) >= 2:
+            lcurve = run / "lcurve.out"  # the row of step 5 (after step 1's) follows the step-5 checkpoints
+            if lcurve.is_file() and len(lcurve.read_text().splitlines()) >= 3:
                 proc.send_signal(signal.SIGKILL)
                 break
             time.sleep(0.01)
@@ -87,6 +87,6 @@ def test_sigkill_then_resume_last_matches_uninterrupted_run(tmp_path):
     assert rows[: len(rows_before)] == rows_before
     assert int(rows[-1].split()[0]) == STEPS
     full_rows = [r for r in (full / "lcurve.out").read_text().splitlines() if not r.startswith("#")]
-    assert [r.split()[0] for r in full_rows] == ["5", "10", "15", "20", "25", "30"]
+    assert [r.split()[0] for r in full_rows] == ["1", "5", "10", "15", "20", "25", "30"]
     assert rows[-1].split()[0] == full_rows[-1].split()[0]
     assert [r.split()[0] for r in rows] == [r.split()[0] for r in full_rows]  # every step once, none twice

@@ -1,13 +1,14 @@
-"""One parity suite: every implementation path against the reference model (dpfit.model.reference).
+"""One parity suite: every backend and export against the reference model (dpfit.model.reference).
 
-Paths: ``reference`` itself (checked against the DeePMD-kit fixtures), ``fast`` (the default model's
-PyTorch path on CPU, deriving its index facts from the neighbour list), ``kernels`` (the fast model with
-its compiled CPU kernels; skipped where they cannot be built), ``all_slots`` (the fast model's
-static-shape path, the one for GPUs and torch.compile, on CPU) and ``cuda`` (the fast model on a GPU;
-skipped without one). All but ``fast`` take the batch's index facts as the data pipeline computes them
-(:func:`dpfit.model.index_facts.index_facts`). Each is compared with the
-reference on the same weights: energy, forces, virial, atomic energies, atomic virials (inference),
-and the parameter gradients of an energy + force + virial training loss (training).
+Paths: ``reference`` itself (checked against the DeePMD-kit fixtures); the fast model's backends
+(dpfit.model.backends): ``compact`` (PyTorch on CPU, deriving its index facts from the neighbour
+list), ``kernels`` (the C++ op library; skipped where it cannot be built), ``static`` (every slot
+embedded: the GPU and torch.compile layout, on CPU) and ``cuda`` (static on a GPU; skipped without one);
+and TorchScript exports saved and loaded back, ``script`` (PyTorch only), ``script_kernels`` (calling
+the op library) and ``script_static`` (a frozen file's GPU path, here on CPU). All but ``compact`` take the batch's index facts as the data pipeline computes them
+(:func:`dpfit.data.index_facts.index_facts`). Each is compared with the reference on the same
+weights: energy, forces, virial, atomic energies, atomic virials (inference), and (not for the exports,
+whose parameters carry no gradient) the parameter gradients of an energy + force + virial training loss.
 
 Tolerances, relative to each quantity's largest magnitude: float64 1e-10. Float32 models are compared
 with the float64 reference of the same weights: 2e-5 for outputs and 5e-5 for the loss gradients
@@ -17,22 +18,26 @@ with the float64 reference of the same weights: 2e-5 for outputs and 5e-5 for th
 from __future__ import annotations
 
 import copy
+import io
 
 import numpy as np
 import pytest
 import torch
 
+from dpfit.data.index_facts import index_facts
 from dpfit.data.neighbor import build_neighbor_list
+from dpfit.io.export import frozen_copy
 from dpfit.model import EnergyModel, ReferenceEnergyModel, build_model, convert
-from dpfit.model.index_facts import index_facts
-from dpfit.model.kernels import compiled_kernels_mode, kernels_available
-from dpfit.model.kernels.ops import backward_node
+from dpfit.model.kernels import load_library
+from dpfit.model.kernels.registration import backward_node
 
 pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
 KEYS = ("energy", "force", "virial", "atom_energy", "atom_virial")
-PATHS = ("reference", "fast", "kernels", "all_slots", "cuda")
-WITH_FACTS = {"kernels", "all_slots", "cuda"}
+PATHS = ("reference", "compact", "kernels", "static", "cuda", "script", "script_kernels", "script_static")
+WITH_FACTS = {"kernels", "static", "cuda", "script", "script_kernels", "script_static"}
+#: TorchScript of a frozen file's paths: CPU without / with the op library, and the GPU path (static)
+EXPORTS = {"script": "compact", "script_kernels": "kernels", "script_static": "static"}
 TOL = {torch.float64: (1e-10, 1e-10), torch.float32: (2e-5, 5e-5)}  # (outputs, loss gradients)
 
 #: the options of the model, one case each (tiny models; batches of three frames)
@@ -56,21 +61,18 @@ def on_path(model: torch.nn.Module, path: str) -> torch.nn.Module:
     if path == "reference":
         return convert(model, "reference")
     fast = convert(model, "fast")
-    if path == "kernels":
-        if compiled_kernels_mode() == "off":
-            pytest.skip("DPFIT_KERNELS=off")
-        if not kernels_available():
-            pytest.skip("compiled CPU kernels unavailable (no compiler)")
-        fast.kernels = "on"
-        return fast
-    fast.kernels = "off"
-    if path == "all_slots":
-        fast.descriptor.all_slots = True
+    if path in ("kernels", "script_kernels") and load_library(required=False) is None:
+        pytest.skip("the op library is unavailable (no compiler)")
+    if path in EXPORTS:
+        buffer = io.BytesIO()
+        torch.jit.save(torch.jit.script(frozen_copy(fast, EXPORTS[path])), buffer)
+        buffer.seek(0)
+        return torch.jit.load(buffer)
     if path == "cuda":
         if not torch.cuda.is_available():
             pytest.skip("no CUDA device")
-        return fast.to("cuda")
-    return fast
+        return fast.to("cuda").use_backend("static")
+    return fast.use_backend(path)
 
 
 def batch_inputs(model, frames, fparam=None, aparam=None, device="cpu", facts=False) -> dict:
@@ -109,7 +111,7 @@ def graph_nodes(tensor: torch.Tensor) -> set[str]:
         fn = stack.pop()
         if fn is not None and fn not in seen:
             seen.add(fn)
-            names.add(type(fn).__name__)
+            names.add(fn.name())
             stack.extend(f for f, _ in fn.next_functions)
     return names
 
@@ -120,7 +122,7 @@ def loss_gradients(model, inputs: dict, labels: dict) -> dict[str, torch.Tensor]
     model.zero_grad()
     out = model(**inputs, do_force=True, do_virial=True, create_graph=True)
     compiled = backward_node("fitting") in graph_nodes(out["force"])
-    chosen = isinstance(model, EnergyModel) and model.kernels == "on"
+    chosen = isinstance(model, EnergyModel) and model.backend == "kernels"
     assert compiled == chosen, "the compiled kernels ran where not chosen, or not at all"
     loss = ((out["energy"] - labels["energy"].to(out["energy"])) ** 2).mean()
     loss = loss + ((out["force"] - labels["force"].to(out["force"])) ** 2).mean() * 10.0
@@ -183,6 +185,8 @@ def test_tiny_model_outputs_and_gradients_equal_reference(tiny_model, random_fra
             inference_inputs = batch_inputs(model, frames, fparam, aparam, device, path in WITH_FACTS)
         assert_close_to(outputs(impl, inference_inputs, torch.inference_mode), want, out_tol, f"{path} inference")
         assert_close_to(outputs(reference, inference_inputs, torch.inference_mode), want, out_tol, "reference")
+    if path in EXPORTS:
+        return
     labels = random_labels(inputs)
     want_grads = loss_gradients(reference, inputs, labels)
     assert max(float(g.abs().max()) for g in want_grads.values()) > 1e-3
@@ -202,6 +206,8 @@ def test_mixed_system_batch_equals_reference(tiny_model, random_frame, option, p
     inputs = batch_inputs(model, frames, fparam, aparam)
     assert_close_to(outputs(impl, batch_inputs(model, frames, fparam, aparam, device, path in WITH_FACTS)), outputs(reference, inputs),
                     out_tol, path)
+    if path in EXPORTS:
+        return
     labels = random_labels(inputs)
     assert_close_to(loss_gradients(impl, batch_inputs(model, frames, fparam, aparam, device, path in WITH_FACTS), labels),
                     loss_gradients(reference, inputs, labels), grad_tol, f"{path} loss gradient")
@@ -259,6 +265,8 @@ def test_fixture_models_equal_reference(request, fixture, path):
     inputs = batch_inputs(model, frames, fparam, aparam)
     assert_close_to(outputs(impl, batch_inputs(model, frames, fparam, aparam, device, path in WITH_FACTS)), outputs(reference, inputs),
                     1e-10, path)
+    if path in EXPORTS:
+        return
     if fixture == "water_case":  # gradients on one frame (192 atoms: the reference's double backward is slow)
         inputs = {k: v[:1] for k, v in inputs.items()}
     labels = random_labels(inputs)

@@ -30,4 +30,4 @@ def test_benchmark_writes_every_measurement(water_fixture, tmp_path):
 def test_profile_step_prints_backward_nodes(water_fixture):
     out = _run(["scripts/profile_step.py", "--steps", "1", "--threads", "1", "--backward", "--rows", "5"])
     assert "median step" in out
-    assert "Backward" in out
+    assert "Backward" in out or "CppNode<dpfit::" in out  # (the op library's nodes: CppNode<dpfit::<op>>)

@@ -94,12 +94,12 @@ def test_offline_run_holds_history_config_plots_and_resumes_the_same_run(tmp_pat
                 "train/rmse_f", "lr", "val/loss", "val/rmse_e", "val/mae_e", "val/rmse_f", "val/mae_f",
                 "val/rmse_f_Cu", "val/rmse_f_Ni", "trainer/global_step"):
         assert key in history, key
-    assert len(history["train/loss"]) == 4 and len(history["val/rmse_f"]) == 2
+    assert len(history["train/loss"]) == 4 and len(history["val/rmse_f"]) == 3  # validated at steps 1, 2, 4
     assert history["train/pref_f"][0] == pytest.approx(1000.0)
-    assert history["val/parity/_type"] == ["images/separated"] * 2  # wandb.Image lists
+    assert history["val/parity/_type"] == ["images/separated"] * 3  # wandb.Image lists
     images = [f for files in history["val/parity/filenames"] for f in files]
-    assert len(images) == 2 and all((offline / "files" / f).is_file() for f in images)
-    assert sorted(p.name for p in (run / "plots").iterdir()) == ["parity_0000002.png", "parity_0000004.png"]
+    assert len(images) == 3 and all((offline / "files" / f).is_file() for f in images)
+    assert sorted(p.name for p in (run / "plots").iterdir()) == [f"parity_000000{k}.png" for k in (1, 2, 4)]
     # the resolved config and the parameter count
     config = first["config"]
     assert config["n_params"] > 0

@@ -23,9 +23,9 @@ import torch
 from ase.calculators.calculator import Calculator, PropertyNotImplementedError, all_changes
 from ase.stress import full_3x3_to_voigt_6_stress
 
-from dpfit.data.neighbor import build_neighbor_list
+from dpfit.data.index_facts import index_facts
+from dpfit.data.neighbor import build_neighbor_list, deepmd_slots, distance_key, tie_key
 from dpfit.inference.evaluate import inference_mode
-from dpfit.model.index_facts import index_facts
 
 
 class SkinNeighborList:
@@ -76,10 +76,13 @@ class SkinNeighborList:
         self._ref_cell = None if cell is None else cell.copy()
         self._cand_j = cand.nlist
         self._cand_valid = cand.nlist >= 0
+        self._cand_safe_j = np.where(self._cand_valid, cand.nlist, 0)
         self._cand_shift = cand.shift
+        # what does not change until the next search: each candidate's type and order key for equal distances
+        self._cand_type = atype[self._cand_safe_j]
+        self._cand_tie = tie_key(self._cand_safe_j.reshape(-1), cand.shift.reshape(-1, 3)).reshape(cand.nlist.shape)
         # Cartesian image offsets S h; valid until the cell changes (which triggers a new search)
         self._cand_offset = None if cell is None else cand.shift.astype(np.float64) @ cell
-        self._blocks = np.concatenate([[0], np.cumsum(self._capacity)]).astype(np.int64)
 
     def update(self, positions, atype, cell=None) -> tuple[np.ndarray, np.ndarray]:
         """(nlist, shift) of the current frame: positions (nloc, 3) Å, atype (nloc,), cell (3, 3) rows or None."""
@@ -88,34 +91,25 @@ class SkinNeighborList:
         cell = None if cell is None else np.ascontiguousarray(cell, dtype=np.float64).reshape(3, 3)
         if self._needs_build(positions, atype, cell):
             self._build(positions, atype, cell)
-        nloc = len(positions)
-        j = np.where(self._cand_valid, self._cand_j, 0)
-        diff = positions[j] - positions[:, None, :]
+        diff = positions[self._cand_safe_j] - positions[:, None, :]
         if self._cand_offset is not None:
-            diff = diff + self._cand_offset
-        dist = np.sqrt(np.sum(diff * diff, axis=-1))
-        key = np.where(self._cand_valid & (dist < self.rcut), dist, np.inf)
+            diff += self._cand_offset
+        dist2 = np.einsum("ijk,ijk->ij", diff, diff)
+        center, column = np.nonzero(self._cand_valid & (dist2 < self.rcut * self.rcut))
+        j = self._cand_j[center, column]
+        s = self._cand_shift[center, column]
+        nloc = len(positions)
+        kept, slot, _ = deepmd_slots(torch.from_numpy(center), torch.from_numpy(self._cand_type[center, column]),
+                                     torch.from_numpy(distance_key(np.sqrt(dist2[center, column]))),
+                                     torch.from_numpy(self._cand_tie[center, column]), nloc, self.sel)
+        kept, slot = kept.numpy(), slot.numpy()
         nnei = sum(self.sel)
-        nlist = np.full((nloc, nnei), -1, dtype=np.int64)
-        shift = np.zeros((nloc, nnei, 3), dtype=np.int64)
-        n_dropped = 0
-        start = 0
-        for t, s in enumerate(self.sel):
-            lo, hi = self._blocks[t], self._blocks[t + 1]
-            kb, jb = key[:, lo:hi], self._cand_j[:, lo:hi]
-            # nearest first, ties broken by neighbor index (as build_neighbor_list does)
-            order = np.lexsort((jb, kb), axis=-1)[:, :s]
-            ks = np.take_along_axis(kb, order, axis=1)
-            inside = np.isfinite(ks)
-            width = order.shape[1]
-            nlist[:, start:start + width] = np.where(inside, np.take_along_axis(jb, order, axis=1), -1)
-            shift[:, start:start + width] = np.where(
-                inside[..., None], np.take_along_axis(self._cand_shift[:, lo:hi], order[..., None], axis=1), 0
-            )
-            n_dropped += int(np.maximum(np.isfinite(kb).sum(axis=1) - s, 0).sum())
-            start += s
-        self.n_dropped = n_dropped
-        return nlist, shift
+        nlist = np.full(nloc * nnei, -1, dtype=np.int64)
+        shift = np.zeros((nloc * nnei, 3), dtype=np.int64)
+        nlist[slot] = j[kept]
+        shift[slot] = s[kept]
+        self.n_dropped = int(len(center) - len(kept))
+        return nlist.reshape(nloc, nnei), shift.reshape(nloc, nnei, 3)
 
 
 class DPCalculator(Calculator):
@@ -127,7 +121,7 @@ class DPCalculator(Calculator):
     :class:`SkinNeighborList` (0 searches at every call). ``fparam`` (numb_fparam,) and ``aparam``
     (natoms, numb_aparam) or (numb_aparam,) for all atoms: the model's frame / atomic parameters.
     ``kernels`` (``auto`` / ``on`` / ``off``; None: the model's ``kernels`` option): the compiled CPU
-    kernels (:mod:`dpfit.model.kernels`), set on the model.
+    kernels, for the backend selected on the model for ``device`` (:meth:`~dpfit.model.EnergyModel.select_backend`).
 
     Properties: ``energy`` = ``free_energy`` (eV), ``forces`` (eV/Å), ``energies`` (per atom, eV) and,
     for periodic atoms (pbc all true), ``stress`` = -virial / volume (eV/Å^3, Voigt order xx yy zz yz xz xy).
@@ -154,10 +148,12 @@ class DPCalculator(Calculator):
             model = load_model(model, precision=precision)
         elif precision is not None:
             raise ValueError("precision applies to a checkpoint path; convert the model object yourself")
+        if hasattr(model, "property_name"):  # a PropertyModel: no energy, no forces
+            raise ValueError(f"{model.property_name}: a property model has no energy or forces for an ASE calculator; "
+                             "evaluate it with test.py or its frozen TorchScript (freeze.py)")
         self.device = torch.device(device)
-        if kernels is not None:
-            model.kernels = kernels
         self.model = model.to(self.device).eval()
+        self.model.select_backend(self.device, kernels)
         self.type_map = list(model.type_map)
         self._type_index = {name: k for k, name in enumerate(self.type_map)}
         self.neighbors = SkinNeighborList(model.rcut, list(model.sel), skin)
@@ -199,6 +195,12 @@ class DPCalculator(Calculator):
             raise ValueError(f"aparam has {ap.shape[0]} rows but there are {natoms} atoms")
         return ap.reshape(natoms, -1)
 
+    def _reverse_pairs(self, inputs: dict) -> torch.Tensor | None:
+        descriptor = getattr(self.model, "descriptor", None)
+        if not hasattr(descriptor, "reverse_pairs"):  # (the reference model)
+            return None
+        return descriptor.reverse_pairs(inputs["nlist"], inputs.get("shift"), inputs["atype"])
+
     # ------------------------------------------------------------------ ASE interface
     def calculate(self, atoms=None, properties=("energy",), system_changes=all_changes) -> None:
         super().calculate(atoms, properties, system_changes)
@@ -232,8 +234,10 @@ class DPCalculator(Calculator):
         if periodic:
             inputs["box"] = torch.from_numpy(cell.reshape(1, 3, 3).copy())
             inputs["shift"] = torch.from_numpy(self.shift[None])
-        # the index facts next to the neighbour list, on the host (the model's step does not derive them)
-        inputs.update(index_facts(inputs["nlist"], inputs.get("shift"), inputs["atype"], list(self.model.sel)))
+        # the index facts next to the neighbour list, on the host (the model's step does not derive them); the
+        # reverse pairs by the model's backend where it finds them itself (the op library's search)
+        inputs.update(index_facts(inputs["nlist"], inputs.get("shift"), inputs["atype"], list(self.model.sel),
+                                  self._reverse_pairs(inputs)))
         inputs = {k: v.to(dev) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
         if self.fparam is not None:
             inputs["fparam"] = torch.from_numpy(self.fparam.reshape(1, -1).copy()).to(dev)

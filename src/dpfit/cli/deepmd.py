@@ -38,8 +38,16 @@ def _value(v: Any) -> str:
         return "[" + ",".join(_value(x) for x in v) + "]"
     if isinstance(v, dict):
         return "{" + ",".join(f"{k}:{_value(x)}" for k, x in v.items()) + "}"
-    text = str(v).replace("\\", "\\\\").replace("'", "\\'")
-    return f"'{text}'"
+    return _quoted(str(v))
+
+
+def _quoted(text: str) -> str:
+    """``text`` as a quoted Hydra override value that Hydra reads back unchanged (backslashes before a quote
+    or the end doubled, quotes escaped); ``${`` in it stays as the translation wrote it."""
+    import re
+
+    text = re.sub(r"(\\+)(?='|$)", lambda m: m.group(1) * 2, text)
+    return "'" + text.replace("'", "\\'") + "'"
 
 
 def _flatten(node: dict, prefix: str = "") -> list[tuple[str, Any]]:
@@ -85,7 +93,7 @@ def expand_deepmd_input(argv: list[str]) -> list[str]:
     """Command-line arguments with ``deepmd_input=<json>`` replaced by its translation (the user's
     overrides last, so they win; a translated key the user also sets is left out). Prints the
     ``unsupported: <key>`` report on stderr. Exits with a one-line ``error:`` if the json is unreadable."""
-    from dpfit.io.deepmd_input import convert_input
+    from dpfit.io.deepmd_input import UnimplementedTypeError, convert_input, literal
 
     name, rest = _find_input(argv)
     if name is None:
@@ -97,12 +105,16 @@ def expand_deepmd_input(argv: list[str]) -> list[str]:
         sys.exit(f"error: {ARG}={name}: cannot be read as a DeePMD-kit input.json ({exc})")
     if not isinstance(data, dict):
         sys.exit(f"error: {ARG}={name}: a DeePMD-kit input.json holds an object with model/training sections")
-    preset, unsupported = convert_input(data, base_dir=path.resolve().parent)
+    try:
+        preset, unsupported = convert_input(data, base_dir=path.resolve().parent)
+    except UnimplementedTypeError as exc:  # refused: it would train a different model
+        sys.stderr.write(f"error: {ARG}={name}: {exc}\n")
+        raise SystemExit(exc.exit_code) from None
     for key in unsupported:
         print(f"unsupported: {key}", file=sys.stderr)
     user = {_key(a) for a in rest if "=" in a and not a.startswith("-")}
     translated = [o for o in preset_overrides(preset) if _key(o) not in user]
-    return [*translated, f"++{ARG}={_value(str(path.resolve()))}", *rest]
+    return [*translated, f"++{ARG}={_value(literal(str(path.resolve())))}", *rest]
 
 
 def keep_input_copy(cfg: DictConfig, out: Path) -> None:
@@ -114,12 +126,10 @@ def keep_input_copy(cfg: DictConfig, out: Path) -> None:
 
 # ---------------------------------------------------------------------------------------------- sel=auto
 def _checkpoint_sel(path: str) -> list[int] | None:
-    import torch
-
-    from dpfit.io.checkpoint import MODEL_CONFIG_KEY
+    from dpfit.io.checkpoint import MODEL_CONFIG_KEY, load_checkpoint
 
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+        ckpt = load_checkpoint(path, mmap=True)  # safely; an unreadable or unsafe file is reported by the resume
         return [int(s) for s in ckpt["hyper_parameters"][MODEL_CONFIG_KEY]["descriptor"]["sel"]]
     except Exception:  # noqa: BLE001 - unreadable here: the resume reports it
         return None

@@ -21,6 +21,19 @@ from dpfit.errors import RunFolderError
 log = logging.getLogger("dpfit.train")
 
 LOCK = ".dpfit.lock"
+#: seconds after which an empty or unreadable lock file is taken to be left by a killed process
+GARBAGE_LOCK_AGE = 2.0
+
+
+def _read_lock(path: Path) -> dict | None:
+    """The lock's holder ({pid, host, started}); None for an empty or garbage file."""
+    try:
+        holder = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return holder if isinstance(holder, dict) and isinstance(holder.get("pid"), int) and holder.get("host") else None
+
+
 def _rows(path: Path) -> int:
     try:
         with open(path) as fh:
@@ -91,14 +104,24 @@ def run_folder_lock(folder: Path):
     _check_writable(folder)
     path = folder / LOCK
     me = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
-    for _ in range(3):
+    for _ in range(40):
         try:
             fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
         except FileExistsError:
-            try:
-                holder = json.loads(path.read_text() or "{}")
-            except (OSError, ValueError):
-                holder = {}
+            holder = _read_lock(path)
+            if holder is None:  # empty or not a dpfit lock
+                try:
+                    age = time.time() - path.stat().st_mtime
+                except OSError:
+                    continue  # removed meanwhile: try again
+                if age < GARBAGE_LOCK_AGE:  # another process may be between creating and writing it
+                    time.sleep(0.1)
+                    continue
+                log.warning("run folder %s: the lock file %s is empty or not a dpfit lock (left by a process "
+                            "killed while taking it?): taken over", folder, path)
+                with contextlib.suppress(OSError):
+                    path.unlink()
+                continue
             pid, host = holder.get("pid"), holder.get("host")
             if isinstance(pid, int) and host == me["host"] and not _pid_alive(pid):
                 log.warning("run folder %s: taking over the lock of process %d, which is no longer running", folder, pid)

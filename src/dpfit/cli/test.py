@@ -19,6 +19,7 @@ from omegaconf import DictConfig, ListConfig
 
 from dpfit.cli.config_dir import CONFIG_DIR
 from dpfit.cli.errors import one_line_errors, run_cli
+from dpfit.cli.validate import validate_test_config
 from dpfit.data.system import DataError, load_systems
 from dpfit.inference.evaluate import (
     error_metrics,
@@ -27,7 +28,16 @@ from dpfit.inference.evaluate import (
     weighted_average,
     write_detail_files,
 )
+from dpfit.inference.property import (
+    evaluate_property_system,
+    format_property_metrics,
+    property_error_metrics,
+    property_needs,
+    property_parity_plots,
+    write_property_detail_files,
+)
 from dpfit.io.checkpoint import load_model
+from dpfit.model import PropertyModel
 
 RULE = "# ----------------------------------------------- "
 
@@ -71,16 +81,17 @@ def run(cfg: DictConfig, out_dir: Path | None = None) -> dict:
     ckpt = _abspath(cfg.ckpt_path)
     model = load_model(ckpt, precision=cfg.get("precision"), impl=cfg.get("impl"))
     device = _device(cfg.get("device", "auto"))
-    if cfg.get("kernels") is not None:  # else the checkpoint's model.kernels
-        model.kernels = cfg.kernels
     model.to(device)
-    systems = load_systems([_abspath(p) for p in _paths(cfg.systems)], type_map=model.type_map)
+    model.select_backend(device, cfg.get("kernels"))  # (kernels None: the checkpoint's model.kernels)
     detail = cfg.get("detail_file")
     prefix = _abspath(detail) if detail else None
     if prefix is not None:
         prefix.parent.mkdir(parents=True, exist_ok=True)
-
     print(f"# model: {ckpt} ({str(model.dtype).replace('torch.', '')}, {device})")
+    if isinstance(model, PropertyModel):
+        return _run_property(cfg, model, ckpt, device, prefix, out_dir)
+    systems = load_systems([_abspath(p) for p in _paths(cfg.systems)], type_map=model.type_map)
+
     errors, results, summary = [], [], {"ckpt_path": str(ckpt), "systems": []}
     for k, system in enumerate(systems):
         result = evaluate_system(model, system, batch_size=int(cfg.batch_size), device=device)
@@ -117,9 +128,54 @@ def run(cfg: DictConfig, out_dir: Path | None = None) -> dict:
     return summary
 
 
+def _run_property(cfg: DictConfig, model: PropertyModel, ckpt: Path, device: torch.device, prefix: Path | None,
+                  out_dir: Path | None) -> dict:
+    """:func:`run` for a property model: ``dp test``'s property table per system and weighted."""
+    systems = load_systems([_abspath(p) for p in _paths(cfg.systems)], type_map=model.type_map,
+                           needs=property_needs(model))
+    kind = "intensive" if model.intensive else "extensive"
+    print(f"# property: {model.property_name} (task_dim {model.task_dim}, {kind})")
+    errors, results, summary = [], [], {"ckpt_path": str(ckpt), "property_name": model.property_name, "systems": []}
+    for k, system in enumerate(systems):
+        result = evaluate_property_system(model, system, batch_size=int(cfg.batch_size), device=device)
+        err = property_error_metrics(result)
+        print("# ---------------output of dp test--------------- ")
+        print(f"# testing system : {system.name}")
+        print(f"# number of test data : {result['nframes']:d} ")
+        for line in format_property_metrics(err):
+            print(line)
+        print(RULE)
+        if prefix is not None:
+            write_property_detail_files(prefix, result, append=k > 0)
+        errors.append(err)
+        results.append(result)
+        summary["systems"].append({"name": system.name, "natoms": result["natoms"], "nframes": result["nframes"],
+                                   **{key: value for key, (value, _) in err.items()}})
+    average = weighted_average(errors)
+    summary["average"] = average
+    if len(systems) > 1:
+        print("# ----------weighted average of errors----------- ")
+        print(f"# number of systems : {len(systems)}")
+        for line in format_property_metrics(average):
+            print(line)
+        print(RULE)
+    if prefix is not None:
+        print(f"# detail files: {prefix}.property.out" + (", .aproperty.out" if any("atom_property" in r
+                                                                                      for r in results) else ""))
+    if out_dir is not None:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "metrics.json").write_text(json.dumps(summary, indent=2) + "\n")
+    if cfg.get("plots"):
+        base = prefix if prefix is not None else (out_dir / "test" if out_dir is not None else None)
+        for path in property_parity_plots(results, base) if base is not None else []:
+            print(f"# plot: {path}")
+    return summary
+
+
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="test")
 @one_line_errors
 def _hydra_main(cfg: DictConfig) -> None:
+    validate_test_config(cfg)  # precision, device, impl, kernels: one line naming the key, exit 2
     run(cfg, out_dir=Path(HydraConfig.get().runtime.output_dir))
 
 

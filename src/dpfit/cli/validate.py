@@ -111,7 +111,31 @@ def validate_train_config(cfg: DictConfig) -> None:
         raise
 
 
+def _validate_property(cfg: DictConfig) -> None:
+    """The keys of a property fitting (``model.fitting_net.type: property``)."""
+    if _get(cfg, "model.fitting_net.type") != "property":
+        return
+    name = _get(cfg, "model.fitting_net.property_name")
+    if not isinstance(name, str) or not name or not all(c.isalnum() or c in "_-." for c in name):
+        _fail(cfg, "model.fitting_net.property_name", name, "must name the label file <property_name>.npy "
+              "(letters, digits, _ - .)")
+    _int(cfg, "model.fitting_net.task_dim", 1, "values per frame")
+    for key in ("model.fitting_net.intensive", "model.fitting_net.distinguish_types"):
+        v = _get(cfg, key)
+        if v is not None and not isinstance(v, bool):
+            _fail(cfg, key, v, "must be true or false")
+    atom_sum = _get(cfg, "model.fitting_net.atom_sum")
+    if atom_sum is not None:
+        if not _is_number(atom_sum):
+            _fail(cfg, "model.fitting_net.atom_sum", atom_sum, "must be a number (each frame's sum of the atomic "
+                  "values) or null")
+        if _get(cfg, "model.fitting_net.intensive"):
+            _fail(cfg, "model.fitting_net.atom_sum", atom_sum, "fixes a sum of atomic values: it needs "
+                  "model.fitting_net.intensive=false")
+
+
 def _validate(cfg: DictConfig) -> None:
+    _check_train_extras(cfg)
     model = "model" in cfg and cfg.model is not None
     if model:
         type_map = _get(cfg, "model.type_map")
@@ -139,6 +163,7 @@ def _validate(cfg: DictConfig) -> None:
             _fail(cfg, "model.descriptor.axis_neuron", axis, f"exceeds the last embedding width "
                   f"model.descriptor.neuron[-1]={neuron[-1]}")
         _int_list(cfg, "model.fitting_net.neuron", "fitting net widths")
+        _validate_property(cfg)
         _int(cfg, "model.fitting_net.numb_fparam", 0, "frame parameters")
         _int(cfg, "model.fitting_net.numb_aparam", 0, "atomic parameters")
         for key in ("model.descriptor.type_one_side", "model.descriptor.resnet_dt", "model.fitting_net.resnet_dt"):
@@ -174,3 +199,90 @@ def _validate(cfg: DictConfig) -> None:
         if num is not None and source_key(cfg, "schedule.num_steps") != "trainer.max_steps" and (
                 not _is_int(num) or num <= 0):
             _fail(cfg, "schedule.num_steps", num, "must be a positive whole number of steps")
+
+
+def _check_train_extras(cfg: DictConfig) -> None:
+    """Data and callback keys checked before anything is read."""
+    for key in ("data.batch_size", "data.val_batch_size"):
+        v = _get(cfg, key)
+        if v is None:
+            continue
+        text = str(v).strip()
+        ok = (_is_int(v) and v >= 1) or (isinstance(v, str) and (text.isdigit() and int(text) >= 1 or text == "auto"
+                                                                 or text.startswith("auto:") and text[5:].isdigit()
+                                                                 and int(text[5:]) > 0))
+        if not ok:
+            _fail(cfg, key, v, "must be a whole number of frames (1 or more), auto or auto:N (N atoms per batch)")
+    fraction = _get(cfg, "data.val_fraction")
+    if fraction is not None and (not _is_number(fraction) or not 0 <= float(fraction) < 1):
+        _fail(cfg, "data.val_fraction", fraction, "must be at least 0 and below 1 (the share of each training "
+              "system held out for validation; 1 would leave no training frames, 0 validates nothing)")
+    for key in ("callbacks.lcurve.filename", "callbacks.lcurve_plot.filename", "callbacks.lcurve_plot.png"):
+        v = _get(cfg, key)
+        if v is None:
+            continue
+        parts = str(v).replace("\\", "/").split("/")
+        if not str(v) or str(v).startswith(("/", "~")) or ".." in parts or ":" in parts[0]:
+            _fail(cfg, key, v, "must be a file name inside the run folder (e.g. lcurve.out): a run writes only "
+                  "into its own folder")
+
+
+def _choice(cfg, key: str, options: tuple, what: str = "") -> None:
+    v = _get(cfg, key)
+    if v is not None and str(v) not in options:
+        _fail(cfg, key, v, f"{what or 'unsupported value'}; choose {', '.join(options)}")
+
+
+def _device(cfg, key: str = "device") -> None:
+    """``auto``, ``cpu``, ``cuda`` or ``cuda:N`` that this machine has."""
+    import re
+
+    v = _get(cfg, key)
+    if v is None or str(v) in ("auto", "cpu"):
+        return
+    m = re.fullmatch(r"cuda(?::(\d+))?", str(v))
+    if m is None:
+        _fail(cfg, key, v, "choose auto, cpu, cuda or cuda:N")
+    import torch
+
+    if not torch.cuda.is_available():
+        _fail(cfg, key, v, "CUDA is not available on this machine: use device=cpu (or auto)")
+    if m.group(1) is not None and int(m.group(1)) >= torch.cuda.device_count():
+        _fail(cfg, key, v, f"this machine has {torch.cuda.device_count()} CUDA device(s)")
+
+
+def validate_test_config(cfg: DictConfig) -> None:
+    """``test.py``'s options, checked as ``train.py``'s are: one line naming the key, exit 2."""
+    from dpfit.model.backends import KERNEL_MODES
+
+    _choice(cfg, "precision", PRECISIONS, "unsupported precision")
+    _choice(cfg, "impl", ("fast", "reference"), "unknown model implementation")
+    _choice(cfg, "kernels", KERNEL_MODES, "unknown kernels mode")
+    _device(cfg)
+    _int(cfg, "batch_size", 1, "frames per model call")
+    for key in ("plots", "verbose"):
+        v = _get(cfg, key)
+        if v is not None and not isinstance(v, bool):
+            _fail(cfg, key, v, "must be true or false")
+
+
+def validate_freeze_config(cfg: DictConfig) -> None:
+    """``freeze.py``'s options, checked as ``train.py``'s are: one line naming the key, exit 2."""
+    from dpfit.io.freeze_formats import FORMATS
+
+    _choice(cfg, "precision", PRECISIONS, "unsupported precision")
+    from dpfit.model.backends import KERNEL_MODES
+
+    _choice(cfg, "format", FORMATS, "unknown format")
+    _choice(cfg, "kernels", KERNEL_MODES, "unknown kernels mode")
+    _positive_number(cfg, "min_nbor_dist")
+    _positive_number(cfg, "compression.step")
+    extrapolate = _positive_number(cfg, "compression.extrapolate")
+    if extrapolate is not None and extrapolate <= 1:
+        _fail(cfg, "compression.extrapolate", extrapolate, "must be more than 1 (the tables reach distances down to "
+              "min_nbor_dist / extrapolate)")
+    _int(cfg, "compression.frames", 0, "random frames the compressed model is checked on")
+    for key in ("overwrite", "verbose", "compress"):
+        v = _get(cfg, key)
+        if v is not None and not isinstance(v, bool):
+            _fail(cfg, key, v, "must be true or false")

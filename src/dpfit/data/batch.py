@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from dpfit.data.index_facts import index_facts
 from dpfit.data.neighbor import build_neighbor_list
 from dpfit.data.system import INPUTS, LABELS, FrameSource, check_min_distance
-from dpfit.model.index_facts import index_facts
 
 #: Keys of a batch given to the model (besides labels): coord, atype, box, nlist, shift, fparam, aparam,
 #: and the index facts partner, kept, type_counts, type_order.
@@ -22,7 +22,8 @@ def make_sample(system: FrameSource, index: int, rcut: float, sel: list[int], ba
     ``min_distance`` > 0: a :class:`~dpfit.data.system.DataError` naming file and frame when two atoms are
     closer (the check of frames not scanned before training)."""
     frame = system.frame(index)
-    check_min_distance(system, index, frame["coord"], frame["box"], min_distance)
+    if min_distance > 0:
+        check_min_distance(system, index, frame["coord"], frame["box"], min_distance)
     nl = build_neighbor_list(frame["coord"], frame["atype"], frame["box"], rcut, sel, warn=False, backend=backend)
     frame["nlist"] = nl.nlist
     frame["shift"] = nl.shift
@@ -37,9 +38,10 @@ def collate(samples: list[dict]) -> dict:
 
     coord (nf, nloc, 3) float64, atype (nf, nloc) int64, box (nf, 3, 3) or absent (non-periodic),
     nlist (nf, nloc, nnei), shift (nf, nloc, nnei, 3), labels (energy (nf,), force (nf, nloc, 3),
-    virial (nf, 9), atom_ener / atom_pref (nf, nloc)), fparam (nf, nq), aparam (nf, nloc, np), and a
-    ``find_<label>`` float flag per label (1 when every frame has it, else 0: the loss term is dropped).
-    With the samples' ``sel``, the batch's index facts (:func:`dpfit.model.index_facts.index_facts`:
+    virial (nf, 9), atom_ener / atom_pref (nf, nloc); a property's ``<name>`` (nf, task_dim) and
+    ``atom_<name>`` (nf, nloc, task_dim)), fparam (nf, nq), aparam (nf, nloc, np), and a ``find_<label>``
+    float flag per label (1 when every frame has it, else 0: the loss term is dropped).
+    With the samples' ``sel``, the batch's index facts (:func:`dpfit.data.index_facts.index_facts`:
     reverse-pair slots, occupied slots per type, atoms by type), computed here, in the DataLoader
     workers, so that the model's step does not derive them.
     """
@@ -56,9 +58,10 @@ def collate(samples: list[dict]) -> dict:
     if samples[0]["box"] is not None:
         batch["box"] = torch.from_numpy(np.stack([s["box"] for s in samples]))
         batch["shift"] = torch.from_numpy(np.stack([s["shift"] for s in samples]))
-    for key in LABELS + INPUTS:
+    extra = samples[0].get("extra_labels", ())  # a property model's labels (Needs.extra)
+    for key in LABELS + INPUTS + tuple(extra):
         present = all(key in s for s in samples)
-        if key in LABELS:
+        if key in LABELS or key in extra:
             batch[f"find_{key}"] = 1.0 if present else 0.0
         if present:
             batch[key] = torch.from_numpy(np.stack([s[key] for s in samples]))

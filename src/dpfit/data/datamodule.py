@@ -82,7 +82,14 @@ class FrameDataset(Dataset):
 
 
 def _check_labels(systems: list[FrameSource], needs: Needs) -> None:
-    """Refuse training data with none of the labels the loss fits."""
+    """Refuse training data with none of the labels the loss fits, and a system without any of the
+    ``needs.required`` labels (a property model's: DeePMD-kit requires its label in every system)."""
+    if needs.required:
+        for s in systems:
+            if not s.available & set(needs.required):
+                files = " or ".join(f"{k}.npy" for k in sorted(needs.required))
+                raise DataError(f"{s.name}: no {files} in its set.* folders: the loss fits "
+                                f"{sorted(needs.labels or needs.required)} and every training system needs one of them")
     if not needs.labels or any(s.available & set(needs.labels) for s in systems):
         return
     first = systems[0].name + (f" (and {len(systems) - 1} more systems)" if len(systems) > 1 else "")
@@ -172,8 +179,13 @@ class DeepmdDataModule(L.LightningDataModule):
         self.type_map = list(type_map) if type_map is not None else None
         self.rcut = float(rcut)
         self.sel = list(sel)
+        resolve_batch_size(batch_size, 1, "data.batch_size")  # each named apart, before anything is read
+        resolve_batch_size(val_batch_size, 1, "data.val_batch_size")
         self.batch_size = batch_size
         self.val_batch_size = val_batch_size
+        if not 0.0 <= float(val_fraction) < 1.0:
+            raise ValueError(f"data.val_fraction={val_fraction}: must be at least 0 and below 1 (the share of each "
+                             "training system held out for validation; 1 would leave no training frames)")
         self.numb_btch = numb_btch
         self.auto_prob = auto_prob
         self.sys_probs = list(sys_probs) if sys_probs is not None else None
@@ -213,12 +225,16 @@ class DeepmdDataModule(L.LightningDataModule):
         self.test_views: list[SystemView] = []
 
     # ----------------------------------------------------------------- systems
-    def _views(self, systems: list[FrameSource], batch_size, indices=None) -> list[SystemView]:
+    def _views(self, systems: list[FrameSource], role: str, indices=None) -> list[SystemView]:
+        """Views of ``systems`` batched for ``role``: ``train`` (data.batch_size) or ``val`` (data.val_batch_size)."""
+        key = "data.batch_size" if role == "train" else "data.val_batch_size"
+        batch_size = self.batch_size if role == "train" else self.val_batch_size
         views = []
         for k, s in enumerate(systems):
             idx = np.arange(s.nframes) if indices is None else indices[k]
             if len(idx):
-                views.append(SystemView(s, np.asarray(idx, dtype=np.int64), resolve_batch_size(batch_size, s.natoms)))
+                views.append(SystemView(s, np.asarray(idx, dtype=np.int64),
+                                        resolve_batch_size(batch_size, s.natoms, key)))
         return views
 
     def _needs(self) -> Needs:
@@ -230,7 +246,8 @@ class DeepmdDataModule(L.LightningDataModule):
         if callable(ask):
             got = ask()
             return Needs(frozenset(got["labels"]), got.get("numb_fparam"), got.get("numb_aparam"),
-                         frozenset(got.get("reported", ())))
+                         frozenset(got.get("reported", ())), tuple(got.get("extra", ())),
+                         frozenset(got.get("required", ())))
         return Needs()
 
     def _load(self, paths, needs: Needs) -> list[FrameSource]:
@@ -256,24 +273,70 @@ class DeepmdDataModule(L.LightningDataModule):
             train = self._load(self.train_paths, needs)
             _check_labels(train, needs)
             if self.val_paths:
-                self.train_views = self._views(train, self.batch_size)
+                self.train_views = self._views(train, "train")
                 if self.val_sets:
                     self.val_views, self._val_view_set = [], []
                     for k, paths in enumerate(self.val_sets.values()):
-                        views = self._views(self._load(paths, needs), self.val_batch_size)
+                        views = self._views(self._load_val(paths, needs), "val")
                         self.val_views += views
                         self._val_view_set += [k] * len(views)
                 else:
-                    self.val_views = self._views(self._load(self.val_paths, needs), self.val_batch_size)
+                    self.val_views = self._views(self._load_val(self.val_paths, needs), "val")
             else:
                 tr_idx, va_idx = self._split(train)
-                self.train_views = self._views(train, self.batch_size, tr_idx)
-                self.val_views = self._views(train, self.val_batch_size, va_idx)
+                self.train_views = self._views(train, "train", tr_idx)
+                self.val_views = self._views(train, "val", va_idx)
+                if not self.val_views:
+                    log.warning("no validation frames: data.val_fraction=%g holds none out and data.val_systems is "
+                                "not given (the end-of-run table is skipped)", self.val_fraction)
+                if not self.train_views:
+                    raise DataError(f"data.val_fraction={self.val_fraction:g} leaves no training frames (every "
+                                    "training system is held out for validation): lower it or give data.val_systems")
             names = [f"{v.system.name} ({len(v.indices)})" for v in self.train_views]
             log.info("%d training systems: %s%s", len(names), ", ".join(names[:5]),
                      f", ... ({len(names) - 5} more)" if len(names) > 5 else "")
         if self.test_paths:
-            self.test_views = self._views(self._load(self.test_paths, needs), self.val_batch_size)
+            self.test_views = self._views(self._load(self.test_paths, needs), "val")
+
+    def _load_val(self, paths, needs: Needs) -> list[FrameSource]:
+        """Validation systems: each must hold a label the errors are computed against."""
+        systems = self._load(paths, needs)
+        if needs.extra:  # a property model: the labels it is validated against
+            wanted = {name for name, _, _ in needs.extra}
+            what = " or ".join(f"{name}.npy" for name in sorted(wanted))
+        else:
+            wanted = {"energy", "force", "virial"}
+            what = ("energy, forces or virial: an extxyz needs them from a calculator, deepmd/npy energy.npy / "
+                    "force.npy")
+        for s in systems:
+            if not s.available & wanted:
+                raise DataError(f"{s.name}: a validation system without labels (no {what}): nothing to validate "
+                                "against")
+        return systems
+
+    def min_nbor_dist(self) -> float | None:
+        """The smallest distance between two atoms of the training data (Å; DeePMD-kit's ``min_nbor_dist``,
+        which ``dp --pt compress`` needs): from the check of every frame before training, or, with
+        ``check_data=false``, from the statistics frames (logged as such)."""
+        systems = self.train_systems
+        found = [s.nearest_distance for s in systems]
+        if systems and all(d is not None for d in found):
+            value = min(found)
+            return float(value) if np.isfinite(value) else None
+        from dpfit.data.neighbor import nearest_pair
+
+        value = float("inf")
+        for s, frames in self.stat_plan():
+            system = self.train_views[s].system
+            for f in frames:
+                frame = system.frame(int(f))
+                pair = nearest_pair(frame["coord"], frame["box"])
+                if pair is not None:
+                    value = min(value, pair[2])
+        if not np.isfinite(value):
+            return None
+        log.info("min_nbor_dist %.4g Å from the statistics frames only (data.check_data=false)", value)
+        return float(value)
 
     def _split(self, train: list[FrameSource]) -> tuple[list, list]:
         """Validation frames held out of the training systems (seeded): ``val_fraction`` of each system of
@@ -282,7 +345,7 @@ class DeepmdDataModule(L.LightningDataModule):
         tr_idx, va_idx = [], []
         for s in train:
             perm = rng.permutation(s.nframes)
-            nval = 0 if s.nframes < 2 else max(1, round(self.val_fraction * s.nframes))
+            nval = 0 if s.nframes < 2 or self.val_fraction <= 0 else max(1, round(self.val_fraction * s.nframes))
             va_idx.append(np.sort(perm[:nval]))
             tr_idx.append(np.sort(perm[nval:]))
         single = [k for k, s in enumerate(train) if s.nframes == 1]
@@ -400,7 +463,9 @@ class DeepmdDataModule(L.LightningDataModule):
         return batches
 
     def stat_identity(self) -> dict:
-        """What the sampled statistics depend on (for ``stat_file``): the sample's systems and frames."""
+        """What the sampled statistics depend on (for ``stat_file``): the sample's systems and frames, and the
+        content of those frames (coordinates, cell, types, energy, fparam, aparam), so data changed in place
+        gives another key and is recomputed."""
         import hashlib
 
         h = hashlib.sha256()
@@ -408,6 +473,12 @@ class DeepmdDataModule(L.LightningDataModule):
             sys_ = self.train_views[s].system
             h.update(f"{sys_.name}|{sys_.nframes}|{sys_.natoms}|".encode())
             h.update(np.asarray(frames, dtype=np.int64).tobytes())
+            for f in frames:
+                frame = sys_.frame(int(f))
+                for key in ("coord", "box", "atype", "energy", "fparam", "aparam"):
+                    value = frame.get(key)
+                    if value is not None:
+                        h.update(key.encode() + np.ascontiguousarray(value).tobytes())
         return {"frames": h.hexdigest(), "rcut": self.rcut, "sel": list(self.sel), "type_map": self.type_map}
 
     def transfer_batch_to_device(self, batch, device, dataloader_idx: int):

@@ -93,6 +93,13 @@ def _pairs(coord: np.ndarray, box: np.ndarray | None, rcut: float, backend: str 
 def closest_pair(coord: np.ndarray, box: np.ndarray | None, cutoff: float) -> tuple[int, int, float] | None:
     """(i, j, distance) of the closest pair of atoms (an atom and a periodic image included) nearer than
     ``cutoff`` Å, else None: a cell-list search with that small cutoff."""
+    pair = nearest_pair(coord, box, cutoff)
+    return pair if pair is not None and pair[2] < cutoff else None
+
+
+def nearest_pair(coord: np.ndarray, box: np.ndarray | None, cutoff: float = 0.0) -> tuple[int, int, float] | None:
+    """(i, j, distance) of the closest pair of atoms (periodic images included) within the search radius
+    max(``cutoff``, the atoms' mean spacing), else None: one cell-list search of about one cell per atom."""
     coord = np.ascontiguousarray(coord, dtype=np.float64)
     box = None if box is None else np.ascontiguousarray(box, dtype=np.float64).reshape(3, 3)
     # search at least as far as the mean spacing of the atoms: the cell list then has about one cell per
@@ -106,10 +113,61 @@ def closest_pair(coord: np.ndarray, box: np.ndarray | None, cutoff: float) -> tu
         heights = volume / np.linalg.norm(np.cross(box[[1, 2, 0]], box[[2, 0, 1]]), axis=1)
         search = min(search, max(float(cutoff), 0.49 * float(heights.min())))
     i, j, _, d = _pairs(coord, box, search)
-    if not len(d) or d.min() >= cutoff:
+    if not len(d):
         return None
     k = int(np.argmin(d))
     return int(i[k]), int(j[k]), float(d[k])
+
+
+def distance_key(d: np.ndarray) -> np.ndarray:
+    """Distances in units of 1e-10 Å (int64), the sort key of :func:`deepmd_slots` on the host (the
+    neighbour search backends agree to that precision, so equal distances stay equal)."""
+    return np.rint(d * 1e10).astype(np.int64)
+
+
+def tie_key(j: np.ndarray, s: np.ndarray) -> np.ndarray:
+    """An integer key (npairs,) ordering equal distances by neighbour index, then image S (npairs, 3), so
+    that every search backend gives the same list."""
+    k = int(np.abs(s).max()) + 1 if len(s) else 1
+    b = 2 * k + 1
+    return ((j * b + s[:, 0] + k) * b + s[:, 1] + k) * b + s[:, 2] + k
+
+
+def deepmd_slots(center: torch.Tensor, ntype: torch.Tensor, dist: torch.Tensor, tie: torch.Tensor, nloc: int,
+                 sel: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """DeePMD's neighbour-list layout, the one place it is written (data, exports, ASE, LAMMPS): each
+    centre's neighbours grouped by type (``sel[t]`` slots each, type 0's first), nearest first, equal
+    distances in the order of ``tie``, truncated to ``sel[t]``. TorchScript-compatible.
+
+    Candidate pairs, all (npairs,): ``center`` in [0, nloc), ``ntype`` the neighbour's type, ``dist`` the
+    sort key (the distance; or an int64 key such as :func:`distance_key`'s), ``tie`` an integer key for
+    equal distances. Returns the candidates kept (indices into the pairs), their flat slots
+    ``center * sum(sel) + slot``, and the count of candidates per (centre, type), (nloc * ntypes,),
+    truncated or not.
+    """
+    ntypes = len(sel)
+    device = center.device
+    order = torch.sort(tie, stable=True)[1]
+    group = center * ntypes + ntype
+    packed = not dist.is_floating_point() and nloc * ntypes < 2**23
+    if packed and dist.numel() > 0:
+        packed = int(dist.min()) >= 0 and int(dist.max()) < 2**40
+    if packed:  # (centre, type) then distance in one int64 key: one sort instead of two
+        key = (group * 2**40 + dist).index_select(0, order)
+        order = order.index_select(0, torch.sort(key, stable=True)[1])
+    else:
+        order = order.index_select(0, torch.sort(dist.index_select(0, order), stable=True)[1])
+        order = order.index_select(0, torch.sort(group.index_select(0, order), stable=True)[1])
+    group = group.index_select(0, order)
+    counts = torch.bincount(group, minlength=nloc * ntypes)
+    starts = torch.cumsum(counts, 0) - counts
+    rank = torch.arange(group.shape[0], device=device) - starts.index_select(0, group)
+    sel_t = torch.tensor(sel, dtype=torch.long, device=device)
+    offsets = torch.cumsum(sel_t, 0) - sel_t
+    types = ntype.index_select(0, order)
+    ok = rank < sel_t.index_select(0, types)
+    slot = center.index_select(0, order) * int(sum(sel)) + offsets.index_select(0, types) + rank
+    return order[ok], slot[ok], counts
 
 
 def build_neighbor_list(
@@ -129,30 +187,18 @@ def build_neighbor_list(
     box = None if box is None else np.ascontiguousarray(box, dtype=np.float64).reshape(3, 3)
     nloc = coord.shape[0]
     ntypes = len(sel)
-    nnei = int(sum(sel))
-    offsets = np.concatenate([[0], np.cumsum(sel)]).astype(np.int64)
     i, j, s, d = _pairs(coord, box, rcut, backend)
-    tj = atype[j]
-    # sort by center, neighbor type, distance; equal distances (e.g. an atom's own images) are ordered
-    # by index and image, so every backend gives the same list
-    # (keys packed into integers: the same order as sorting by i, tj, round(d, 10), j, S, but faster)
-    k = int(np.abs(s).max()) + 1 if len(s) else 1
-    b = 2 * k + 1
-    tie = ((j * b + s[:, 0] + k) * b + s[:, 1] + k) * b + s[:, 2] + k
-    order = np.lexsort((tie, np.rint(d * 1e10).astype(np.int64), i * ntypes + tj))
-    i, j, s, tj = i[order], j[order], s[order], tj[order]
-    group = i * ntypes + tj
-    counts = np.bincount(group, minlength=nloc * ntypes)
-    starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
-    rank = np.arange(len(group)) - starts[group]
-    sel_arr = np.asarray(sel, dtype=np.int64)
-    ok = rank < sel_arr[tj]
-    n_dropped = int((~ok).sum())
-    slot = offsets[tj[ok]] + rank[ok]
-    nlist = np.full((nloc, nnei), -1, dtype=np.int64)
-    shift = np.zeros((nloc, nnei, 3), dtype=np.int64)
-    nlist[i[ok], slot] = j[ok]
-    shift[i[ok], slot] = s[ok]
+    kept, slot, counts = deepmd_slots(torch.from_numpy(i), torch.from_numpy(np.asarray(atype, dtype=np.int64)[j]),
+                                      torch.from_numpy(distance_key(d)), torch.from_numpy(tie_key(j, s)), nloc,
+                                      list(sel))
+    kept, slot, counts = kept.numpy(), slot.numpy(), counts.numpy()
+    nlist = np.full(nloc * int(sum(sel)), -1, dtype=np.int64)
+    shift = np.zeros((nloc * int(sum(sel)), 3), dtype=np.int64)
+    nlist[slot] = j[kept]
+    shift[slot] = s[kept]
+    nlist = nlist.reshape(nloc, -1)
+    shift = shift.reshape(nloc, -1, 3)
+    n_dropped = int(len(i) - len(kept))
     max_per_type = counts.reshape(nloc, ntypes).max(axis=0) if nloc else np.zeros(ntypes, dtype=np.int64)
     if n_dropped and warn:
         warnings.warn(

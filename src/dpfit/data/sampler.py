@@ -24,20 +24,21 @@ class SystemView:
         return max(len(self.indices) // self.batch_size, 1)
 
 
-def resolve_batch_size(batch_size: int | str, natoms: int) -> int:
-    """An int, ``"auto"`` (= ``"auto:32"``) or ``"auto:N"``: the smallest b with b * natoms >= N."""
-    if isinstance(batch_size, int):
+def resolve_batch_size(batch_size: int | str, natoms: int, key: str = "batch_size") -> int:
+    """An int, ``"auto"`` (= ``"auto:32"``) or ``"auto:N"``: the smallest b with b * natoms >= N. ``key``:
+    the setting's name in messages (``data.batch_size`` or ``data.val_batch_size``)."""
+    if isinstance(batch_size, int) and not isinstance(batch_size, bool):
         if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+            raise ValueError(f"{key}={batch_size}: must be 1 or more frames per batch")
         return batch_size
     text = str(batch_size).strip()
     if text.isdigit():
-        return resolve_batch_size(int(text), natoms)
+        return resolve_batch_size(int(text), natoms, key)
     if text == "auto":
         text = "auto:32"
-    if text.startswith("auto:") and text[5:].isdigit():
+    if text.startswith("auto:") and text[5:].isdigit() and int(text[5:]) > 0:
         return max(math.ceil(int(text[5:]) / natoms), 1)
-    raise ValueError(f"batch_size must be an int, 'auto' or 'auto:N', got {batch_size!r}")
+    raise ValueError(f"{key}={batch_size}: must be a whole number of frames, 'auto' or 'auto:N' (N atoms per batch)")
 
 
 def system_probabilities(views: Sequence[SystemView], auto_prob: str = "prob_sys_size",

@@ -46,23 +46,39 @@ class Needs:
     ``labels``: label names the loss fits (None: every label present, each validated). ``reported``:
     labels read when present and well formed (e.g. for validation errors), a malformed one only warned
     about. ``numb_fparam`` / ``numb_aparam``: values per frame / per atom the model takes (None: read
-    the file if present, width from its size; 0: not read). Other files are not opened.
+    the file if present, width from its size; 0: not read). ``extra``: labels beyond the energy model's
+    :data:`LABELS`, as (name, per atom?, values per frame or atom), e.g. a property model's
+    ``("bvdev", False, 2)`` and ``("atom_bvdev", True, 2)``; read like the others. ``required``: labels
+    of which every training system must have at least one (checked by the data module). Other files
+    are not opened.
     """
 
     labels: frozenset | None = None
     numb_fparam: int | None = None
     numb_aparam: int | None = None
     reported: frozenset = frozenset()
+    extra: tuple = ()
+    required: frozenset = frozenset()
+
+    def is_label(self, key: str) -> bool:
+        return key in LABELS or any(key == name for name, _, _ in self.extra)
+
+    def width(self, key: str) -> tuple[bool, int] | None:
+        """(per atom?, values) of an array read by frames (coord, box, labels), None for fparam/aparam."""
+        for name, atomic, width in self.extra:
+            if key == name:
+                return bool(atomic), int(width)
+        return _WIDTH.get(key)
 
     def wants(self, key: str) -> bool:
-        if key in LABELS:
+        if self.is_label(key):
             return self.labels is None or key in self.labels or key in self.reported
         n = self.numb_fparam if key == "fparam" else self.numb_aparam
         return n is None or n > 0
 
     def strict(self, key: str) -> bool:
         """A malformed file of ``key`` is an error (else a warning, and the file is ignored)."""
-        if key in LABELS:
+        if self.is_label(key):
             return self.labels is None or key in self.labels
         return key in ("coord", "box") or (self.numb_fparam if key == "fparam" else self.numb_aparam) is not None
 
@@ -218,6 +234,8 @@ class FrameSource:
     available: set[str]
     numb_fparam: int = 0
     numb_aparam: int = 0
+    #: labels beyond LABELS this system was asked for (Needs.extra): name -> (per atom?, values)
+    extra_labels: dict = {}
 
     def has(self, key: str) -> bool:
         return key in self.available
@@ -229,11 +247,17 @@ class FrameSource:
         """(file, frame in that file) of frame ``index``: for messages."""
         return self.name, index
 
+    #: the smallest distance between two atoms (Å) over every frame, set by :meth:`check` (inf: none found)
+    nearest_distance: float | None = None
+
     def check(self, min_distance: float = 0.0) -> None:
-        """Read every frame once: NaN/inf, singular cells, atoms closer than ``min_distance`` Å."""
+        """Read every frame once: NaN/inf, singular cells, atoms closer than ``min_distance`` Å (and the
+        smallest distance between two atoms, :attr:`nearest_distance`)."""
+        nearest = float("inf")
         for index in range(self.nframes):
             frame = self.frame(index)
-            check_min_distance(self, index, frame["coord"], frame["box"], min_distance)
+            nearest = min(nearest, check_min_distance(self, index, frame["coord"], frame["box"], min_distance))
+        self.nearest_distance = nearest
 
     @property
     def type_counts(self) -> np.ndarray:
@@ -260,19 +284,23 @@ def _check_cells(boxes: np.ndarray, file, first: int = 0) -> None:
 
 
 def check_min_distance(system: FrameSource, index: int, coord: np.ndarray, box: np.ndarray | None,
-                       min_distance: float) -> None:
+                       min_distance: float) -> float:
     """:class:`DataError` naming file and frame when two atoms (or an atom and an image) are closer than
-    ``min_distance`` Å (a cell-list search with that cutoff: microseconds per frame)."""
-    if not min_distance > 0 or len(coord) < 2 and box is None:
-        return
-    from dpfit.data.neighbor import closest_pair
+    ``min_distance`` Å (a cell-list search with a small cutoff: microseconds per frame). Returns the
+    frame's smallest distance between two atoms found by that search (inf: none within it)."""
+    if len(coord) < 2 and box is None:
+        return float("inf")
+    from dpfit.data.neighbor import nearest_pair
 
-    pair = closest_pair(coord, box, min_distance)
-    if pair is not None:
+    pair = nearest_pair(coord, box, max(float(min_distance), 0.0))
+    if pair is None:
+        return float("inf")
+    if min_distance > 0 and pair[2] < min_distance:
         i, j, d = pair
         file, local = system.where(index, "coord")
         raise DataError(f"{file}: atoms {i} and {j} of frame {local} are {d:.3g} Å apart, closer than "
                         f"data.min_distance={min_distance:g} Å (duplicated atoms or wrong units?)")
+    return pair[2]
 
 
 def _map_types(path, atype: np.ndarray, sys_map: list[str] | None, type_map: list[str] | None):
@@ -316,6 +344,7 @@ class SetSystem(FrameSource):
             raise DataError(f"{self.name}/type.raw: no atoms")
 
     def _init_sets(self, headers: list[tuple[str, dict[str, ArrayRef]]], needs: Needs) -> None:
+        self.extra_labels = {name: (bool(atomic), int(width)) for name, atomic, width in needs.extra}
         if not headers:
             raise DataError(f"{self.name}: empty system folder (no set.* directories)")
         self.sets = [self._make_set(folder, refs, needs) for folder, refs in headers]
@@ -344,6 +373,9 @@ class SetSystem(FrameSource):
         nf = coord.shape[0] if len(coord.shape) > 1 else 1
         if coord.size == 0 or nf == 0:
             raise DataError(f"{folder}/coord.npy: no frames")
+        if len(coord.shape) == 2 and coord.shape[0] == 3 * natoms and coord.shape[1] != 3 * natoms:
+            raise DataError(f"{folder}/coord.npy: shape {coord.shape} looks transposed: expected (nframes, "
+                            f"{3 * natoms}) for {natoms} atoms (one frame per row)")
         st = _Set(folder, nf)
         for key, ref in refs.items():
             file = st.file(key)
@@ -352,11 +384,14 @@ class SetSystem(FrameSource):
             if key not in ("coord", "box") and not needs.wants(key):
                 continue  # not used by the model or loss: not validated
             shape = ref.shape
-            if key in ("coord", "force") and len(shape) == 3 and shape[1:] == (3, natoms) and natoms != 3:
+            transposed = (len(shape) == 3 and shape[1:] == (3, natoms) and natoms != 3) or (
+                key == "force" and len(shape) == 2 and shape == (3 * natoms, nf) and nf != 3 * natoms)
+            if key in ("coord", "force") and transposed:
                 raise DataError(f"{file}: shape {shape} looks transposed: expected (nframes, {natoms}, 3) or "
                                 f"(nframes, {3 * natoms}) for {natoms} atoms")
-            if key in _WIDTH:
-                atomic, width = _WIDTH[key]
+            shape_of = needs.width(key)
+            if shape_of is not None:
+                atomic, width = shape_of
                 ndof = width * (natoms if atomic else 1)
                 if ref.size != nf * ndof and not needs.strict(key):
                     log.warning("%s: shape %s is not %d frames x %d values; ignored (the loss does not fit %s)",
@@ -415,11 +450,17 @@ class SetSystem(FrameSource):
                 elif key == "aparam":
                     val = val.reshape(self.natoms, -1)
                 out[key] = val
+        for key, (atomic, width) in self.extra_labels.items():
+            if key in self.available:
+                out[key] = get(key).reshape((self.natoms, width) if atomic else (width,))
+        if self.extra_labels:
+            out["extra_labels"] = tuple(self.extra_labels)  # (their find_* flags in collate)
         return out
 
     def check(self, min_distance: float = 0.0, chunk_bytes: int = 1 << 24) -> None:
         """Every frame of every array read (in chunks, vectorised): NaN/inf, singular cells, and atoms
         closer than ``min_distance``; the first problem is a :class:`DataError` naming file and frame."""
+        nearest = float("inf")
         for k, st in enumerate(self.sets):
             rows_per_chunk = max(1, chunk_bytes // (8 * max(3 * self.natoms, 9)))
             for a in range(0, st.nframes, rows_per_chunk):
@@ -435,11 +476,12 @@ class SetSystem(FrameSource):
                             read[key] = data
                 if self.pbc:
                     _check_cells(read["box"], st.file("box"), a)
-                if min_distance > 0:
-                    for r in range(b - a):
-                        box = read["box"][r].reshape(3, 3) if self.pbc else None
-                        check_min_distance(self, int(self._offsets[k]) + a + r,
-                                           read["coord"][r].reshape(self.natoms, 3), box, min_distance)
+                for r in range(b - a):
+                    box = read["box"][r].reshape(3, 3) if self.pbc else None
+                    nearest = min(nearest, check_min_distance(self, int(self._offsets[k]) + a + r,
+                                                              read["coord"][r].reshape(self.natoms, 3), box,
+                                                              min_distance))
+        self.nearest_distance = nearest
 
 
 def _read_type_raw(file: Path) -> np.ndarray:
@@ -474,7 +516,7 @@ class DeepmdSystem(SetSystem):
         with os.scandir(self.path) as it:
             set_dirs = sorted(e.name for e in it if e.name.startswith("set.") and e.is_dir())
         headers = []
-        wanted = {"coord", "box", *LABELS, *INPUTS}
+        wanted = {"coord", "box", *LABELS, *INPUTS, *(name for name, _, _ in needs.extra)}
         for name in set_dirs:
             folder = self.path / name
             with os.scandir(folder) as it:
@@ -514,7 +556,7 @@ class H5System(SetSystem):
         self._init_types(raw, sys_map, type_map)
         self.pbc = "nopbc" not in g
         headers = []
-        wanted = {"coord", "box", *LABELS, *INPUTS}
+        wanted = {"coord", "box", *LABELS, *INPUTS, *(name for name, _, _ in needs.extra)}
         for name in sorted(k for k in g if k.startswith("set.") and isinstance(g[k], h5py.Group)):
             sg = g[name]
             folder = f"{self.name}/{name}"

@@ -62,11 +62,12 @@ def check_model_inputs(model: torch.nn.Module, system: FrameSource) -> None:
 
 @contextmanager
 def inference_mode(model: torch.nn.Module):
-    """Eval mode and no autograd graph (forces are written out in closed form); restored after."""
+    """Eval mode and no autograd at all (``torch.inference_mode``: forces are written out in closed form;
+    the reference model leaves it for its autograd forces); restored after."""
     was_training = model.training
     model.eval()
     try:
-        with torch.no_grad():
+        with torch.inference_mode():
             yield
     finally:
         model.train(was_training)

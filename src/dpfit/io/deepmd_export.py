@@ -5,6 +5,10 @@ key names under ``model.Default.``, and ``_extra_state`` holding ``model_params`
 of an input.json: type_map, descriptor, fitting_net) and ``train_infos``. ``dp --pt freeze`` turns it
 into a ``.pth``; ``dp --pt test``, ``dp --pt compress``, ``DeepPot`` and ``deepmd.calculator.DP`` read it.
 
+A property model (:class:`~dpfit.model.PropertyModel`) exports as DeePMD-kit's ``property`` model: its
+``out_bias`` / ``out_std`` go to ``atomic_model.out_bias`` / ``out_std`` (``distinguish_types`` true, the
+statistics applied per type as dpfit does); ``atom_sum`` has no DeePMD-kit equivalent.
+
 The per-type energy bias goes to ``atomic_model.out_bias`` (``fitting_net.bias_atom_e`` is zero), as in
 DeePMD-kit's own checkpoints. Two values DeePMD keeps and dpfit does not model are carried over from a
 DeePMD-kit source checkpoint when there is one (:func:`deepmd_passthrough`): ``min_nbor_dist`` (the
@@ -21,7 +25,7 @@ from typing import Any
 import torch
 
 from dpfit.errors import DpfitError
-from dpfit.model import EnergyFitting, EnergyModel, SeE2A
+from dpfit.model import EnergyFitting, EnergyModel, PropertyFitting, PropertyModel, SeE2A
 
 #: the model's key prefix in a DeePMD-kit checkpoint (ModelWrapper's single-task "Default" head)
 MODEL_PREFIX = "model.Default."
@@ -31,6 +35,8 @@ ATOMIC_PREFIX = MODEL_PREFIX + "atomic_model."
 DESCRIPTOR_KEYS = ("type", "sel", "rcut", "rcut_smth", "neuron", "axis_neuron", "resnet_dt", "type_one_side",
                    "exclude_types", "set_davg_zero", "seed", "precision", "_comment")
 FITTING_KEYS = ("type", "neuron", "resnet_dt", "numb_fparam", "numb_aparam", "seed", "precision", "_comment")
+#: a property fitting's keys besides FITTING_KEYS (``atom_sum`` only when null)
+PROPERTY_KEYS = ("property_name", "task_dim", "intensive", "distinguish_types", "atom_sum")
 #: (``impl``, ``kernels``: implementation choices, not part of the function the model computes)
 TOP_KEYS = ("type_map", "descriptor", "fitting_net", "precision", "impl", "kernels", "_comment")
 
@@ -49,27 +55,36 @@ def _precision(model: EnergyModel) -> str:
 
 def check_representable(model: EnergyModel) -> None:
     """Raise :class:`NotRepresentableError` naming the first option DeePMD-kit cannot represent."""
-    if type(model.descriptor) is not SeE2A:
+    if not isinstance(model.descriptor, SeE2A):  # (any backend: the same parameters)
         raise NotRepresentableError(f"descriptor {type(model.descriptor).__name__}: only se_e2_a exports to DeePMD-kit")
-    if type(model.fitting) is not EnergyFitting:
-        raise NotRepresentableError(f"fitting net {type(model.fitting).__name__}: only ener exports to DeePMD-kit")
+    prop = isinstance(model.fitting, PropertyFitting)
+    if not isinstance(model.fitting, EnergyFitting) and not prop:
+        raise NotRepresentableError(f"fitting net {type(model.fitting).__name__}: only ener and property export "
+                                    "to DeePMD-kit")
+    if prop and model.fitting.has_atom_sum:
+        raise NotRepresentableError("model.fitting_net.atom_sum (a fixed sum of the atomic values) has no DeePMD-kit "
+                                    "equivalent: export with format=dpfit")
     config = dict(model.config or {})
     for key in config:
         if key not in TOP_KEYS:
             raise NotRepresentableError(f"model.{key} has no DeePMD-kit equivalent")
-    for section, allowed in (("descriptor", DESCRIPTOR_KEYS), ("fitting_net", FITTING_KEYS)):
+    fitting_keys = FITTING_KEYS + (PROPERTY_KEYS if prop else ())
+    fitting_type = ("property",) if prop else ("ener",)
+    for section, allowed in (("descriptor", DESCRIPTOR_KEYS), ("fitting_net", fitting_keys)):
         for key, value in dict(config.get(section) or {}).items():
             if key not in allowed:
                 raise NotRepresentableError(f"model.{section}.{key} has no DeePMD-kit equivalent")
-            if key == "type" and value not in (("se_e2_a", "se_a") if section == "descriptor" else ("ener",)):
-                raise NotRepresentableError(f"model.{section}.type={value!r} has no DeePMD-kit se_e2_a/ener equivalent")
+            if key == "type" and value not in (("se_e2_a", "se_a") if section == "descriptor" else fitting_type):
+                raise NotRepresentableError(f"model.{section}.type={value!r} has no DeePMD-kit se_e2_a/"
+                                            f"{fitting_type[0]} equivalent")
     _precision(model)
     desc, fit = model.descriptor, model.fitting
     names = list(model.type_map)
     if len(set(names)) != len(names) or not all(isinstance(n, str) and n for n in names):
         raise NotRepresentableError(f"type_map {names}: DeePMD-kit needs distinct element names")
     # DeePMD's layer rule: tanh hidden layers, residual when the width stays or doubles, idt only there;
-    # the fitting nets end in one linear layer of width 1
+    # the fitting nets end in one linear layer of width 1 (a property's: task_dim)
+    width = fit.task_dim if prop else 1
     for kind, nets, last_linear in (("descriptor", desc.embeddings, False), ("fitting_net", fit.nets, True)):
         for k, net in enumerate(nets):
             layers = list(net.layers)
@@ -77,7 +92,7 @@ def check_representable(model: EnergyModel) -> None:
                 is_last = last_linear and n == len(layers) - 1
                 n_in, n_out = layer.matrix.shape
                 rule = 1 if n_out == n_in else 2 if n_out == 2 * n_in else 0
-                if layer.activate == is_last or (not is_last and layer.kind != rule) or (is_last and n_out != 1):
+                if layer.activate == is_last or (not is_last and layer.kind != rule) or (is_last and n_out != width):
                     raise NotRepresentableError(
                         f"{kind} net {k} layer {n} ({n_in}->{n_out}) does not follow DeePMD-kit's layer rule")
     if len(fit.nets) != len(names):
@@ -127,6 +142,11 @@ def deepmd_model_params(model: EnergyModel) -> dict[str, Any]:
         "atom_ener": [],
         "use_aparam_as_mask": False,
     }
+    if isinstance(model, PropertyModel):
+        for key in ("rcond", "atom_ener", "use_aparam_as_mask"):  # (energy fitting keys)
+            fitting_net.pop(key)
+        fitting_net.update(type="property", property_name=fit.property_name, task_dim=int(fit.task_dim),
+                           intensive=bool(fit.intensive), distinguish_types=True)
     return {
         "type_map": list(model.type_map),
         "descriptor": descriptor,
@@ -195,9 +215,14 @@ def deepmd_state_dict(
     state: dict[str, Any] = {"_extra_state": {"model_params": params,
                                               "train_infos": dict(train_infos or {"lr": 0.0, "step": 0})}}
     state[MODEL_PREFIX + "min_nbor_dist"] = passthrough.get("min_nbor_dist", torch.tensor(-1.0, dtype=f64)).clone()
-    bias = fit.bias_atom_e.detach().cpu().to(f64).reshape(1, ntypes, 1).clone()
-    state[ATOMIC_PREFIX + "out_bias"] = bias
-    state[ATOMIC_PREFIX + "out_std"] = passthrough.get("out_std", torch.ones(1, ntypes, 1, dtype=f64)).clone()
+    if isinstance(model, PropertyModel):  # the output statistics are the model's own
+        dim = fit.task_dim
+        state[ATOMIC_PREFIX + "out_bias"] = fit.out_bias.detach().cpu().to(f64).reshape(1, ntypes, dim).clone()
+        state[ATOMIC_PREFIX + "out_std"] = fit.out_std.detach().cpu().to(f64).reshape(1, ntypes, dim).clone()
+    else:
+        bias = fit.bias_atom_e.detach().cpu().to(f64).reshape(1, ntypes, 1).clone()
+        state[ATOMIC_PREFIX + "out_bias"] = bias
+        state[ATOMIC_PREFIX + "out_std"] = passthrough.get("out_std", torch.ones(1, ntypes, 1, dtype=f64)).clone()
     sea = ATOMIC_PREFIX + "descriptor.sea."
     state[sea + "mean"] = desc.davg.detach().cpu().clone()
     state[sea + "stddev"] = desc.dstd.detach().cpu().clone()
@@ -211,7 +236,8 @@ def deepmd_state_dict(
     for k in range(len(desc.embeddings)):
         state[sea + f"compress_data.{k}"] = torch.zeros(0, dtype=desc.davg.dtype)
     fp = ATOMIC_PREFIX + "fitting_net."
-    state[fp + "bias_atom_e"] = torch.zeros(ntypes, 1, dtype=fit.bias_atom_e.dtype)
+    state[fp + "bias_atom_e"] = torch.zeros(ntypes, fit.task_dim if isinstance(model, PropertyModel) else 1,
+                                            dtype=desc.davg.dtype)
     for name in ("fparam", "aparam"):
         if getattr(fit, f"numb_{name}"):
             state[fp + f"{name}_avg"] = getattr(fit, f"{name}_avg").detach().cpu().clone()

@@ -26,28 +26,89 @@ LOSS_DEFAULTS = {
     "start_pref_v": 0.0, "limit_pref_v": 0.0, "start_pref_ae": 0.0, "limit_pref_ae": 0.0,
     "start_pref_pf": 0.0, "limit_pref_pf": 0.0, "relative_f": None,
 }
+#: DeePMD-kit 3.x defaults of a ``property`` fitting's and loss's keys (``property_name`` has none)
+PROPERTY_FITTING_DEFAULTS = {"neuron": [120, 120, 120], "resnet_dt": True, "numb_fparam": 0, "numb_aparam": 0,
+                             "task_dim": 1, "intensive": False, "distinguish_types": True}
+PROPERTY_LOSS_DEFAULTS = {"loss_func": "smooth_mae", "metric": ["mae"], "beta": 1.0}
 LR_DEFAULTS = {"start_lr": 1e-3, "stop_lr": 1e-8, "decay_steps": 5000}
 TRAINING_DEFAULTS = {"disp_freq": 1000, "save_freq": 1000}
 PRECISIONS = ("float64", "float32")
 
+#: the DeePMD-kit model, descriptor, fitting and loss types dpfit implements. Any other type is refused
+#: (exit 2): translated, it would train a different model than the input describes.
+IMPLEMENTED_TYPES = {
+    "model.type": ("standard",),
+    "model.descriptor.type": ("se_e2_a", "se_a"),
+    "model.fitting_net.type": ("ener", "property"),
+    "loss.type": ("ener", "property"),
+}
+#: the type a section has when the input leaves ``type`` out (DeePMD-kit's defaults)
+DEFAULT_TYPES = {"model.type": "standard", "model.descriptor.type": None, "model.fitting_net.type": "ener",
+                 "loss.type": "ener"}
+
+
+class UnimplementedTypeError(ValueError):
+    """An input.json asks for a model, descriptor, fitting or loss type dpfit does not implement."""
+
+    exit_code = 2
+
+
+def unimplemented_types(input_json: dict) -> list[str]:
+    """``section.type=value (dpfit implements ...)`` for each type of :data:`IMPLEMENTED_TYPES` not implemented."""
+    found = []
+    for key, implemented in IMPLEMENTED_TYPES.items():
+        node: Any = input_json
+        for part in key.split(".")[:-1]:
+            node = node.get(part) if isinstance(node, dict) else None
+        if not isinstance(node, dict):
+            continue
+        value = node.get("type", DEFAULT_TYPES[key])
+        if value is not None and value not in implemented:
+            found.append(f"{key}={value!r} (dpfit implements {', '.join(implemented)})")
+    return found
+
+
+def literal(text: str) -> str:
+    """``text`` as an OmegaConf value that reads back as itself: ``${...}`` in it is not an interpolation."""
+    import re
+
+    return re.sub(r"(\\*)\$\{", lambda m: "\\" * (2 * len(m.group(1)) + 1) + "${", text)
+
+
+class _Interpolation(str):
+    """A string the translation writes as an interpolation on purpose (``${paths.data_root}/...``)."""
+
+
+def _literal_strings(value: Any) -> Any:
+    if isinstance(value, _Interpolation):
+        return str(value)
+    if isinstance(value, str):
+        return literal(value)
+    if isinstance(value, list):
+        return [_literal_strings(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _literal_strings(v) for k, v in value.items()}
+    return value
+
+
 #: keys accepted only at the listed values (the behaviour dpfit implements); anything else is unsupported
 ACCEPTED_VALUES = {
-    "model.type": ("standard",),
+    **{key: types for key, types in IMPLEMENTED_TYPES.items() if key != "model.descriptor.type"},
     "model.data_stat_protect": (0.01,),
     "model.descriptor.activation_function": ("tanh",),
     "model.descriptor.trainable": (True,),
     "model.descriptor.env_protection": (0.0, 0),
-    "model.fitting_net.type": ("ener",),
     "model.fitting_net.activation_function": ("tanh",),
     "model.fitting_net.trainable": (True,),
     "model.fitting_net.rcond": (None,),
     "model.fitting_net.atom_ener": ([],),
     "model.fitting_net.use_aparam_as_mask": (False,),
+    "model.fitting_net.dim_case_embd": (0,),
+    "model.fitting_net.default_fparam": (None,),
     "model.pair_exclude_types": ([],),
     "model.atom_exclude_types": ([],),
     "learning_rate.type": ("exp",),
     "learning_rate.decay_rate": (None,),
-    "loss.type": ("ener",),
     "loss.enable_atom_ener_coeff": (False,),
     "loss.start_pref_gf": (0, 0.0),
     "loss.limit_pref_gf": (0, 0.0),
@@ -89,6 +150,7 @@ class _Converter:
         self.out: dict[str, Any] = {}
         self.unsupported: list[str] = []
         self.warmup_ratio: float | None = None
+        self.property = False  # a property fitting (model=se_e2_a_property loss=property)
 
     # ------------------------------------------------------------------ helpers
     def _resolve(self, path: str | Path) -> Path:
@@ -105,13 +167,15 @@ class _Converter:
             except ValueError:
                 pass
             else:
-                return "${paths.data_root}" if str(rel) == "." else "${paths.data_root}/" + rel.as_posix()
+                root = "${paths.data_root}"
+                return _Interpolation(root if str(rel) == "." else f"{root}/{literal(rel.as_posix())}")
         return str(resolved)
 
     def systems(self, value) -> list[str]:
         return [self.system_path(v) for v in ([value] if isinstance(value, str) else list(value))]
 
     def put(self, dotted: str, value: Any) -> None:
+        value = _literal_strings(value)  # text from the json is taken literally (never an interpolation)
         node = self.out
         *parents, last = dotted.split(".")
         for p in parents:
@@ -160,7 +224,7 @@ class _Converter:
 
     def descriptor(self, desc: dict) -> None:
         dtype = desc.get("type", "se_e2_a")
-        if dtype not in ("se_e2_a", "se_a"):
+        if dtype not in IMPLEMENTED_TYPES["model.descriptor.type"]:
             self.reject("model.descriptor.type", dtype, show_value=True)
             return
         values = {**DESCRIPTOR_DEFAULTS}
@@ -195,8 +259,15 @@ class _Converter:
             self.put(f"model.descriptor.{key}", value)
         self.put("model.precision", precision["value"] or "float64")
 
+    def choose(self, group: str, option: str) -> None:
+        """Select a config group option (a ``defaults`` entry of the preset)."""
+        self.out.setdefault("defaults", []).append({f"override /{group}": option})
+
     def fitting(self, fit: dict) -> None:
-        values = {**FITTING_DEFAULTS}
+        if fit.get("type", "ener") == "property":
+            self.choose("model", "se_e2_a_property")
+            self.choose("loss", "property")
+        values = {**(PROPERTY_FITTING_DEFAULTS if self.property else FITTING_DEFAULTS)}
 
         def keep(key, cast=lambda x: x):
             return _setter(values, key, cast)
@@ -207,14 +278,22 @@ class _Converter:
             if p is not None and p != current:
                 self.reject("model.fitting_net.precision", v, show_value=True)  # one precision for the whole model
 
-        self.walk(fit, "model.fitting_net", {
+        handlers = {
             "neuron": keep("neuron", lambda v: [int(x) for x in v]),
             "n_neuron": keep("neuron", lambda v: [int(x) for x in v]),
             "resnet_dt": keep("resnet_dt", bool),
             "numb_fparam": keep("numb_fparam", int), "numb_aparam": keep("numb_aparam", int),
             "seed": keep("seed"),
             "precision": precision,
-        })
+        }
+        if self.property:
+            handlers.update({
+                "property_name": keep("property_name", str), "task_dim": keep("task_dim", int),
+                "intensive": keep("intensive", bool), "distinguish_types": keep("distinguish_types", bool),
+            })
+            if "property_name" not in fit:
+                self.reject("model.fitting_net.property_name (missing)")
+        self.walk(fit, "model.fitting_net", handlers, skip=("type",) if self.property else ())
         for key, value in values.items():
             self.put(f"model.fitting_net.{key}", value)
 
@@ -245,6 +324,9 @@ class _Converter:
         self.warmup_ratio = float(ratio)
 
     def loss(self, loss: dict) -> None:
+        if self.property or loss.get("type") == "property":
+            self.property_loss(loss)
+            return
         values = {**LOSS_DEFAULTS}
         handlers = {k: _setter(values, k, float) for k in LOSS_DEFAULTS if k != "relative_f"}
         handlers["relative_f"] = lambda v: values.__setitem__("relative_f", None if v is None else float(v))
@@ -254,6 +336,21 @@ class _Converter:
         # dpfit's relative-energy term does not exist in DeePMD-kit: off
         self.put("loss.start_pref_de", 0.0)
         self.put("loss.limit_pref_de", 0.0)
+
+    def property_loss(self, loss: dict) -> None:
+        """DeePMD-kit's ``property`` loss (also for a property fitting whose input has no loss section)."""
+        if loss.get("type", "property") != "property" or not self.property:
+            self.reject("loss.type", loss.get("type", "ener"), show_value=True)  # loss and fitting disagree
+            return
+        values = {**PROPERTY_LOSS_DEFAULTS}
+        self.walk(loss, "loss", {
+            "loss_func": _setter(values, "loss_func", str), "beta": _setter(values, "beta", float),
+            "metric": _setter(values, "metric", lambda v: [str(x) for x in v]),
+        }, skip=("type",))
+        for key, value in values.items():
+            self.put(f"loss.{key}", value)
+        self.put("loss.pref", 1.0)  # DeePMD-kit fits the frame label only
+        self.put("loss.pref_atomic", 0.0)
 
     def training(self, tr: dict) -> None:
         def data(section: str, value: dict, val: bool) -> None:
@@ -351,8 +448,15 @@ def convert_input(input_json: dict, base_dir: str | Path = ".", data_root: str |
     translate, in file order.
     """
     input_json = _from_v1(input_json)
+    refused = unimplemented_types(input_json)
+    if refused:
+        raise UnimplementedTypeError(f"{'; '.join(refused)}: not implemented by dpfit, which would train a "
+                                     "different model than the input describes")
     conv = _Converter(base_dir, data_root)
     conv.out["defaults"] = [{"override /data": "deepmd"}]
+    model = input_json.get("model")
+    fitting = model.get("fitting_net") if isinstance(model, dict) else None
+    conv.property = isinstance(fitting, dict) and fitting.get("type") == "property"  # (whatever the key order)
     sections = {
         "model": conv.model,
         "learning_rate": conv.learning_rate,

@@ -24,15 +24,15 @@ DeePMD-kit folds ghost forces back onto their owners (LAMMPS reverse communicati
 """
 
 # (no `from __future__ import annotations`: TorchScript reads this module's annotations)
-import copy
 import json
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from dpfit.data.neighbor import deepmd_slots
 from dpfit.io.deepmd_export import deepmd_model_params, merge_source_params
-from dpfit.io.export import torch_neighbor_list
+from dpfit.io.export import DevicePaths, torch_neighbor_list
 from dpfit.model import EnergyModel
 
 
@@ -42,12 +42,9 @@ class DeepmdFrozenModel(nn.Module):
     type_map: list[str]
     sel: list[int]
 
-    def __init__(self, model: EnergyModel, model_def_script: str) -> None:
+    def __init__(self, model: EnergyModel, model_def_script: str, kernels: bool = False) -> None:
         super().__init__()
-        model = copy.deepcopy(model).cpu().eval()
-        for p in model.parameters():
-            p.requires_grad_(False)
-        self.model = model
+        self.model = DevicePaths(model, kernels)
         self.type_map = list(model.type_map)
         self.rcut = float(model.descriptor.rcut)
         self.sel = [int(s) for s in model.descriptor.sel]
@@ -125,26 +122,26 @@ class DeepmdFrozenModel(nn.Module):
     def format_nlist(self, extended_coord: torch.Tensor, extended_atype: torch.Tensor,
                      nlist: torch.Tensor) -> torch.Tensor:
         """(nf, nloc, sum(sel)): per type t, its neighbours closer than rcut, nearest first, at most
-        sel[t], then -1. Accepts any order, -1 anywhere, neighbours beyond rcut, any width."""
+        sel[t], then -1 (:func:`~dpfit.data.neighbor.deepmd_slots`). Accepts any order, -1 anywhere,
+        neighbours beyond rcut, any width."""
         nf, nloc, nn = nlist.shape
         coord = extended_coord.reshape(nf, -1, 3)
+        nall = coord.shape[1]
         real = nlist >= 0
         idx = torch.where(real, nlist, torch.zeros_like(nlist))
         rj = torch.gather(coord, 1, idx.reshape(nf, nloc * nn, 1).expand(nf, nloc * nn, 3)).reshape(nf, nloc, nn, 3)
         dist = torch.linalg.vector_norm(rj - coord[:, :nloc].unsqueeze(2), dim=-1)
-        ntype = torch.gather(extended_atype, 1, idx.reshape(nf, nloc * nn)).reshape(nf, nloc, nn)
-        keep = real & (dist < self.rcut)
-        inf = torch.full_like(dist, float("inf"))
-        parts: list[torch.Tensor] = []
-        for t, s in enumerate(self.sel):
-            k = min(s, nn)
-            key = torch.where(keep & (ntype == t), dist, inf)
-            vals, order = torch.topk(key, k, dim=-1, largest=False, sorted=True)
-            part = torch.where(torch.isfinite(vals), torch.gather(nlist, 2, order), torch.full_like(order, -1))
-            if k < s:
-                part = torch.cat([part, torch.full((nf, nloc, s - k), -1, dtype=part.dtype, device=part.device)], -1)
-            parts.append(part)
-        return torch.cat(parts, -1)
+        pairs = torch.nonzero((real & (dist < self.rcut)).reshape(nf * nloc, nn))
+        center, column = pairs[:, 0], pairs[:, 1]
+        flat = center * nn + column
+        neighbour = nlist.reshape(-1).index_select(0, flat)
+        frame = torch.div(center, nloc, rounding_mode="floor")
+        ntype = extended_atype.reshape(-1).index_select(0, frame * nall + neighbour)
+        distance = torch.round(dist.reshape(-1).index_select(0, flat) * 1e10).long()  # (ties at 1e-10 Å, one sort)
+        kept, slot, _ = deepmd_slots(center, ntype, distance, neighbour, nf * nloc, self.sel)
+        out = torch.full((nf * nloc * sum(self.sel),), -1, dtype=torch.long, device=nlist.device)
+        out[slot] = neighbour.index_select(0, kept)
+        return out.reshape(nf, nloc, -1)
 
     @torch.jit.export
     def forward_lower(
@@ -158,49 +155,27 @@ class DeepmdFrozenModel(nn.Module):
         do_atomic_virial: bool = False,
         comm_dict: dict[str, torch.Tensor] | None = None,
     ) -> dict[str, torch.Tensor]:
-        dtype = self.model.descriptor.davg.dtype
+        dtype = self.model.cpu_model.descriptor.davg.dtype
         in_dtype = extended_coord.dtype
         nf, nall = extended_atype.shape
         coord = extended_coord.reshape(nf, nall, 3).to(dtype)
         nloc = nlist.shape[1]
         nl = self.format_nlist(coord, extended_atype, nlist.to(torch.long))
-        nnei = nl.shape[2]
-        atype = extended_atype[:, :nloc]
-        mask = nl >= 0
-        idx = torch.where(mask, nl, torch.zeros_like(nl)).reshape(nf, nloc * nnei, 1)
-        rj = torch.gather(coord, 1, idx.expand(nf, nloc * nnei, 3)).reshape(nf, nloc, nnei, 3)
-        diff = rj - coord[:, :nloc].unsqueeze(2)
-        pad = torch.zeros_like(diff)
-        pad[..., 0] = self.rcut + 1.0  # beyond the cutoff: finite norms on padded slots
-        diff = torch.where(mask.unsqueeze(-1), diff, pad).detach().requires_grad_(True)
-        fp = fparam.to(dtype) if fparam is not None else None
-        ap = aparam.to(dtype) if aparam is not None else None
-        # (autograd must be on, as for DeePMD-kit's own models: its C++ and Python callers leave it on)
-        descriptor = self.model.descriptor(diff, mask, atype)
-        atom_energy = self.model.fitting(descriptor, atype, fp, ap)
-        grads = torch.autograd.grad([atom_energy.sum()], [diff])
-        g = grads[0]
-        assert g is not None
-        g = (g * mask.unsqueeze(-1)).detach()
-        atom_energy = atom_energy.detach()
-        diff = diff.detach()
-        # d_ij = r_j - r_i: F_i = +sum_j dE/dd_ij, F_j = -dE/dd_ij
-        force = torch.zeros(nf, nall, 3, dtype=dtype, device=coord.device)
-        force = force.scatter_add(1, idx.expand(nf, nloc * nnei, 3), -g.reshape(nf, nloc * nnei, 3))
-        force[:, :nloc] += g.sum(dim=2)
-        # each pair's virial -dE/dd (x) d goes to the neighbour atom, as in DeePMD-kit
-        pair_virial = -(g.unsqueeze(-1) * diff.unsqueeze(-2)).reshape(nf, nloc * nnei, 9)
-        virial = pair_virial.sum(dim=1)
-        out = {
-            "energy": atom_energy.sum(dim=-1, keepdim=True).to(torch.float64),
-            "atom_energy": atom_energy.unsqueeze(-1).to(in_dtype),
-            "extended_force": force.to(in_dtype),
-            "virial": virial.to(in_dtype),
+        out = self.model(
+            coord, extended_atype[:, :nloc], nl, None, None,
+            fparam.reshape(nf, -1).to(dtype) if fparam is not None else None,
+            aparam.reshape(nf, nloc, -1).to(dtype) if aparam is not None else None,
+            do_atomic_virial,
+        )
+        result = {
+            "energy": out["energy"].reshape(nf, 1).to(torch.float64),
+            "atom_energy": out["atom_energy"].unsqueeze(-1).to(in_dtype),
+            "extended_force": out["force"].to(in_dtype),
+            "virial": out["virial"].to(in_dtype),
         }
         if do_atomic_virial:
-            ext_virial = torch.zeros(nf, nall, 9, dtype=dtype, device=coord.device)
-            out["extended_virial"] = ext_virial.scatter_add(1, idx.expand(nf, nloc * nnei, 9), pair_virial).to(in_dtype)
-        return out
+            result["extended_virial"] = out["atom_virial"].to(in_dtype)
+        return result
 
     def forward(
         self,
@@ -213,7 +188,7 @@ class DeepmdFrozenModel(nn.Module):
         charge_spin: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
         """(``charge_spin``: accepted for DeePMD-kit's Python caller, unused: se_e2_a has no such input.)"""
-        dtype = self.model.descriptor.davg.dtype
+        dtype = self.model.cpu_model.descriptor.davg.dtype
         in_dtype = coord.dtype
         nf, nloc = atype.shape
         coord = coord.reshape(nf, nloc, 3).to(dtype)
@@ -232,7 +207,7 @@ class DeepmdFrozenModel(nn.Module):
             torch.stack(shifts) if boxes is not None else None,
             fparam.reshape(nf, -1).to(dtype) if fparam is not None else None,
             aparam.reshape(nf, nloc, -1).to(dtype) if aparam is not None else None,
-            True, True, True, False,
+            True,
         )
         return {
             "energy": out["energy"].reshape(nf, 1).to(torch.float64),
@@ -244,18 +219,22 @@ class DeepmdFrozenModel(nn.Module):
 
 
 def freeze_for_deepmd(model: EnergyModel, output: str | Path, overwrite: bool = False,
-                      source_params: dict | None = None) -> Path:
+                      source_params: dict | None = None, kernels: bool = False, params: dict | None = None) -> Path:
     """Script ``model`` as :class:`DeepmdFrozenModel` and save it; refuses an existing file unless ``overwrite``.
 
     ``source_params``: a DeePMD source checkpoint's ``model_params`` (kept in ``get_model_def_script``).
+    ``kernels``: the CPU path on dpfit's op library (LAMMPS loads it from ``DP_PLUGIN_PATH``). ``params``:
+    the model's DeePMD ``model_params`` when given (a compressed model's: those of the model it was
+    compressed from, :func:`~dpfit.io.deepmd_export.deepmd_model_params`), else read from ``model``.
     """
     output = Path(output)
     if output.exists() and not overwrite:
         raise FileExistsError(f"{output}: exists; choose another output or pass overwrite=true")
-    params = deepmd_model_params(model)  # also refuses a model DeePMD-kit cannot represent
+    if params is None:
+        params = deepmd_model_params(model)  # also refuses a model DeePMD-kit cannot represent
     if source_params:
         params = merge_source_params(params, source_params)
-    scripted = torch.jit.script(DeepmdFrozenModel(model, json.dumps(params)))
+    scripted = torch.jit.script(DeepmdFrozenModel(model, json.dumps(params), kernels))
     output.parent.mkdir(parents=True, exist_ok=True)
     tmp = output.with_name(output.name + ".tmp")
     torch.jit.save(scripted, str(tmp))

@@ -47,6 +47,18 @@ def _residual_input(x: torch.Tensor, kind: int) -> torch.Tensor:
     return x.new_zeros(())
 
 
+def records_gradient(params: list[torch.Tensor], x: torch.Tensor) -> bool:
+    """Whether autograd records through an op on ``x`` and ``params`` (then it keeps its activations)."""
+    if not torch.is_grad_enabled():
+        return False
+    if x.requires_grad:
+        return True
+    for p in params:
+        if p.requires_grad:
+            return True
+    return False
+
+
 def layer_value_and_tangent(
     x: torch.Tensor, tx: torch.Tensor | None, matrix: torch.Tensor, bias: torch.Tensor, idt: torch.Tensor | None,
     kind: int,
@@ -145,13 +157,25 @@ class ResidualMLP(nn.Module):
         self.layers = nn.ModuleList(layers)
         #: value_and_tangent through the hand-written backward when autograd records (tanh layers only)
         self.fused_tangent = all(layer.activate for layer in layers)
-        #: compiled CPU kernels: auto / on / off (set for the whole model by EnergyModel.kernels)
-        self.kernels = "off"
+        #: per layer: its residual kind (the output layer of a fitting net: LINEAR) and whether it has idt
+        self.kinds = [layer.kind if layer.activate else LayerKind.LINEAR.value for layer in layers]
+        self.has_idt = [layer.idt is not None for layer in layers]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         for layer in self.layers:
             x = layer(x)
         return x
+
+    def flat_parameters(self) -> list[torch.Tensor]:
+        """matrix, bias (, idt) of each layer in order (the compiled kernels' ``params`` argument)."""
+        params: list[torch.Tensor] = []
+        for layer in self.layers:
+            params.append(layer.matrix)
+            params.append(layer.bias)
+            idt = layer.idt
+            if idt is not None:
+                params.append(idt)
+        return params
 
     def embed(self, s: torch.Tensor, tangent: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The output on (rows, 1) inputs and, with ``tangent``, its derivative (:meth:`value_and_tangent`)."""
@@ -168,7 +192,7 @@ class ResidualMLP(nn.Module):
         as one :class:`~dpfit.model.tangent_function.ValueAndTangent` with a hand-written backward.
         """
         if not torch.jit.is_scripting():
-            if self.fused_tangent and (torch.is_grad_enabled() or self._compiled_kernel(s) is not None):
+            if self.fused_tangent and torch.is_grad_enabled():
                 return self._value_and_tangent_fused(s)
         x = s
         tx: torch.Tensor | None = None
@@ -178,51 +202,25 @@ class ResidualMLP(nn.Module):
         assert tx is not None
         return x, tx
 
-    @torch.jit.unused
-    def _compiled_kernel(self, s: torch.Tensor):
-        """The compiled embedding kernel's extension when it is in use and applies to ``s``, else None."""
-        from dpfit.model.kernels import compiled_kernels
-        from dpfit.model.kernels.embedding import kernel_applies
-
-        return compiled_kernels(self.kernels) if kernel_applies(s, self.layers[0].matrix.shape[0]) else None
+    def kernel_value_and_tangent(self, s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`value_and_tangent` by the op library's ``value_and_tangent`` (the kernels backend's call;
+        only that backend calls it, so a TorchScript file of another backend holds no dpfit op)."""
+        params = self.flat_parameters()
+        # (a statement of its own: as an argument of the op call, TorchScript's optimised graph handed it params as
+        # None from the second call on, "Expected GenericList but got None")
+        keep = records_gradient(params, s)
+        # (the name shows in the error of a file loaded without the op library: the lines of the first op call)
+        load_libdpfit_ops_so_first_LAMMPS_DP_PLUGIN_PATH = list(self.kinds)
+        g, t, _ = torch.ops.dpfit.value_and_tangent(s, params, load_libdpfit_ops_so_first_LAMMPS_DP_PLUGIN_PATH,
+                                                    self.has_idt, keep)
+        return g, t
 
     @torch.jit.unused
     def _value_and_tangent_fused(self, s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The whole net at once: the compiled kernel when in use (:mod:`dpfit.model.kernels`), else
-        :class:`~dpfit.model.tangent_function.ValueAndTangent` (autograd recording)."""
-        from dpfit.model.kernels.embedding import compiled_value_and_tangent
         from dpfit.model.tangent_function import ValueAndTangent
 
-        params: list[torch.Tensor] = []
-        for layer in self.layers:
-            params += [layer.matrix, layer.bias] + ([layer.idt] if layer.idt is not None else [])
         kinds = tuple(layer.kind for layer in self.layers)
-        has_idt = tuple(layer.idt is not None for layer in self.layers)
-        ext = self._compiled_kernel(s)
-        if ext is not None:
-            return compiled_value_and_tangent(kinds, has_idt, s, params)
-        return ValueAndTangent.apply(kinds, has_idt, s, *params)
-
-    def energy_and_input_grad(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """For a net with one output: the output (rows, 1) and its gradient (rows, in_dim), written out
-        (:meth:`value_and_input_grad` with an output gradient of 1); through the compiled fitting kernel
-        when it is in use and applies (:mod:`dpfit.model.kernels`)."""
-        if not torch.jit.is_scripting():
-            result = self._compiled_fitting(x)
-            if result is not None:
-                return result
-        return self.value_and_input_grad(x, torch.ones(1, dtype=x.dtype, device=x.device))
-
-    @torch.jit.unused
-    def _compiled_fitting(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """(output, input gradient) from the compiled fitting kernel, or None where it is not in use."""
-        from dpfit.model.kernels import compiled_kernels
-        from dpfit.model.kernels.fitting import compiled_fitting, fitting_kernel_applies
-
-        if not fitting_kernel_applies(x, self.layers):
-            return None
-        ext = compiled_kernels(self.kernels)
-        return None if ext is None else compiled_fitting(self.layers, x)
+        return ValueAndTangent.apply(kinds, tuple(self.has_idt), s, *self.flat_parameters())
 
     def value_and_input_grad(self, x: torch.Tensor, grad_out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Output (rows, n_out) and ``sum_o grad_out[o] d out_o / d x`` (rows, in_dim) for a constant

@@ -207,9 +207,16 @@ class ReferenceEnergyModel(nn.Module):
         """The fast model's option, kept for :func:`dpfit.model.convert` (no compiled kernels here)."""
         return self.config.get("kernels", "off")
 
-    @kernels.setter
-    def kernels(self, mode: str) -> None:
-        self.config["kernels"] = mode
+    @property
+    def backend(self) -> str:
+        return "reference"
+
+    def select_backend(self, device: torch.device | str | None = None, kernels: str | None = None) -> str:
+        """The fast model's choice (:meth:`dpfit.model.EnergyModel.select_backend`): there is one backend
+        here; ``kernels`` is recorded for :func:`dpfit.model.convert`."""
+        if kernels is not None:
+            self.config["kernels"] = kernels
+        return "reference"
 
     @property
     def dtype(self) -> torch.dtype:

@@ -11,13 +11,15 @@ from lightning.pytorch.utilities import rank_zero_only
 class LCurveWriter(L.Callback):
     """Writes ``lcurve.out`` as DeePMD-kit does: a row every ``disp_freq`` training steps (and at every
     validation) with step, rmse_val, rmse_trn, rmse_e_val, rmse_e_trn, rmse_f_val, rmse_f_trn,
-    [rmse_v_val, rmse_v_trn], lr. Training columns are those of the step's batch; validation columns hold
+    [rmse_v_val, rmse_v_trn], lr (a property model: rmse_p_val, rmse_p_trn and/or rmse_ap_val, rmse_ap_trn
+    in place of the energy and force columns). Training columns are those of the step's batch; validation columns hold
     the validation of that step, ``nan`` where none ran. Named validation sets
     (``data.val_systems={name: [...]}``) add ``rmse_<q>_val_<name>`` columns after ``lr``.
 
-    ``disp_freq``: null writes rows at validations only. A resumed run (``ckpt_path``) appends; rows the
-    killed run wrote after its checkpoint's step are moved to ``<filename>.superseded``, so every step
-    appears once."""
+    ``disp_freq``: null writes rows at validations only. As DeePMD-kit 3.2, a row is also written at step 1,
+    with a validation run there (the first point of the learning curve). A resumed run (``ckpt_path``)
+    appends; rows the killed run wrote after its checkpoint's step are moved to ``<filename>.superseded``,
+    so every step appears once."""
 
     def __init__(self, filename: str = "lcurve.out", disp_freq: int | None = None) -> None:
         if disp_freq is not None and int(disp_freq) <= 0:
@@ -29,6 +31,8 @@ class LCurveWriter(L.Callback):
         self._last_written = -1
 
     def _columns(self, pl_module) -> list[str]:
+        if getattr(pl_module, "is_property", False):  # a property model: frame (p) and atomic (ap) errors
+            return [c for c in ("p", "ap") if c in pl_module.loss.active]
         cols = ["e", "f"]
         if pl_module.loss.needs_virial:
             cols.append("v")
@@ -46,6 +50,31 @@ class LCurveWriter(L.Callback):
         for name in self._sets(trainer):
             header += [f"rmse_{c}_val_{name}" for c in self._columns(pl_module)]
         return header
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        """Every rank: validate at step 1 too (DeePMD-kit's first lcurve.out row), by asking Lightning's
+        training loop for a validation there; a Lightning without that hook writes the row without one."""
+        loop = getattr(getattr(trainer, "fit_loop", None), "epoch_loop", None)
+        decide = getattr(loop, "_should_check_val_fx", None)
+        if stage != "fit" or not self.disp_freq or decide is None or getattr(decide, "_dpfit_step_one", False):
+            return
+        done = {"step": False}
+
+        def should_check_val(data_fetcher):
+            if decide(data_fetcher):
+                return True
+            if trainer.global_step == 1 and not done["step"]:
+                done["step"] = True
+                return True
+            return False
+
+        should_check_val._dpfit_step_one = True
+        loop._should_check_val_fx = should_check_val
+
+    def teardown(self, trainer, pl_module, stage: str) -> None:
+        loop = getattr(getattr(trainer, "fit_loop", None), "epoch_loop", None)
+        if loop is not None and getattr(loop.__dict__.get("_should_check_val_fx"), "_dpfit_step_one", False):
+            del loop._should_check_val_fx  # the class's own again
 
     @rank_zero_only
     def on_train_start(self, trainer, pl_module) -> None:
@@ -113,7 +142,7 @@ class LCurveWriter(L.Callback):
             return
         self._flush(trainer, pl_module)  # the previous row: no validation ran at its step
         step = trainer.global_step
-        if self.disp_freq and step % self.disp_freq == 0 and step > self._last_written:
+        if self.disp_freq and (step % self.disp_freq == 0 or step == 1) and step > self._last_written:
             self._pending = (step, self._train_values(pl_module))  # validation may still run at this step
 
     @rank_zero_only
@@ -145,7 +174,8 @@ def summary_rows(metrics: dict, sets: list[str] | tuple = ()) -> list[tuple[str,
     rows = []
     for name in ("", *sets):
         prefix = f"val/{name}/" if name else "val/"
-        for q, label, unit in (("e", "energy / atom", "eV"), ("f", "force", "eV/Å"), ("v", "virial / atom", "eV")):
+        for q, label, unit in (("e", "energy / atom", "eV"), ("f", "force", "eV/Å"), ("v", "virial / atom", "eV"),
+                               ("p", "property (/ atom if extensive)", "units"), ("ap", "atomic property", "units")):
             r, a = metrics.get(f"{prefix}rmse_{q}"), metrics.get(f"{prefix}mae_{q}")
             if r is not None:
                 row = (f"{label} [{unit}]", f"{float(r):.4e}", f"{float(a):.4e}" if a is not None else "-")

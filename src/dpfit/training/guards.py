@@ -116,7 +116,7 @@ class Preemption(L.Callback):
         name = signal.Signals(self.signum).name if self.signum else "SIGTERM"
         out = Path(trainer.default_root_dir)
         message = (f"stopped by {name} at step {trainer.global_step}; checkpoint {self.saved}; continue with "
-                   f"`python train.py hydra.run.dir={out} ckpt_path=last` (same overrides)")
+                   f"{resume_command(out)}")
         if trainer.is_global_zero:
             write_marker(out, f"{message}\n")
         log.warning(message)
@@ -141,11 +141,24 @@ class Preemption(L.Callback):
         self._restore()
 
 
+def resume_command(run: Path) -> str:
+    """The command that continues the run in ``run`` (its stored config; no override to repeat)."""
+    return f"`python train.py ckpt_path={run}`"
+
+
 def write_marker(folder: Path, text: str) -> None:
+    """Write ``<folder>/INCOMPLETE`` (through a temporary file: a full disk keeps the previous text)."""
+    path = Path(folder) / INCOMPLETE
+    tmp = path.with_name(f".{INCOMPLETE}.{os.getpid()}.tmp")
     try:
-        (Path(folder) / INCOMPLETE).write_text(text)
+        tmp.write_text(text)
+        os.replace(tmp, path)
     except OSError as exc:  # reported by the run folder checks; never hide the real error
-        log.warning("cannot write %s: %s", Path(folder) / INCOMPLETE, exc)
+        try:
+            tmp.unlink(missing_ok=True)
+        except OSError:
+            pass
+        log.warning("cannot write %s: %s", path, exc)
 
 
 def remove_marker(folder: Path) -> None:
@@ -153,3 +166,32 @@ def remove_marker(folder: Path) -> None:
         (Path(folder) / INCOMPLETE).unlink(missing_ok=True)
     except OSError:
         pass
+
+
+class SigtermBeforeTraining:
+    """SIGTERM from the start of ``train()`` until Lightning takes the signal over (when fitting starts):
+    raises :class:`Preempted` where the process is (reading data, counting sel, computing statistics), so
+    the run ends with one line, exit 143, its lock released and ``INCOMPLETE`` saying how to continue,
+    instead of dying silently. Once Lightning has its own handler installed (which calls this one too),
+    this one does nothing and :class:`Preemption` saves a checkpoint at the current step."""
+
+    def __init__(self) -> None:
+        self._previous = None
+        self._installed = False
+
+    def _handler(self, signum, frame) -> None:
+        if signal.getsignal(signal.SIGTERM) != self._handler:
+            return  # chained by Lightning's handler: the training loop stops with a checkpoint
+        raise Preempted("stopped by SIGTERM before training started", signum)
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.getsignal(signal.SIGTERM)
+            signal.signal(signal.SIGTERM, self._handler)
+            self._installed = True
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._installed and signal.getsignal(signal.SIGTERM) == self._handler:
+            signal.signal(signal.SIGTERM, self._previous if self._previous is not None else signal.SIG_DFL)
+        self._installed = False

@@ -12,32 +12,47 @@ from torchmetrics import MeanMetric
 
 from dpfit.data.batch import model_inputs
 from dpfit.errors import ConfigError, NonFiniteLossError
-from dpfit.io.checkpoint import MODEL_CONFIG_KEY
-from dpfit.model import build_model
-from dpfit.model.kernels import compiled_kernels
-from dpfit.model.kernels.build import MODES
+from dpfit.io.checkpoint import MIN_NBOR_DIST_KEY, MODEL_CONFIG_KEY
+from dpfit.model import PropertyModel, build_model
+from dpfit.model.backends import KERNEL_MODES
 from dpfit.training.guards import NONFINITE_MODES, nonfinite_message
 from dpfit.training.loss import EnergyLoss
-from dpfit.training.metrics import error_metrics, update_error_metrics
+from dpfit.training.metrics import (
+    error_metrics,
+    property_error_metrics,
+    update_error_metrics,
+    update_property_metrics,
+)
+from dpfit.training.property_loss import PropertyLoss
 from dpfit.training.schedule import ExponentialDecay, worker_scale
-from dpfit.training.statistics import compute_statistics, load_statistics, save_statistics, statistics_key
+from dpfit.training.statistics import (
+    check_stat_file,
+    compute_statistics,
+    first_nonfinite_batch,
+    load_statistics,
+    nonfinite_statistics,
+    save_statistics,
+    statistics_key,
+)
 
 log = logging.getLogger(__name__)
 
 
 class DeepPotentialModule(L.LightningModule):
-    """Trains an :class:`EnergyModel` (built from the plain ``model`` config) with an :class:`EnergyLoss`.
+    """Trains an :class:`EnergyModel` (built from the plain ``model`` config) with an :class:`EnergyLoss`,
+    or a :class:`PropertyModel` (``fitting_net.type: property``) with a :class:`PropertyLoss`.
 
     Forces (and the virial when a virial term is on) are written out in closed form by the model and
     differentiated with the loss in one backward pass. ``kernels`` (off / auto / on; None: the model
-    config's ``kernels``) overrides the model's compiled CPU kernels option (:mod:`dpfit.model.kernels`). Data statistics are computed once on the first fit and kept in the checkpoint
+    config's ``kernels``) overrides the model's compiled CPU kernels option (:mod:`dpfit.model.backends`).
+    Data statistics are computed once on the first fit and kept in the checkpoint
     (``stats_ready`` buffer), never recomputed on resume.
     """
 
     def __init__(
         self,
         model: dict,
-        loss: EnergyLoss,
+        loss: EnergyLoss | PropertyLoss,
         schedule: ExponentialDecay,
         scale_by_worker: str = "none",
         data_stat_protect: float = 1e-2,
@@ -46,8 +61,8 @@ class DeepPotentialModule(L.LightningModule):
         nonfinite_loss: str = "stop",
     ) -> None:
         super().__init__()
-        if kernels is not None and kernels not in MODES:
-            raise ConfigError(f"kernels={kernels!r}: choose one of {', '.join(MODES)}")
+        if kernels is not None and kernels not in KERNEL_MODES:
+            raise ConfigError(f"kernels={kernels!r}: choose one of {', '.join(KERNEL_MODES)}")
         if nonfinite_loss not in NONFINITE_MODES:
             raise ConfigError(f"nonfinite_loss={nonfinite_loss}: choose one of {', '.join(NONFINITE_MODES)}")
         model = _plain(model)
@@ -55,7 +70,14 @@ class DeepPotentialModule(L.LightningModule):
             model = {**model, "kernels": kernels}
         self.save_hyperparameters({MODEL_CONFIG_KEY: model, "scale_by_worker": scale_by_worker,
                                    "data_stat_protect": data_stat_protect})
-        self.model = build_model(model)
+        self.model = build_model(model, device=None)  # (the backend is selected in setup, for the device)
+        self.is_property = isinstance(self.model, PropertyModel)
+        if self.is_property != isinstance(loss, PropertyLoss):
+            raise ConfigError("the property model (model.fitting_net.type=property) trains with loss=property, and "
+                              "loss=property fits the property model: choose model=se_e2_a_property loss=property, "
+                              "or an energy model and loss")
+        if self.is_property:
+            loss.bind(self.model.fitting)
         self.loss = loss
         self.schedule = schedule
         self.scale_by_worker = scale_by_worker
@@ -64,33 +86,54 @@ class DeepPotentialModule(L.LightningModule):
         self.nonfinite_loss = nonfinite_loss
         self.skipped_batches = 0
         self.register_buffer("stats_ready", torch.zeros((), dtype=torch.bool))
-        self.metrics = torch.nn.ModuleDict({f"{s}_": error_metrics() for s in ("val", "test")})
+        self.metrics = torch.nn.ModuleDict({f"{s}_": self._error_metrics() for s in ("val", "test")})
         # frame-weighted mean of the loss over the evaluation set, summed over DDP ranks
         self.eval_loss = torch.nn.ModuleDict({f"{s}_": MeanMetric() for s in ("val", "test")})
         self.last_train: dict[str, float | torch.Tensor] = {}
         self.set_metrics = torch.nn.ModuleDict()  # named validation sets (data.val_systems={name: [...]})
         self.validated_at = -1  # global step of the latest validation
+        self.validated_frames = 0  # frames of the latest validation (every rank)
+        self._frames_seen = 0
+        self.start_step = 0  # global step this fit started at (a resume's checkpoint step)
+        #: smallest distance between two atoms of the training data (Å), for DeePMD-kit's compression
+        self.min_nbor_dist: float | None = None
 
     def setup(self, stage: str) -> None:
-        """The model's compiled CPU kernels (``model.kernels``) built or loaded now, before the first
-        step, for CPU runs (the kernels are CPU-only: GPU runs skip the build)."""
+        """The model's backend selected for the device it will run on (:meth:`EnergyModel.select_backend`):
+        on a CPU the compiled kernels (``model.kernels``), built or loaded now, before the first step; GPU
+        runs never build them."""
         strategy = getattr(self.trainer, "strategy", None) if self._trainer is not None else None
         device = getattr(strategy, "root_device", self.device)
         dm = self.trainer.datamodule if self._trainer is not None else None
         for name in getattr(dm, "val_set_names", None) or []:
             if name not in self.set_metrics:
-                self.set_metrics[name] = error_metrics()
-        if device.type == "cpu" and compiled_kernels(getattr(self.model, "kernels", "off")) is not None:
-            log.info("compiled CPU kernels in use")
+                self.set_metrics[name] = self._error_metrics()
+        log.info("model backend: %s (%s)", self.model.select_backend(device), device.type)
+
+    def _error_metrics(self):
+        return property_error_metrics() if self.is_property else error_metrics()
+
+    def _update_metrics(self, metrics, pred: dict, batch: dict) -> None:
+        if self.is_property:
+            fit = self.model.fitting
+            update_property_metrics(metrics, pred, batch, fit.property_name, fit.intensive)
+        else:
+            update_error_metrics(metrics, pred, batch)
 
     # ------------------------------------------------------------ statistics
     def data_needs(self) -> dict:
         """What the data module reads (:class:`dpfit.data.system.Needs`): the labels the loss fits (a
         malformed file of one is an error), the labels reported as validation errors (read when well
-        formed), and the model's fparam/aparam widths (0: the files are not read)."""
+        formed), and the model's fparam/aparam widths (0: the files are not read). A property model adds
+        its labels ``<name>`` / ``atom_<name>`` (``extra``), one of which every training system must have."""
         fit = self.model.fitting
-        return {"labels": set(self.loss.labels), "reported": {"energy", "force", "virial"},
-                "numb_fparam": int(fit.numb_fparam), "numb_aparam": int(fit.numb_aparam)}
+        needs = {"labels": set(self.loss.labels), "reported": {"energy", "force", "virial"},
+                 "numb_fparam": int(fit.numb_fparam), "numb_aparam": int(fit.numb_aparam)}
+        if self.is_property:
+            name, width = fit.property_name, fit.task_dim
+            needs.update(reported={name, f"atom_{name}"}, extra=((name, False, width), (f"atom_{name}", True, width)),
+                         required=set(self.loss.labels))
+        return needs
 
     def on_fit_start(self) -> None:
         dm = self.trainer.datamodule
@@ -102,18 +145,27 @@ class DeepPotentialModule(L.LightningModule):
         missing = [lab for lab in self.loss.labels if not any(s.has(lab) for s in dm.train_systems)]
         if missing:
             log.warning("no training system has %s: the loss terms using it are dropped", missing)
+        if self.min_nbor_dist is None and hasattr(dm, "min_nbor_dist"):
+            self.min_nbor_dist = dm.min_nbor_dist()  # kept in the checkpoint (freeze.py format=deepmd)
         if bool(self.stats_ready):
             log.info("data statistics restored from the checkpoint")
             return
         if self.trainer.is_global_zero:
             stat_file = getattr(dm, "stat_file", None)
+            if stat_file:
+                check_stat_file(stat_file)  # never replace a file that is not a dpfit statistics file
             key = statistics_key(self.model, dm.stat_identity(), self.data_stat_protect) if stat_file else None
             if stat_file and load_statistics(self.model, stat_file, key):
                 log.info("data statistics read from %s", stat_file)
+                bad = nonfinite_statistics(self.model)
+                if bad:
+                    raise ConfigError(f"data.stat_file={stat_file}: holds non-finite statistics ({', '.join(bad)}): "
+                                      "delete it (they are recomputed)")
             else:
                 batches = dm.stat_batches()
                 _warn_if_sel_too_small(batches, self.model.sel, self.model.type_map)
                 compute_statistics(self.model, batches, self.data_stat_protect)
+                _refuse_nonfinite_statistics(self.model, batches, dm)
                 log.info("data statistics computed from %d batches (%d frames)%s", len(batches),
                          sum(int(b["coord"].shape[0]) for b in batches),
                          " and sent to every rank" if self.trainer.world_size > 1 else "")
@@ -181,9 +233,11 @@ class DeepPotentialModule(L.LightningModule):
         loss, _ = self.loss(pred, batch, self._lr_ratio(), strict=False)
         nf = batch["coord"].shape[0]
         self.eval_loss[f"{stage}_"].update(loss.detach(), nf)
-        update_error_metrics(self.metrics[f"{stage}_"], pred, batch)
+        if stage == "val":
+            self._frames_seen += int(nf)
+        self._update_metrics(self.metrics[f"{stage}_"], pred, batch)
         if stage == "val" and len(self.set_metrics):
-            update_error_metrics(self.set_metrics[self.trainer.datamodule.val_set_of(batch["system"])], pred, batch)
+            self._update_metrics(self.set_metrics[self.trainer.datamodule.val_set_of(batch["system"])], pred, batch)
         return pred  # predictions for callbacks (on_validation_batch_end), e.g. parity plots
 
     def validation_step(self, batch: dict, batch_idx: int) -> dict[str, torch.Tensor]:
@@ -215,10 +269,20 @@ class DeepPotentialModule(L.LightningModule):
         # the loggers' step of this evaluation: the training steps done (Lightning's default is one less)
         self.log("step", float(self.global_step), sync_dist=True, reduce_fx="max")
 
+    def on_validation_epoch_start(self) -> None:
+        self._frames_seen = 0
+
     def on_validation_epoch_end(self) -> None:
         self._log_metrics("val")
         if not self.trainer.sanity_checking:
             self.validated_at = self.global_step
+            frames = torch.tensor(float(self._frames_seen), dtype=torch.float64)
+            if self._trainer is not None and self.trainer.world_size > 1:
+                frames = self.trainer.strategy.reduce(frames.to(self.device), reduce_op="sum").cpu()
+            self.validated_frames = int(frames)
+
+    def on_train_start(self) -> None:
+        self.start_step = self.global_step
 
     def on_validation_end(self) -> None:
         # "step" only labels the loggers' row: ModelCheckpoint's file names would take a stale one later
@@ -232,6 +296,7 @@ class DeepPotentialModule(L.LightningModule):
         ``val_check_interval`` is, so the final numbers are those of the final weights."""
         if 0 < self.trainer.max_steps <= self.global_step:
             self.trainer.should_stop = True
+            _validate_every_frame_next(self.trainer)
 
     def on_test_epoch_end(self) -> None:
         self._log_metrics("test")
@@ -242,6 +307,13 @@ class DeepPotentialModule(L.LightningModule):
         run_id = wandb_run_id(self._trainer)
         if run_id:
             checkpoint[WANDB_RUN_ID_KEY] = run_id
+        if self.min_nbor_dist is not None:
+            checkpoint[MIN_NBOR_DIST_KEY] = float(self.min_nbor_dist)
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """A resume keeps the training data's ``min_nbor_dist`` computed when the run started."""
+        if checkpoint.get(MIN_NBOR_DIST_KEY) is not None:
+            self.min_nbor_dist = float(checkpoint[MIN_NBOR_DIST_KEY])
 
     # ------------------------------------------------------------ optimisation
     def configure_optimizers(self) -> dict[str, Any]:
@@ -268,6 +340,43 @@ def wandb_run_id(trainer) -> str | None:
         if isinstance(logger, WandbLogger):
             return logger.version
     return None
+
+
+def _validate_every_frame_next(trainer) -> None:
+    """The validation at the last step covers every validation frame, whatever ``trainer.limit_val_batches``
+    and ``data.numb_btch`` limit the periodic ones to: the final numbers are the whole set's (the validation
+    loop builds its batches again). Without Lightning's loop attribute, train.py validates once more."""
+    loop = getattr(getattr(getattr(trainer, "fit_loop", None), "epoch_loop", None), "val_loop", None)
+    if loop is None or not hasattr(loop, "_combined_loader"):
+        return
+    dm = trainer.datamodule
+    if trainer.limit_val_batches == 1.0 and getattr(dm, "numb_btch", None) is None:
+        return  # already the whole set
+    trainer.limit_val_batches = 1.0
+    if dm is not None and hasattr(dm, "numb_btch"):
+        dm.numb_btch = None
+    loop._combined_loader = None
+
+
+def _refuse_nonfinite_statistics(model, batches: list[dict], dm) -> None:
+    """Non-finite davg / dstd / energy bias would make every step NaN: stop before the first, naming the system."""
+    bad = nonfinite_statistics(model)
+    if not bad:
+        return
+    from dpfit.data.system import DataError
+
+    k = first_nonfinite_batch(model, batches)
+    where = "the sampled training frames"
+    if k is not None:
+        batch = batches[k]
+        try:
+            name = dm.train_views[int(batch["system"])].system.name
+        except Exception:  # noqa: BLE001 - no views: the index alone
+            name = f"training system {int(batch['system'])}"
+        where = f"{name}, frames {batch['frame_index'].tolist()}"
+    raise DataError(f"{where}: the data statistics {', '.join(bad)} are not finite (atoms on top of each other? "
+                    "data.min_distance=0 turns that check off; energies beyond float range?): the run stopped "
+                    "before its first step")
 
 
 def _warn_if_sel_too_small(batches: list[dict], sel: list[int], type_map: list[str]) -> None:

@@ -7,10 +7,8 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-import torch
-
 from dpfit.errors import CheckpointError
-from dpfit.io.checkpoint import MODEL_CONFIG_KEY
+from dpfit.io.checkpoint import MODEL_CONFIG_KEY, UnreadableCheckpointError, load_checkpoint
 
 #: every setting that changes the meaning of the weights, as its dotted key in the model config
 MEANING = (
@@ -18,13 +16,16 @@ MEANING = (
     "descriptor.sel", "descriptor.rcut", "descriptor.rcut_smth", "descriptor.neuron", "descriptor.axis_neuron",
     "descriptor.resnet_dt", "descriptor.type_one_side", "descriptor.exclude_types", "descriptor.set_davg_zero",
     "fitting_net.neuron", "fitting_net.resnet_dt", "fitting_net.numb_fparam", "fitting_net.numb_aparam",
+    "fitting_net.type", "fitting_net.property_name", "fitting_net.task_dim", "fitting_net.intensive",
+    "fitting_net.atom_sum",
 )
 #: where the user sets a model setting when the model config takes it from the data group
 USER_KEY = {"type_map": "data.type_map", "descriptor.sel": "data.sel"}
 #: the model's defaults, for a checkpoint or config that leaves a setting out
 DEFAULTS = {"precision": "float64", "descriptor.rcut_smth": 0.5, "descriptor.resnet_dt": False,
             "descriptor.type_one_side": True, "descriptor.exclude_types": [], "descriptor.set_davg_zero": False,
-            "fitting_net.resnet_dt": True, "fitting_net.numb_fparam": 0, "fitting_net.numb_aparam": 0}
+            "fitting_net.resnet_dt": True, "fitting_net.numb_fparam": 0, "fitting_net.numb_aparam": 0,
+            "fitting_net.type": "ener"}
 
 
 def _step_of(path: Path) -> int:
@@ -33,9 +34,10 @@ def _step_of(path: Path) -> int:
 
 
 def _readable(path: Path) -> dict | None:
+    """The training checkpoint at ``path`` if it reads safely (nothing in it runs), else None."""
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
-    except Exception:  # noqa: BLE001 - unreadable for any reason
+        ckpt = load_checkpoint(path, mmap=True)
+    except CheckpointError:  # missing, unreadable, or refused as unsafe
         return None
     return ckpt if isinstance(ckpt, dict) and "state_dict" in ckpt else None
 
@@ -56,21 +58,19 @@ def newest_readable(folder: Path, exclude: Path | None = None) -> tuple[Path, in
 
 
 def read_checkpoint(path: str | Path) -> dict:
-    """Load a dpfit checkpoint to resume; a truncated or corrupt one names the newest readable one beside it."""
+    """Load a dpfit checkpoint to resume (safely); a truncated or corrupt one names the newest readable one
+    beside it, one that would run code is refused."""
     path = Path(path)
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
-        if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
-            raise CheckpointError(f"{path}: not a dpfit training checkpoint (no state_dict); a DeePMD-kit or "
-                                  "other model starts a new run with ckpt_init=<path>")
-    except CheckpointError:
-        raise
-    except Exception as exc:  # noqa: BLE001 - truncated zip, bad pickle, I/O error
+        ckpt = load_checkpoint(path, mmap=True)
+    except UnreadableCheckpointError as exc:
         other = newest_readable(path.parent, exclude=path)
         hint = (f"the newest readable checkpoint beside it is {other[0]} (step {other[1]}): resume with "
                 f"ckpt_path={other[0]}" if other else "no other readable checkpoint is beside it")
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise CheckpointError(f"{path} cannot be read (truncated or corrupt: {reason}); {hint}") from exc
+        raise CheckpointError(f"{path} cannot be read (truncated or corrupt: {exc.reason}); {hint}") from exc
+    if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
+        raise CheckpointError(f"{path}: not a dpfit training checkpoint (no state_dict); a DeePMD-kit or "
+                              "other model starts a new run with ckpt_init=<path>")
     return ckpt
 
 
@@ -108,9 +108,9 @@ def model_mismatches(saved: dict, config: dict) -> list[tuple[str, object, objec
     return out
 
 
-def _show(v) -> str:
+def show(v) -> str:
     if isinstance(v, list):
-        return "[" + ",".join(_show(x) for x in v) + "]"
+        return "[" + ",".join(show(x) for x in v) + "]"
     return "null" if v is None else str(v).lower() if isinstance(v, bool) else str(v)
 
 
@@ -123,7 +123,7 @@ def check_resume(ckpt: dict, path: str | Path, model_config: dict) -> None:
     diffs = model_mismatches(saved, model_config)
     if not diffs:
         return
-    parts = [f"{USER_KEY.get(label, 'model.' + label)}={_show(b)} (checkpoint: {_show(a)})" for label, a, b in diffs]
+    parts = [f"{USER_KEY.get(label, 'model.' + label)}={show(b)} (checkpoint: {show(a)})" for label, a, b in diffs]
     raise CheckpointError(
         f"ckpt_path={path} was trained with a different model: {'; '.join(parts)}. Resume with the checkpoint's "
         f"values, or start a new run from its weights with ckpt_init={path} (a deliberate change)")

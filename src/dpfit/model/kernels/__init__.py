@@ -1,23 +1,13 @@
-"""Compiled CPU kernels (optional): built on first use with the system's C++ compiler.
+"""Compiled CPU kernels (optional): the dpfit op library, ``torch.ops.dpfit.<name>``.
 
-A model uses them where its ``kernels`` option (auto / on / off) allows and they apply (CPU tensors):
-the embedding nets, the descriptor's slot contractions and per-atom products, the environment matrix
-and its Jacobian, the fitting nets' energies and input gradients; the PyTorch path elsewhere. The one
-dispatch point is :func:`compiled_kernels`. Sources: ``embedding_net.cpp``, ``slot_contraction.cpp``,
-``environment.cpp``, ``fitting_net.cpp``, ``descriptor_product.cpp``; each kernel is a registered custom
-op, ``torch.ops.dpfit.<name>`` (:mod:`dpfit.model.kernels.ops`: fake implementations for
-``torch.compile`` / ``torch.fx``, and the backward formulas), registered when this package is imported.
+The ops are declared and implemented in C++ (``csrc/ops.cpp``: ``TORCH_LIBRARY(dpfit, ...)``; kernels in
+``embedding_net.cpp``, ``slot_contraction.cpp``, ``environment.cpp``, ``fitting_net.cpp``,
+``descriptor_product.cpp``, ``tabulation.cpp``), built into one shared library with no Python in it: by
+ninja on first use (:func:`load_library`), by CMake (``csrc/CMakeLists.txt``) for C++ hosts, or taken prebuilt from
+``DPFIT_OPS_LIBRARY``. Python adds the fake implementations and backward formulas
+(:mod:`dpfit.model.kernels.registration`). See docs/kernels.md.
 """
 
-from dpfit.model.kernels import ops  # noqa: F401  (registers the ops)
-from dpfit.model.kernels.build import (
-    MODES,
-    compiled_kernels,
-    compiled_kernels_mode,
-    kernels_available,
-    loaded_kernels,
-    set_compiled_kernels,
-)
+from dpfit.model.kernels.library import library_path, load_library
 
-__all__ = ["MODES", "compiled_kernels", "compiled_kernels_mode", "kernels_available", "loaded_kernels",
-           "set_compiled_kernels"]
+__all__ = ["library_path", "load_library"]

@@ -21,10 +21,11 @@ def reverse_slots(nlist: torch.Tensor, shift: torch.Tensor | None, atype: torch.
     nlist (nf, nloc, nnei) with -1 padding; shift (nf, nloc, nnei, 3) integer images (None: no
     periodicity); atype (nf, nloc); slot_type (nnei,) neighbor type of each slot. Only pairs of two
     atoms of the same type are matched; a pair whose reverse was cut from the other atom's list by
-    ``sel`` stays unmatched.
+    ``sel`` stays unmatched. With extended atoms (LAMMPS: nlist indexes nall >= nloc atoms, ghosts after
+    the local ones) only pairs of two local atoms are matched. TorchScript-compatible (frozen files).
     """
     nf, nloc, nnei = nlist.shape
-    same = (nlist >= 0) & (atype.unsqueeze(-1) == slot_type)
+    same = (nlist >= 0) & (nlist < nloc) & (atype.unsqueeze(-1) == slot_type)
     flat = torch.nonzero(same.reshape(-1)).squeeze(-1)
     out = torch.full((nf * nloc * nnei,), -1, dtype=torch.long, device=nlist.device)
     if flat.numel() == 0:
@@ -48,7 +49,7 @@ def reverse_slots(nlist: torch.Tensor, shift: torch.Tensor | None, atype: torch.
     pos = torch.searchsorted(sorted_key, wanted).clamp(max=flat.shape[0] - 1)
     found = sorted_key.index_select(0, pos) == wanted
     partner = torch.where(found, flat.index_select(0, order.index_select(0, pos)), torch.full_like(flat, -1))
-    out = out.index_put((flat,), partner)
+    out = out.index_put([flat], partner)
     return out.reshape(nf, nloc, nnei)
 
 
@@ -73,24 +74,18 @@ def type_split(atype: torch.Tensor, ntypes: int) -> tuple[list[int], torch.Tenso
     return counts, torch.sort(flat, stable=True)[1]
 
 
-def index_facts(nlist: torch.Tensor, shift: torch.Tensor | None, atype: torch.Tensor, sel: list[int]) -> dict:
-    """The index facts of a batch that the fast model would otherwise derive at every step, as keyword
-    arguments of :meth:`dpfit.model.EnergyModel.forward`: ``partner`` (nf, nloc, nnei) reverse-pair slots
-    (:func:`reverse_slots`), ``kept`` (per type, :func:`kept_slots`), ``type_counts`` and ``type_order``
-    (:func:`type_split`). Computed on the host next to the neighbor list (DataLoader collate, the ASE
-    calculator), so that the model's step needs no host synchronisation for them. The reverse pairs come
-    from the compiled kernel when this process has loaded it (3x faster, the same numbers)."""
-    from dpfit.model.kernels import loaded_kernels
-
+def index_facts(nlist: torch.Tensor, shift: torch.Tensor | None, atype: torch.Tensor, sel: list[int],
+                partner: torch.Tensor | None = None) -> dict:
+    """The index facts of a batch, as keyword arguments of :meth:`dpfit.model.EnergyModel.forward`
+    (:class:`dpfit.model.stages.IndexFacts`): ``partner`` (nf, nloc, nnei) reverse-pair slots
+    (:func:`reverse_slots`, unless given), ``kept`` (per type, :func:`kept_slots`), ``type_counts`` and
+    ``type_order`` (:func:`type_split`). Computed on the host next to the neighbour list (DataLoader
+    collate, test.py, the ASE calculator), so that the model's step needs no host synchronisation for them."""
     ntypes = len(sel)
     sections = [sum(sel[:t]) for t in range(ntypes + 1)]
     counts, order = type_split(atype, ntypes)
-    if nlist.device.type == "cpu" and loaded_kernels() is not None:
-        from dpfit.model.kernels import ops
-
-        partner = ops.reverse_slots(nlist.long(), None if shift is None else shift.long(), atype.long(), sections)
-    else:
-        slot_type = torch.repeat_interleave(torch.arange(ntypes), torch.tensor(sel))
+    slot_type = torch.repeat_interleave(torch.arange(ntypes, device=nlist.device), torch.tensor(sel, device=nlist.device))
+    if partner is None:
         partner = reverse_slots(nlist, shift, atype, slot_type)
     facts = {"partner": partner, "kept": kept_slots(nlist, sections), "type_counts": counts}
     if order is not None:

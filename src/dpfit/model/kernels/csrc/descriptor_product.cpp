@@ -10,7 +10,8 @@
 // products are too thin for a BLAS (torch.bmm loops over the atoms, ~1 us per call); here each atom's
 // products stay in L1 and vectorize over the M or a columns (the vjp's sums stay in registers for
 // a = 16, DeePMD's usual axis_neuron).
-#include <torch/extension.h>
+#include "kernels.h"
+
 #include <ATen/Parallel.h>
 
 namespace {

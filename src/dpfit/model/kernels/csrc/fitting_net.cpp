@@ -8,13 +8,11 @@
 // (k = 0 .. L-1), then down the value chain (k = L-1 .. 0), each layer's weight gradient taking one
 // product from each. The products go to ATen's matrix multiply (MKL, all threads); everything between
 // them is one pass over the (rows x width) arrays.
-#include <torch/extension.h>
+#include "kernels.h"
+
 #include <ATen/Parallel.h>
 
 #include <vector>
-
-void vector_tanh(float* h, size_t n);
-void vector_tanh(double* h, size_t n);
 
 namespace {
 
@@ -87,7 +85,9 @@ std::vector<at::Tensor> forward_impl(const at::Tensor& x0, const Fit& f, bool ke
   at::Tensor x = x0;
   for (size_t k = 0; k < L; ++k) {
     const int64_t a = f.w[k].size(0), o = f.w[k].size(1);
-    at::Tensor h = at::addmm(f.b[k], x, f.w[k]);
+    at::Tensor h = at::empty({rows, o}, x0.options());  // b + x W (as at::addmm; never a view of b)
+    h.copy_(f.b[k].reshape({1, o}).expand({rows, o}));
+    matmul(x, false, f.w[k], false, h, true);
     at::Tensor y = at::empty({rows, o}, x0.options());
     T* hp = h.data_ptr<T>();
     T* yp = y.data_ptr<T>();
@@ -112,7 +112,9 @@ std::vector<at::Tensor> forward_impl(const at::Tensor& x0, const Fit& f, bool ke
     xs.push_back(y);
     x = y;
   }
-  at::Tensor energy = at::addmm(f.b_out, x, f.w_out);
+  at::Tensor energy = at::empty({rows, f.w_out.size(1)}, x0.options());
+  energy.copy_(f.b_out.reshape({1, -1}).expand({rows, f.w_out.size(1)}));
+  matmul(x, false, f.w_out, false, energy, true);
   // input gradient: g_L = w_out^T on every row
   const int64_t width = f.w_out.size(0);
   at::Tensor g = f.w_out.reshape({1, width}).expand({rows, width}).contiguous();
@@ -137,7 +139,7 @@ std::vector<at::Tensor> forward_impl(const at::Tensor& x0, const Fit& f, bool ke
       }
       residual_transpose(bp, gp, i0, i1, a, o, kind);
     });
-    below.addmm_(gz, f.w[kk].t());
+    matmul(gz, false, f.w[kk], true, below, true);
     gzs.insert(gzs.begin(), gz);
     g_above[kk] = g;
     g = below;
@@ -170,8 +172,8 @@ std::vector<at::Tensor> backward_impl(const at::Tensor& x0, const at::Tensor& gr
     at::Tensor gbar = grad_g0;
     for (size_t k = 0; k < L; ++k) {
       const int64_t a = f.w[k].size(0), o = f.w[k].size(1);
-      gw[k] = at::mm(gbar.t(), gzs[k]);
-      at::Tensor gzbar = at::mm(gbar, f.w[k]);
+      gw[k] = matmul(gbar, true, gzs[k], false);
+      at::Tensor gzbar = matmul(gbar, false, f.w[k], false);
       at::Tensor next = at::empty({rows, o}, x0.options());
       const T* gzb = gzbar.data_ptr<T>();
       const T* hp = hs[k].data_ptr<T>();
@@ -224,9 +226,9 @@ std::vector<at::Tensor> backward_impl(const at::Tensor& x0, const at::Tensor& gr
   }
   // sweep 2, down the value chain: xbar = dLoss/dx_k
   at::Tensor ge = grad_e.defined() ? grad_e.reshape({rows, 1}) : at::zeros({rows, 1}, x0.options());
-  gw_out.addmm_(xs[L].t(), ge);
+  matmul(xs[L], true, ge, false, gw_out, true);  // (gw_out: a new tensor either way)
   at::Tensor gb_out = ge.sum(0);
-  at::Tensor xbar = at::mm(ge, f.w_out.t());  // (rows, H)
+  at::Tensor xbar = matmul(ge, false, f.w_out, true);  // (rows, H)
   for (size_t kk = L; kk-- > 0;) {
     const int64_t a = f.w[kk].size(0), o = f.w[kk].size(1);
     const T* yb = xbar.data_ptr<T>();
@@ -267,9 +269,9 @@ std::vector<at::Tensor> backward_impl(const at::Tensor& x0, const at::Tensor& gr
         if (g_idt != nullptr) g_idt[j] += p[o + j];
       }
     if (gw[kk].defined())
-      gw[kk].addmm_(xs[kk].t(), hbar[kk]);
+      matmul(xs[kk], true, hbar[kk], false, gw[kk], true);
     else
-      gw[kk] = at::mm(xs[kk].t(), hbar[kk]);
+      gw[kk] = matmul(xs[kk], true, hbar[kk], false);
     if (kk == 0 && !need_x) {
       xbar = at::Tensor();
       break;
@@ -278,7 +280,7 @@ std::vector<at::Tensor> backward_impl(const at::Tensor& x0, const at::Tensor& gr
     T* bp = below.data_ptr<T>();
     const int64_t kind = f.kind[kk];
     over_rows(rows, [&](int64_t i0, int64_t i1) { residual_transpose(bp, yb, i0, i1, a, o, kind); });
-    below.addmm_(hbar[kk], f.w[kk].t());
+    matmul(hbar[kk], false, f.w[kk], true, below, true);
     xbar = below;
   }
   std::vector<at::Tensor> out{need_x ? xbar : at::empty({0}, x0.options())};

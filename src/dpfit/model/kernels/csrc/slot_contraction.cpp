@@ -11,15 +11,12 @@
 // slot_env and its backward pass over the padded slots (valid[n, j] false): their products are written
 // as zeros and their gradients are not read (the forces' pass never uses a padded slot: its pair vector
 // lies beyond the cutoff, where the environment matrix's Jacobian vanishes).
-#include <torch/extension.h>
+#include "kernels.h"
+
 #include <ATen/Parallel.h>
 
 #include <algorithm>
 #include <vector>
-
-// embedding_net.cpp
-void stream_copy(float* dst, const float* src, size_t n);
-void stream_copy(double* dst, const double* src, size_t n);
 
 namespace {
 

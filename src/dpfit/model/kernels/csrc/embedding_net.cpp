@@ -5,9 +5,13 @@
 // h = tanh(x W + b) and u = tx W; the backward rebuilds the layers' inputs from them block by block.
 // Matrix products (one thread each: the blocks are spread over the threads): with AVX-512, the small
 // register-tiled kernel below (these products are thin: 25 to 100 wide, 128 rows; BLAS runs them at
-// 27-39 GFLOP/s per core on the development machine, this kernel at 44-54); otherwise the BLAS that
-// torch links (sgemm_/dgemm_).
-#include <torch/extension.h>
+// 27-39 GFLOP/s per core on the development machine, this kernel at 44-54); otherwise the BLAS inside
+// libtorch (sgemm_/dgemm_ of libtorch_cpu, looked up there: a host may define its own, e.g. LAMMPS's
+// bundled reference BLAS, which a plain symbol reference would bind to, several times slower).
+#include "kernels.h"
+
+#include <dlfcn.h>
+
 #include <ATen/Parallel.h>
 #if defined(__AVX512F__)
 #include <immintrin.h>
@@ -17,12 +21,25 @@
 #include <cmath>
 #include <vector>
 
-extern "C" {
-void sgemm_(const char*, const char*, const int*, const int*, const int*, const float*, const float*, const int*,
-            const float*, const int*, const float*, float*, const int*);
-void dgemm_(const char*, const char*, const int*, const int*, const int*, const double*, const double*, const int*,
-            const double*, const int*, const double*, double*, const int*);
+namespace {
+
+using sgemm_fn = void (*)(const char*, const char*, const int*, const int*, const int*, const float*, const float*,
+                          const int*, const float*, const int*, const float*, float*, const int*);
+using dgemm_fn = void (*)(const char*, const char*, const int*, const int*, const int*, const double*, const double*,
+                          const int*, const double*, const int*, const double*, double*, const int*);
+
+// ``name`` (sgemm_ / dgemm_) from libtorch_cpu, which is loaded already (this library links it); from the
+// process's global scope only if libtorch exports none.
+template <typename F>
+F torch_blas(const char* name) {
+  void* handle = dlopen("libtorch_cpu.so", RTLD_NOW | RTLD_NOLOAD);
+  void* fn = handle != nullptr ? dlsym(handle, name) : nullptr;
+  if (fn == nullptr) fn = dlsym(RTLD_DEFAULT, name);
+  TORCH_CHECK(fn != nullptr, "dpfit op library: no ", name, " in libtorch_cpu or the process");
+  return reinterpret_cast<F>(fn);
 }
+
+}  // namespace
 
 // tanh in place, vectorized (glibc's libmvec under -ffast-math, for every instruction set we build for);
 // also used by fitting_net.cpp. float64: tanh(x) = expm1(2x) / (expm1(2x) + 2), |x| clamped at 20
@@ -63,11 +80,13 @@ namespace {
 
 inline void gemm(char ta, char tb, int m, int n, int k, float alpha, const float* a, int lda, const float* b, int ldb,
                  float beta, float* c, int ldc) {
-  sgemm_(&ta, &tb, &m, &n, &k, &alpha, a, &lda, b, &ldb, &beta, c, &ldc);
+  static const sgemm_fn sgemm = torch_blas<sgemm_fn>("sgemm_");
+  sgemm(&ta, &tb, &m, &n, &k, &alpha, a, &lda, b, &ldb, &beta, c, &ldc);
 }
 inline void gemm(char ta, char tb, int m, int n, int k, double alpha, const double* a, int lda, const double* b,
                  int ldb, double beta, double* c, int ldc) {
-  dgemm_(&ta, &tb, &m, &n, &k, &alpha, a, &lda, b, &ldb, &beta, c, &ldc);
+  static const dgemm_fn dgemm = torch_blas<dgemm_fn>("dgemm_");
+  dgemm(&ta, &tb, &m, &n, &k, &alpha, a, &lda, b, &ldb, &beta, c, &ldc);
 }
 
 #if defined(__AVX512F__)
@@ -587,60 +606,30 @@ std::vector<at::Tensor> value_and_tangent_backward(const at::Tensor& s, const at
   return out;
 }
 
-// slot_contraction.cpp
-at::Tensor slot_gt(const at::Tensor& g, const at::Tensor& index, const at::Tensor& r);
-std::vector<at::Tensor> slots_of_rows(const at::Tensor& index, int64_t n_rows);
-std::vector<at::Tensor> block_rows(const at::Tensor& s, const at::Tensor& mask, const at::Tensor& atype,
-                                   const at::Tensor& partner, int64_t lo, int64_t kept,
-                                   const std::vector<int64_t>& centers, const at::Tensor& pad);
-at::Tensor slot_rows(const at::Tensor& coef, const at::Tensor& per_atom, const at::Tensor& order, const at::Tensor& ptr,
-                     int64_t n_rows, int64_t k, const c10::optional<at::Tensor>& base);
-std::vector<at::Tensor> slot_rows_value_and_tangent(const at::Tensor& coef_a, const at::Tensor& coef_b, const at::Tensor& per_atom,
-                                   const at::Tensor& order, const at::Tensor& ptr, const at::Tensor& valid, int64_t n_rows,
-                                   int64_t k);
-std::vector<at::Tensor> slot_env(const at::Tensor& g, const at::Tensor& t, const at::Tensor& index, const at::Tensor& valid,
-                                 const at::Tensor& gbar);
-at::Tensor slot_env_gbar(const at::Tensor& g, const at::Tensor& t, const at::Tensor& index, const at::Tensor& valid,
-                         const at::Tensor& grad_part, const at::Tensor& grad_tds);
+// C^T = op(B)^T op(A)^T in BLAS's column-major terms: a row-major matrix is its transpose there.
+void matmul(const at::Tensor& a_, bool ta, const at::Tensor& b_, bool tb, at::Tensor& c, bool accumulate) {
+  const at::Tensor a = a_.contiguous(), b = b_.contiguous();
+  TORCH_CHECK(c.is_contiguous() && a.dim() == 2 && b.dim() == 2 &&
+                  c.dim() == 2 && a.scalar_type() == c.scalar_type() && b.scalar_type() == c.scalar_type(),
+              "matmul: contiguous 2-d matrices of one dtype");
+  const int64_t m = ta ? a.size(1) : a.size(0), k = ta ? a.size(0) : a.size(1);
+  const int64_t n = tb ? b.size(0) : b.size(1);
+  TORCH_CHECK((tb ? b.size(1) : b.size(0)) == k && c.size(0) == m && c.size(1) == n, "matmul: shapes");
+  if (m == 0 || n == 0) return;
+  if (k == 0) {
+    if (!accumulate) c.zero_();
+    return;
+  }
+  AT_DISPATCH_FLOATING_TYPES(c.scalar_type(), "matmul", [&] {
+    gemm(tb ? 'T' : 'N', ta ? 'T' : 'N', static_cast<int>(n), static_cast<int>(m), static_cast<int>(k),
+         scalar_t(1), b.data_ptr<scalar_t>(), static_cast<int>(b.size(1)), a.data_ptr<scalar_t>(),
+         static_cast<int>(a.size(1)), accumulate ? scalar_t(1) : scalar_t(0), c.data_ptr<scalar_t>(),
+         static_cast<int>(n));
+  });
+}
 
-// environment.cpp
-std::vector<at::Tensor> env_geometry(const at::Tensor& coord, const at::Tensor& nlist, const at::Tensor& shift,
-                                     const at::Tensor& box, const at::Tensor& atype, const at::Tensor& davg,
-                                     const at::Tensor& dstd, const at::Tensor& keep, const at::Tensor& slot_type,
-                                     double rcut_smth, double rcut, double far);
-at::Tensor env_jacobian_apply(const at::Tensor& jac, const at::Tensor& v, bool transpose);
-at::Tensor reverse_slots(const at::Tensor& nlist, const at::Tensor& shift, const at::Tensor& atype,
-                         const std::vector<int64_t>& sections);
-
-// descriptor_product.cpp
-at::Tensor descriptor_gram(const at::Tensor& x, const at::Tensor& y, int64_t a, bool symmetric);
-at::Tensor descriptor_vjp(const at::Tensor& x, const at::Tensor& w);
-
-// fitting_net.cpp
-std::vector<at::Tensor> fitting_forward(const at::Tensor& x0, const std::vector<at::Tensor>& matrices,
-                                        const std::vector<at::Tensor>& biases, const std::vector<at::Tensor>& idts,
-                                        const std::vector<int64_t>& kinds, bool keep);
-std::vector<at::Tensor> fitting_backward(const at::Tensor& x0, const c10::optional<at::Tensor>& grad_e,
-                                         const c10::optional<at::Tensor>& grad_g0,
-                                         const std::vector<at::Tensor>& matrices, const std::vector<at::Tensor>& biases,
-                                         const std::vector<at::Tensor>& idts, const std::vector<int64_t>& kinds,
-                                         const std::vector<at::Tensor>& kept, bool need_x);
-
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("descriptor_gram", &descriptor_gram, "sum_c x[n, c, i] y[n, c, j] per atom, j < a (symmetric: + the swap)");
-  m.def("descriptor_vjp", &descriptor_vjp, "the gradient of D = G^T G< for G under a cotangent, per atom");
-  m.def("fitting_forward", &fitting_forward, "fitting net energies and their input gradient");
-  m.def("fitting_backward", &fitting_backward, "the backward of fitting_forward's two outputs");
-  m.def("env_geometry", &env_geometry, "pair vectors, normalized environment matrix and its Jacobian");
-  m.def("env_jacobian_apply", &env_jacobian_apply, "J v per slot (or J^T v)");
-  m.def("reverse_slots", &reverse_slots, "flat slot of each slot's reverse pair, or -1");
-  m.def("block_rows", &block_rows, "a neighbor-type block's embedding row inputs and each slot's row");
-  m.def("slots_of_rows", &slots_of_rows, "CSR of rows -> flat slots (counting sort)");
-  m.def("slot_gt", &slot_gt, "sum_j R[n, j]^T G[index[n, j]] per atom");
-  m.def("slot_rows", &slot_rows, "per-row sums over slots of coef[s] . per_atom[n(s)], onto base (or zeros)");
-  m.def("slot_rows_value_and_tangent", &slot_rows_value_and_tangent, "slot_rows for two coefficient sets sharing per_atom, over the valid slots");
-  m.def("slot_env", &slot_env, "G[index] . gbar and T[index] . gbar per valid slot (zeros elsewhere)");
-  m.def("slot_env_gbar", &slot_env_gbar, "the gradient of slot_env for gbar");
-  m.def("value_and_tangent", &value_and_tangent, "embedding net value and ds-tangent, in row blocks");
-  m.def("value_and_tangent_backward", &value_and_tangent_backward, "their backward from the kept activations");
+at::Tensor matmul(const at::Tensor& a, bool ta, const at::Tensor& b, bool tb) {
+  at::Tensor c = at::empty({ta ? a.size(1) : a.size(0), tb ? b.size(0) : b.size(1)}, a.options());
+  matmul(a, ta, b, tb, c, false);
+  return c;
 }
