@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import hydra
@@ -92,36 +93,17 @@ def run(cfg: DictConfig, out_dir: Path | None = None) -> dict:
         return _run_property(cfg, model, ckpt, device, prefix, out_dir)
     systems = load_systems([_abspath(p) for p in _paths(cfg.systems)], type_map=model.type_map)
 
-    errors, results, summary = [], [], {"ckpt_path": str(ckpt), "systems": []}
-    for k, system in enumerate(systems):
+    def evaluate(system) -> dict:
         result = evaluate_system(model, system, batch_size=int(cfg.batch_size), device=device)
-        err = error_metrics(result, result["natoms"])
-        print("# ---------------output of dp test--------------- ")
-        print(f"# testing system : {system.name}")
-        print(f"# number of test data : {result['nframes']:d} ")
-        for line in format_metrics(err):
-            print(line)
-        print(RULE)
-        if prefix is not None:
-            write_detail_files(prefix, result, append=k > 0)
-        errors.append(err)
-        result["atype"] = system.atype
-        results.append(result)
-        summary["systems"].append({"name": system.name, "natoms": result["natoms"], "nframes": result["nframes"],
-                                   **{key: value for key, (value, _) in err.items()}})
-    average = weighted_average(errors)
-    summary["average"] = average
-    if len(systems) > 1:
-        print("# ----------weighted average of errors----------- ")
-        print(f"# number of systems : {len(systems)}")
-        for line in format_metrics(average):
-            print(line)
-        print(RULE)
+        result["atype"] = system.atype  # (per-element plots)
+        return result
+
+    summary = {"ckpt_path": str(ckpt), "systems": []}
+    results = _tables(systems, evaluate, lambda r: error_metrics(r, r["natoms"]), format_metrics,
+                      write_detail_files, prefix, summary)
     if prefix is not None:
         print(f"# detail files: {prefix}.{{e,e_peratom,f,v,v_peratom}}.out")
-    if out_dir is not None:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "metrics.json").write_text(json.dumps(summary, indent=2) + "\n")
+    _write_summary(out_dir, summary)
     if cfg.get("plots"):
         for path in _write_plots(results, model.type_map, prefix, out_dir):
             print(f"# plot: {path}")
@@ -135,18 +117,38 @@ def _run_property(cfg: DictConfig, model: PropertyModel, ckpt: Path, device: tor
                            needs=property_needs(model))
     kind = "intensive" if model.intensive else "extensive"
     print(f"# property: {model.property_name} (task_dim {model.task_dim}, {kind})")
-    errors, results, summary = [], [], {"ckpt_path": str(ckpt), "property_name": model.property_name, "systems": []}
+    summary = {"ckpt_path": str(ckpt), "property_name": model.property_name, "systems": []}
+    results = _tables(systems,
+                      lambda system: evaluate_property_system(model, system, batch_size=int(cfg.batch_size),
+                                                              device=device),
+                      property_error_metrics, format_property_metrics, write_property_detail_files, prefix, summary)
+    if prefix is not None:
+        print(f"# detail files: {prefix}.property.out" + (", .aproperty.out" if any("atom_property" in r
+                                                                                      for r in results) else ""))
+    _write_summary(out_dir, summary)
+    if cfg.get("plots"):
+        base = prefix if prefix is not None else (out_dir / "test" if out_dir is not None else None)
+        for path in property_parity_plots(results, base) if base is not None else []:
+            print(f"# plot: {path}")
+    return summary
+
+
+def _tables(systems: list, evaluate: Callable, metrics: Callable, format_lines: Callable, write_detail: Callable,
+            prefix: Path | None, summary: dict) -> list[dict]:
+    """``dp test``'s table for each system and, for several, their weighted average; the detail files; the
+    numbers into ``summary``. Returns each system's evaluation."""
+    errors, results = [], []
     for k, system in enumerate(systems):
-        result = evaluate_property_system(model, system, batch_size=int(cfg.batch_size), device=device)
-        err = property_error_metrics(result)
+        result = evaluate(system)
+        err = metrics(result)
         print("# ---------------output of dp test--------------- ")
         print(f"# testing system : {system.name}")
         print(f"# number of test data : {result['nframes']:d} ")
-        for line in format_property_metrics(err):
+        for line in format_lines(err):
             print(line)
         print(RULE)
         if prefix is not None:
-            write_property_detail_files(prefix, result, append=k > 0)
+            write_detail(prefix, result, append=k > 0)
         errors.append(err)
         results.append(result)
         summary["systems"].append({"name": system.name, "natoms": result["natoms"], "nframes": result["nframes"],
@@ -156,20 +158,16 @@ def _run_property(cfg: DictConfig, model: PropertyModel, ckpt: Path, device: tor
     if len(systems) > 1:
         print("# ----------weighted average of errors----------- ")
         print(f"# number of systems : {len(systems)}")
-        for line in format_property_metrics(average):
+        for line in format_lines(average):
             print(line)
         print(RULE)
-    if prefix is not None:
-        print(f"# detail files: {prefix}.property.out" + (", .aproperty.out" if any("atom_property" in r
-                                                                                      for r in results) else ""))
+    return results
+
+
+def _write_summary(out_dir: Path | None, summary: dict) -> None:
     if out_dir is not None:
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "metrics.json").write_text(json.dumps(summary, indent=2) + "\n")
-    if cfg.get("plots"):
-        base = prefix if prefix is not None else (out_dir / "test" if out_dir is not None else None)
-        for path in property_parity_plots(results, base) if base is not None else []:
-            print(f"# plot: {path}")
-    return summary
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="test")
