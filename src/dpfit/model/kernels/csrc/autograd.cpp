@@ -105,6 +105,22 @@ void save_net(AutogradContext* ctx, const Tensor& x, TensorList params, SymIntAr
   ctx->save_for_backward(std::move(saved));
 }
 
+// what save_net kept, read back in a backward
+struct SavedNet {
+  Tensor x;
+  std::vector<Tensor> kept, params;
+  std::vector<int64_t> kinds;
+  Bools has_idt;
+};
+
+SavedNet saved_net(AutogradContext* ctx) {
+  const variable_list saved = ctx->get_saved_variables();
+  const size_t n = ctx->saved_data["n_kept"].toInt();
+  return {saved[0], std::vector<Tensor>(saved.begin() + 1, saved.begin() + 1 + n),
+          std::vector<Tensor>(saved.begin() + 1 + n, saved.end()), ctx->saved_data["kinds"].toIntVector(),
+          ctx->saved_data["has_idt"].toBoolList()};
+}
+
 variable_list net_outputs(const NetOut& out) {
   variable_list flat{std::get<0>(out), std::get<1>(out)};
   flat.insert(flat.end(), std::get<2>(out).begin(), std::get<2>(out).end());
@@ -129,21 +145,15 @@ struct value_and_tangent : public torch::autograd::Function<value_and_tangent> {
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    const variable_list saved = ctx->get_saved_variables();
-    const std::vector<int64_t> kinds = ctx->saved_data["kinds"].toIntVector();
-    const Bools has_idt = ctx->saved_data["has_idt"].toBoolList();
-    const size_t n = ctx->saved_data["n_kept"].toInt();
-    const Tensor& s = saved[0];
-    const std::vector<Tensor> kept(saved.begin() + 1, saved.begin() + 1 + n);
-    const std::vector<Tensor> params(saved.begin() + 1 + n, saved.end());
-    const Tensor& like = kept[n / 2 - 1];  // the last layer's h: (rows, M)
+    const SavedNet net = saved_net(ctx);
+    const Tensor& like = net.kept[net.kept.size() / 2 - 1];  // the last layer's h: (rows, M)
     const Tensor grad_g = grads[0].defined() ? grads[0] : at::zeros_like(like);
     const Tensor grad_t = grads[1].defined() ? grads[1] : at::zeros_like(like);
     const bool need_s = ctx->needs_input_grad(0);
     const std::vector<Tensor> per_layer = op::value_and_tangent_backward().call(
-        s, grad_g, grad_t, kept, params, c10::fromIntArrayRefSlow(kinds), has_idt, need_s);
+        net.x, grad_g, grad_t, net.kept, net.params, c10::fromIntArrayRefSlow(net.kinds), net.has_idt, need_s);
     variable_list out{need_s ? per_layer[0] : Tensor()};
-    append_layer_grads(out, has_idt, per_layer, 1);
+    append_layer_grads(out, net.has_idt, per_layer, 1);
     out.resize(out.size() + 3);  // kinds, has_idt, keep
     return out;
   }
@@ -169,18 +179,13 @@ struct fitting : public torch::autograd::Function<fitting> {
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    const variable_list saved = ctx->get_saved_variables();
-    const std::vector<int64_t> kinds = ctx->saved_data["kinds"].toIntVector();
-    const Bools has_idt = ctx->saved_data["has_idt"].toBoolList();
-    const size_t n = ctx->saved_data["n_kept"].toInt();
-    const Tensor& x = saved[0];
-    const std::vector<Tensor> kept(saved.begin() + 1, saved.begin() + 1 + n);
-    const std::vector<Tensor> params(saved.begin() + 1 + n, saved.end());
+    const SavedNet net = saved_net(ctx);
     const bool need_x = ctx->needs_input_grad(0);
     const std::vector<Tensor> per_layer = op::fitting_backward().call(
-        x, optional(grads[0]), optional(grads[1]), kept, params, c10::fromIntArrayRefSlow(kinds), has_idt, need_x);
+        net.x, optional(grads[0]), optional(grads[1]), net.kept, net.params, c10::fromIntArrayRefSlow(net.kinds),
+        net.has_idt, need_x);
     variable_list out{need_x ? per_layer[0] : Tensor()};
-    append_layer_grads(out, has_idt, per_layer, 1);
+    append_layer_grads(out, net.has_idt, per_layer, 1);
     out.push_back(per_layer[per_layer.size() - 2]);  // the output layer's dW, db
     out.push_back(per_layer[per_layer.size() - 1]);
     out.resize(out.size() + 3);  // kinds, has_idt, keep
