@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from dpfit.model.batched_product import TallThinProduct, tall_thin_bmm
-from dpfit.model.network import ResidualMLP
+from dpfit.model.network import ResidualMLP, row_product
 from dpfit.model.tangent_function import ValueAndTangent
 
 NETS = {"deepmd_25_50_100": ([25, 50, 100], False), "resnet_dt": ([6, 12, 12], True),
@@ -119,3 +119,25 @@ def test_tall_thin_product_gradients():
     assert torch.autograd.gradgradcheck(TallThinProduct.apply, (a, b))
     with torch.no_grad():  # inference: the plain product, no graph
         assert tall_thin_bmm(a, b).grad_fn is None
+
+
+@pytest.mark.parametrize("rows", [0, 1, 2, 7, 64])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_row_product_is_addmm(rows, with_bias):
+    """The products the nets run as two row halves (a batched product, the BLAS inside libtorch) give addmm's
+    numbers and gradients, for even and odd row counts, eager and TorchScript."""
+    gen = torch.Generator().manual_seed(rows)
+    x = torch.randn(rows, 5, dtype=torch.float64, generator=gen, requires_grad=True)
+    w = torch.randn(5, 3, dtype=torch.float64, generator=gen, requires_grad=True)
+    b = torch.randn(3, dtype=torch.float64, generator=gen, requires_grad=True) if with_bias else None
+    want = torch.addmm(b, x, w, beta=2.0, alpha=0.5) if with_bias else torch.mm(x, w) * 0.5
+    scripted = torch.jit.script(row_product)
+    for product in (row_product, scripted):
+        got = product(x, w, b, 2.0, 0.5)
+        assert got.shape == (rows, 3)
+        torch.testing.assert_close(got, want, rtol=1e-14, atol=1e-14)
+    if rows:
+        inputs = (x, w, b) if with_bias else (x, w)
+        for product in (row_product, scripted):
+            assert torch.autograd.gradcheck(lambda *a, f=product: f(a[0], a[1], a[2] if with_bias else None, 2.0, 0.5),
+                                            inputs)
